@@ -1,0 +1,272 @@
+//! `flotilla cluster`: the control plane's members and their Raft state.
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Subcommand};
+use flotilla_proto::etcdserverpb::cluster_client::ClusterClient;
+use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use flotilla_proto::etcdserverpb::{
+    Member, MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
+    StatusRequest, StatusResponse,
+};
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    /// Control-plane members to try, in order (any one will do).
+    #[arg(long, env = "FLOTILLA_SERVER", default_value = crate::DEFAULT_SERVERS, global = true)]
+    pub server: String,
+    #[command(subcommand)]
+    pub command: ClusterCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Each member, who leads, the term, commit and applied index.
+    Status,
+    /// Add a member that will listen for peers at PEER_ADDR; then start it with
+    /// `--initial-cluster-state existing`.
+    Add {
+        /// The new member's --peer-addr (HOST:PORT).
+        peer_addr: String,
+        /// Add it as a non-voting learner (promote it once caught up).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Promote a learner to a voting member.
+    Promote {
+        /// Member id (hex, as `cluster status` prints it) or name.
+        member: String,
+    },
+    /// Remove a member.
+    Remove {
+        /// Member id (hex, as `cluster status` prints it) or name.
+        member: String,
+    },
+}
+
+pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
+    let servers: Vec<&str> = args
+        .server
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let (channel, addr) = connect_any(&servers).await?;
+    let mut cluster = ClusterClient::new(channel.clone());
+    let members = cluster
+        .member_list(MemberListRequest {
+            linearizable: false,
+        })
+        .await
+        .with_context(|| format!("listing members via {addr}"))?
+        .into_inner()
+        .members;
+    match args.command {
+        ClusterCommand::Status => status(&members).await,
+        ClusterCommand::Add { peer_addr, learner } => {
+            let r = cluster
+                .member_add(MemberAddRequest {
+                    peer_ur_ls: vec![format!("http://{peer_addr}")],
+                    is_learner: learner,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let id = r.member.map_or(0, |m| m.id);
+            println!(
+                "added member {id:x} (peer {peer_addr}{})",
+                if learner { ", learner" } else { "" }
+            );
+            println!(
+                "start it with: flotilla server --name NAME --peer-addr {peer_addr} --client-addr HOST:PORT \
+                 --initial-cluster-state existing --initial-cluster {}",
+                members
+                    .iter()
+                    .filter_map(|m| Some(format!(
+                        "{}={}",
+                        m.name,
+                        m.peer_ur_ls.first()?.trim_start_matches("http://")
+                    )))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            Ok(())
+        }
+        ClusterCommand::Promote { member } => {
+            let id = resolve(&members, &member)?;
+            cluster
+                .member_promote(MemberPromoteRequest { id })
+                .await
+                .map_err(status_error)?;
+            println!("promoted member {id:x}");
+            Ok(())
+        }
+        ClusterCommand::Remove { member } => {
+            let id = resolve(&members, &member)?;
+            cluster
+                .member_remove(MemberRemoveRequest { id })
+                .await
+                .map_err(status_error)?;
+            println!("removed member {id:x}");
+            Ok(())
+        }
+    }
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+fn resolve(members: &[Member], which: &str) -> anyhow::Result<u64> {
+    if let Some(m) = members.iter().find(|m| m.name == which) {
+        return Ok(m.id);
+    }
+    let id = u64::from_str_radix(which.trim_start_matches("0x"), 16)
+        .map_err(|_| anyhow!("no member is named `{which}`, and it is not a hex member id"))?;
+    if members.iter().any(|m| m.id == id) {
+        Ok(id)
+    } else {
+        Err(anyhow!("no member has id {id:x}"))
+    }
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(url)?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?)
+}
+
+/// Connects to the first server that answers.
+pub async fn connect_any(servers: &[&str]) -> anyhow::Result<(Channel, String)> {
+    let mut errors = Vec::new();
+    for s in servers {
+        match connect(s).await {
+            Ok(ch) => return Ok((ch, s.to_string())),
+            Err(e) => errors.push(format!("{s}: {e}")),
+        }
+    }
+    Err(anyhow!(
+        "no control-plane member answered ({}); set --server or FLOTILLA_SERVER",
+        errors.join("; ")
+    ))
+}
+
+async fn member_status(m: &Member) -> Result<StatusResponse, String> {
+    let Some(url) = m.client_ur_ls.first() else {
+        return Err("not started yet".into());
+    };
+    let ch = connect(url)
+        .await
+        .map_err(|e| format!("unreachable: {e}"))?;
+    MaintenanceClient::new(ch)
+        .status(StatusRequest {})
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| format!("unreachable: {}", s.message()))
+}
+
+async fn status(members: &[Member]) -> anyhow::Result<()> {
+    let statuses = futures::future::join_all(members.iter().map(member_status)).await;
+    let leader = statuses
+        .iter()
+        .filter_map(|s| s.as_ref().ok())
+        .map(|s| (s.leader, s.raft_term))
+        .max_by_key(|(_, t)| *t);
+    let mut rows = vec![
+        [
+            "NAME", "ID", "ROLE", "PEER", "CLIENT", "TERM", "COMMIT", "APPLIED", "REVISION",
+            "DB SIZE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for (m, s) in members.iter().zip(&statuses) {
+        let mut row = vec![
+            if m.name.is_empty() {
+                "(unstarted)".into()
+            } else {
+                m.name.clone()
+            },
+            format!("{:x}", m.id),
+        ];
+        match s {
+            Ok(s) => {
+                let role = if m.is_learner {
+                    "learner"
+                } else if s.leader == m.id {
+                    "leader"
+                } else {
+                    "follower"
+                };
+                row.push(role.into());
+                row.push(m.peer_ur_ls.first().cloned().unwrap_or_default());
+                row.push(m.client_ur_ls.first().cloned().unwrap_or_default());
+                row.push(s.raft_term.to_string());
+                row.push(s.raft_index.to_string());
+                row.push(s.raft_applied_index.to_string());
+                row.push(s.header.map_or(0, |h| h.revision).to_string());
+                row.push(human_bytes(s.db_size));
+            }
+            Err(e) => {
+                row.push(e.clone());
+                row.push(m.peer_ur_ls.first().cloned().unwrap_or_default());
+                row.push(m.client_ur_ls.first().cloned().unwrap_or_default());
+                row.extend(["-", "-", "-", "-", "-"].map(String::from));
+            }
+        }
+        rows.push(row);
+    }
+    print_table(&rows);
+    match leader {
+        Some((id, term)) if id != 0 => {
+            let name = members
+                .iter()
+                .find(|m| m.id == id)
+                .map_or("?", |m| m.name.as_str());
+            println!("\nleader: {name} ({id:x}), term {term}");
+        }
+        _ => println!("\nleader: none known"),
+    }
+    Ok(())
+}
+
+fn human_bytes(b: i64) -> String {
+    let b = b as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else {
+        format!("{:.0} KiB", b / 1024.0)
+    }
+}
+
+pub fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", line.join("   ").trim_end());
+    }
+}

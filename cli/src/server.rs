@@ -1,0 +1,155 @@
+//! `flotilla server`: one control-plane member.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use flotilla_store::node::{ClusterState, StoreConfig, StoreNode, parse_initial_cluster};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum InitialState {
+    /// Found a new cluster with the members of --initial-cluster.
+    New,
+    /// Join a running cluster this member was added to (`flotilla cluster add`).
+    Existing,
+}
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// This member's name, unique in the cluster.
+    #[arg(long, env = "FLOTILLA_NAME", default_value = "default")]
+    pub name: String,
+    /// Where the member keeps its state [default: ./NAME.flotilla].
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address clients connect to (etcd v3 API and Flotilla's API).
+    #[arg(long, env = "FLOTILLA_CLIENT_ADDR", default_value = "127.0.0.1:7379")]
+    pub client_addr: String,
+    /// Address other members connect to.
+    #[arg(long, env = "FLOTILLA_PEER_ADDR", default_value = "127.0.0.1:7380")]
+    pub peer_addr: String,
+    /// Founding members, NAME=HOST:PEERPORT,... [default: this member alone]. Not needed when
+    /// restarting from an existing data dir.
+    #[arg(long, env = "FLOTILLA_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    #[arg(long, value_enum, default_value = "new")]
+    pub initial_cluster_state: InitialState,
+    /// Distinguishes clusters founded with the same --initial-cluster.
+    #[arg(long, default_value = "flotilla")]
+    pub initial_cluster_token: String,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Minimum election timeout in milliseconds (the maximum is twice this).
+    #[arg(long, default_value_t = 400)]
+    pub election_timeout: u64,
+    /// Entries applied between snapshots (the log is purged behind each).
+    #[arg(long, default_value_t = 10_000)]
+    pub snapshot_count: u64,
+    /// Revisions of history automatic compaction keeps (0: never compact automatically).
+    #[arg(long, default_value_t = 10_000)]
+    pub auto_compaction_retention: i64,
+    /// Largest client request accepted, in bytes.
+    #[arg(long, default_value_t = 1536 * 1024)]
+    pub max_request_bytes: usize,
+}
+
+impl ServerArgs {
+    pub fn config(&self) -> anyhow::Result<StoreConfig> {
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.flotilla", self.name)));
+        let mut c = StoreConfig::new(&self.name, data_dir);
+        c.client_addr = self.client_addr.clone();
+        c.peer_addr = self.peer_addr.clone();
+        c.initial_cluster = match &self.initial_cluster {
+            Some(s) => parse_initial_cluster(s).map_err(anyhow::Error::msg)?,
+            None => vec![(self.name.clone(), self.peer_addr.clone())],
+        };
+        c.initial_cluster_state = match self.initial_cluster_state {
+            InitialState::New => ClusterState::New,
+            InitialState::Existing => ClusterState::Existing,
+        };
+        c.cluster_token = self.initial_cluster_token.clone();
+        c.heartbeat = Duration::from_millis(self.heartbeat_interval);
+        c.election_timeout_min = Duration::from_millis(self.election_timeout);
+        c.election_timeout_max = Duration::from_millis(self.election_timeout * 2);
+        c.snapshot_entries = self.snapshot_count;
+        c.compaction_retention = self.auto_compaction_retention;
+        c.max_request_bytes = self.max_request_bytes;
+        Ok(c)
+    }
+}
+
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    let mut config = args.config()?;
+    if args.initial_cluster.is_none() && config.data_dir.join("member.json").exists() {
+        // Restarting from the data dir alone: it knows the cluster.
+        config.initial_cluster.clear();
+    }
+    let client = tokio::net::TcpListener::bind(&config.client_addr)
+        .await
+        .with_context(|| format!("cannot listen for clients on {}", config.client_addr))?;
+    let peer = tokio::net::TcpListener::bind(&config.peer_addr)
+        .await
+        .with_context(|| format!("cannot listen for peers on {}", config.peer_addr))?;
+    let node = StoreNode::start(config, peer).await?;
+    let serving = tokio::spawn(serve_clients(node.clone(), client));
+    eprintln!(
+        "flotilla member {} ({:x}) of cluster {:x}: clients on {}, peers on {}",
+        node.name(),
+        node.id(),
+        node.cluster_id(),
+        args.client_addr,
+        args.peer_addr
+    );
+    wait_for_signal().await?;
+    eprintln!("shutting down");
+    node.shutdown().await;
+    match tokio::time::timeout(Duration::from_secs(5), serving).await {
+        Ok(Ok(Ok(()))) | Err(_) => Ok(()),
+        Ok(Ok(Err(e))) => Err(e),
+        Ok(Err(e)) => bail!("client server task failed: {e}"),
+    }
+}
+
+/// Serves the client port: etcd's API, gRPC health and reflection.
+pub async fn serve_clients(
+    node: StoreNode,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flotilla_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let routes = tonic::service::Routes::new(health).add_service(reflection);
+    let routes = flotilla_store::etcd::add_routes(routes, &node);
+    let mut stop = node.shutdown_signal();
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .serve_with_incoming_shutdown(
+            routes,
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )
+        .await
+        .context("the client server failed")
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+    }
+    Ok(())
+}

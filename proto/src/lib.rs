@@ -1,0 +1,28 @@
+//! Flotilla's published gRPC surface: the `.proto` files under `proto/` and the Rust generated
+//! from them.
+//!
+//! Layout:
+//! - [`etcdserverpb`], [`mvccpb`]: etcd's v3 API, served on the client port so that `etcdctl`
+//!   and etcd client libraries work against a Flotilla cluster;
+//! - [`raft`]: the peer service between control-plane nodes;
+//! - [`FILE_DESCRIPTOR_SET`]: every file compiled in, for gRPC server reflection.
+
+#![allow(clippy::all, missing_docs)]
+
+/// etcd's key-value record and event (`mvccpb`).
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}
+
+/// etcd's v3 services and messages (`etcdserverpb`).
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// The Raft peer service (`flotilla.raft.v1`).
+pub mod raft {
+    tonic::include_proto!("flotilla.raft.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every `.proto` file here, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("flotilla_descriptor");

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test command: format and lint checks, then every test in the workspace.
+#
+# Installs what the tests need when it is missing (etcdctl from Debian's etcd-client, for the
+# tests that drive the real binary with a third-party etcd client).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v etcdctl >/dev/null 2>&1; then
+    echo "installing etcd-client (etcdctl) ..." >&2
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-client >/dev/null
+fi
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The binary tests run `flotilla` from the build tree; build it once for all of them.
+cargo build --locked -p flotilla-cli
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+else
+    cargo test --workspace --locked --no-fail-fast
+fi

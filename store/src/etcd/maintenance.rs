@@ -1,0 +1,107 @@
+//! etcd's Maintenance service: status, hashes; alarms and defragmentation are no-ops here.
+
+use std::pin::Pin;
+
+use flotilla_proto::etcdserverpb::maintenance_server::Maintenance;
+use flotilla_proto::etcdserverpb::{
+    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest,
+    HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse,
+    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::{EtcdFace, to_status};
+
+/// The etcd API version this face implements (clients use it to pick features).
+pub const ETCD_API_VERSION: &str = "3.4.0";
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Maintenance for EtcdFace {
+    async fn alarm(
+        &self,
+        _request: Request<AlarmRequest>,
+    ) -> Result<Response<AlarmResponse>, Status> {
+        // Flotilla raises no alarms (no space quota): the list is always empty.
+        Ok(Response::new(AlarmResponse {
+            header: Some(self.node.header(0)),
+            alarms: Vec::new(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let s = self.node.status();
+        Ok(Response::new(StatusResponse {
+            header: Some(self.node.header(s.revision)),
+            version: ETCD_API_VERSION.into(),
+            db_size: s.db_size as i64,
+            leader: s.leader.unwrap_or(0),
+            raft_index: s.commit_index,
+            raft_term: s.term,
+            raft_applied_index: s.applied_index,
+            errors: Vec::new(),
+            db_size_in_use: s.db_size as i64,
+            is_learner: s.is_learner,
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _request: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        // sled reclaims space on its own; there is nothing to do on request.
+        Ok(Response::new(DefragmentResponse {
+            header: Some(self.node.header(0)),
+        }))
+    }
+
+    async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let (hash, _, rev) = self.node.kv().hash(0).map_err(to_status)?;
+        Ok(Response::new(HashResponse {
+            header: Some(self.node.header(rev)),
+            hash,
+        }))
+    }
+
+    async fn hash_kv(
+        &self,
+        request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let (hash, compact_revision, hash_revision) = self
+            .node
+            .kv()
+            .hash(request.into_inner().revision)
+            .map_err(to_status)?;
+        Ok(Response::new(HashKvResponse {
+            header: Some(self.node.header(0)),
+            hash,
+            compact_revision,
+            hash_revision,
+        }))
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(
+        &self,
+        _request: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Status::unimplemented(
+            "etcdserver: snapshots in etcd's bbolt format are not available; use `flotilla snapshot save`",
+        ))
+    }
+
+    async fn move_leader(
+        &self,
+        _request: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(Status::unimplemented(
+            "etcdserver: leadership transfer is not supported by this version",
+        ))
+    }
+}

@@ -1,0 +1,214 @@
+//! The history of one key: which revisions wrote it, grouped into generations.
+//!
+//! A generation runs from the put that creates a key to the delete that ends it. Reading a key
+//! at a revision means finding the generation alive then and the last write in it at or before
+//! that revision. This is etcd's `keyIndex` model; the values themselves live in the backend,
+//! addressed by revision.
+
+use std::collections::HashSet;
+
+use super::Revision;
+
+/// All retained revisions of one key, oldest generation first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyIndex {
+    generations: Vec<Generation>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Generation {
+    /// Writes in revision order; when `ended`, the last one is the tombstone.
+    revs: Vec<Revision>,
+    ended: bool,
+}
+
+impl KeyIndex {
+    /// Records a put at `rev`, starting a new generation if the key was absent.
+    pub fn put(&mut self, rev: Revision) {
+        match self.generations.last_mut() {
+            Some(generation) if !generation.ended => generation.revs.push(rev),
+            _ => self.generations.push(Generation {
+                revs: vec![rev],
+                ended: false,
+            }),
+        }
+    }
+
+    /// Records a delete at `rev`, ending the live generation.
+    ///
+    /// When there is no live generation (possible only while rebuilding from a partly compacted
+    /// history), the tombstone forms a generation of its own, which compaction later drops.
+    pub fn tombstone(&mut self, rev: Revision) {
+        match self.generations.last_mut() {
+            Some(generation) if !generation.ended => {
+                generation.revs.push(rev);
+                generation.ended = true;
+            }
+            _ => self.generations.push(Generation {
+                revs: vec![rev],
+                ended: true,
+            }),
+        }
+    }
+
+    /// The revision of the value visible at main revision `at`, or `None` if the key did not
+    /// exist then.
+    pub fn get(&self, at: i64) -> Option<Revision> {
+        for generation in self.generations.iter().rev() {
+            let first = generation.revs.first()?;
+            if first.main > at {
+                continue;
+            }
+            let pos = generation.revs.partition_point(|r| r.main <= at);
+            // pos >= 1 because first.main <= at.
+            let idx = pos - 1;
+            let is_tombstone = generation.ended && idx == generation.revs.len() - 1;
+            return if is_tombstone {
+                None
+            } else {
+                Some(generation.revs[idx])
+            };
+        }
+        None
+    }
+
+    /// The revision of the current value, if the key exists now.
+    pub fn latest(&self) -> Option<Revision> {
+        let generation = self.generations.last()?;
+        if generation.ended {
+            None
+        } else {
+            generation.revs.last().copied()
+        }
+    }
+
+    /// True once compaction has removed every generation; the key can be forgotten.
+    pub fn is_empty(&self) -> bool {
+        self.generations.is_empty()
+    }
+
+    /// Forgets history strictly before main revision `at`.
+    ///
+    /// Afterwards a read at any revision `>= at` gives the same answer as before. Revisions
+    /// below `at` that such reads still need (the value a key held when `at` began) are added
+    /// to `keep`; the caller deletes every other record below `at` from the backend.
+    pub fn compact(&mut self, at: i64, keep: &mut HashSet<Revision>) {
+        self.generations.retain_mut(|generation| {
+            let Some(last) = generation.revs.last() else {
+                return false;
+            };
+            if generation.ended && last.main < at {
+                // The key was deleted before `at`: nothing of this generation is visible.
+                return false;
+            }
+            let below = generation.revs.partition_point(|r| r.main < at);
+            if below > 0 {
+                // Keep the last write before `at`: it is the value seen at `at`.
+                generation.revs.drain(..below - 1);
+                keep.insert(generation.revs[0]);
+            }
+            true
+        });
+    }
+
+    /// Every retained revision, for tests and consistency checks.
+    #[cfg(test)]
+    pub fn revisions(&self) -> Vec<Revision> {
+        self.generations
+            .iter()
+            .flat_map(|g| g.revs.iter().copied())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(main: i64) -> Revision {
+        Revision::new(main, 0)
+    }
+
+    /// put@2 put@4 delete@6 put@8
+    fn sample() -> KeyIndex {
+        let mut ki = KeyIndex::default();
+        ki.put(r(2));
+        ki.put(r(4));
+        ki.tombstone(r(6));
+        ki.put(r(8));
+        ki
+    }
+
+    #[test]
+    fn get_sees_the_value_of_each_point_in_history() {
+        let ki = sample();
+        assert_eq!(ki.get(1), None);
+        assert_eq!(ki.get(2), Some(r(2)));
+        assert_eq!(ki.get(3), Some(r(2)));
+        assert_eq!(ki.get(5), Some(r(4)));
+        assert_eq!(ki.get(6), None, "deleted at 6");
+        assert_eq!(ki.get(7), None);
+        assert_eq!(ki.get(8), Some(r(8)));
+        assert_eq!(ki.get(100), Some(r(8)));
+        assert_eq!(ki.latest(), Some(r(8)));
+    }
+
+    #[test]
+    fn compaction_keeps_answers_at_and_after_the_compact_revision() {
+        for at in 1..=10 {
+            let before = sample();
+            let mut after = sample();
+            let mut keep = HashSet::new();
+            after.compact(at, &mut keep);
+            for read in at..=10 {
+                assert_eq!(
+                    after.get(read),
+                    before.get(read),
+                    "compact {at}, read {read}"
+                );
+            }
+            for kept in &keep {
+                assert!(
+                    kept.main < at,
+                    "keep only lists revisions below the compact point"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn compaction_drops_deleted_generations_and_superseded_writes() {
+        let mut ki = sample();
+        let mut keep = HashSet::new();
+        ki.compact(7, &mut keep);
+        assert_eq!(ki.revisions(), vec![r(8)]);
+        assert!(keep.is_empty());
+
+        let mut ki = sample();
+        let mut keep = HashSet::new();
+        ki.compact(5, &mut keep);
+        assert_eq!(ki.revisions(), vec![r(4), r(6), r(8)]);
+        assert_eq!(keep, HashSet::from([r(4)]));
+    }
+
+    #[test]
+    fn a_key_deleted_before_the_compact_point_disappears() {
+        let mut ki = KeyIndex::default();
+        ki.put(r(1));
+        ki.tombstone(r(2));
+        ki.compact(3, &mut HashSet::new());
+        assert!(ki.is_empty());
+    }
+
+    #[test]
+    fn a_lone_tombstone_from_a_partial_rebuild_reads_as_absent() {
+        let mut ki = KeyIndex::default();
+        ki.tombstone(r(5));
+        assert_eq!(ki.get(5), None);
+        assert_eq!(ki.latest(), None);
+        ki.put(r(7));
+        assert_eq!(ki.get(7), Some(r(7)));
+        ki.compact(6, &mut HashSet::new());
+        assert_eq!(ki.revisions(), vec![r(7)]);
+    }
+}

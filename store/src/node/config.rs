@@ -1,0 +1,143 @@
+//! What a member is started with.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::raft::network::PeerFilter;
+use crate::watch::WatchConfig;
+
+/// How a member joins: founding a new cluster, or joining one that already runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClusterState {
+    #[default]
+    New,
+    Existing,
+}
+
+/// A member's configuration. [`StoreConfig::new`] gives the defaults.
+#[derive(Clone)]
+pub struct StoreConfig {
+    /// This member's name (`--name`), unique in the cluster.
+    pub name: String,
+    /// Where its state lives (`--data-dir`).
+    pub data_dir: PathBuf,
+    /// The client address other members advertise for it (`--client-addr`).
+    pub client_addr: String,
+    /// The peer address other members reach it at (`--peer-addr`).
+    pub peer_addr: String,
+    /// `name=host:port` of every founding member (`--initial-cluster`). May be empty when the
+    /// data dir already holds the member's identity.
+    pub initial_cluster: Vec<(String, String)>,
+    pub initial_cluster_state: ClusterState,
+    /// Distinguishes clusters started from the same `--initial-cluster`.
+    pub cluster_token: String,
+    pub heartbeat: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// A snapshot is taken after this many entries applied since the last one.
+    pub snapshot_entries: u64,
+    /// Entries kept behind a snapshot for slow followers.
+    pub keep_logs: u64,
+    /// Automatic compaction keeps this many revisions of history (0 disables it).
+    pub compaction_retention: i64,
+    pub compaction_interval: Duration,
+    /// How long a client request may wait for its answer.
+    pub request_timeout: Duration,
+    /// Largest client request accepted (etcd's `--max-request-bytes`).
+    pub max_request_bytes: usize,
+    /// Proposals waiting for commit beyond which new ones are refused with "too many requests".
+    pub max_pending_proposals: usize,
+    pub watch: WatchConfig,
+    /// sled's page cache size.
+    pub cache_bytes: u64,
+    /// Test hook: drops peer traffic the filter refuses.
+    pub peer_filter: Option<Arc<dyn PeerFilter>>,
+}
+
+/// Default client port.
+pub const DEFAULT_CLIENT_PORT: u16 = 7379;
+/// Default peer port.
+pub const DEFAULT_PEER_PORT: u16 = 7380;
+
+impl StoreConfig {
+    pub fn new(name: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            data_dir: data_dir.into(),
+            client_addr: format!("127.0.0.1:{DEFAULT_CLIENT_PORT}"),
+            peer_addr: format!("127.0.0.1:{DEFAULT_PEER_PORT}"),
+            initial_cluster: Vec::new(),
+            initial_cluster_state: ClusterState::New,
+            cluster_token: "flotilla".into(),
+            heartbeat: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(400),
+            election_timeout_max: Duration::from_millis(800),
+            snapshot_entries: 10_000,
+            keep_logs: 1_000,
+            compaction_retention: 10_000,
+            compaction_interval: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            max_request_bytes: 1536 * 1024,
+            max_pending_proposals: 20_000,
+            watch: WatchConfig::default(),
+            cache_bytes: 64 * 1024 * 1024,
+            peer_filter: None,
+        }
+    }
+
+    /// Election timeout bounds must leave room for several heartbeats.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("--name must not be empty".into());
+        }
+        if self.heartbeat.is_zero() || self.election_timeout_min < self.heartbeat * 3 {
+            return Err(format!(
+                "the election timeout ({:?}) must be at least 3 heartbeats ({:?})",
+                self.election_timeout_min, self.heartbeat
+            ));
+        }
+        if self.election_timeout_max <= self.election_timeout_min {
+            return Err("the maximum election timeout must exceed the minimum".into());
+        }
+        if self.snapshot_entries == 0 {
+            return Err("--snapshot-count must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses `n1=host:port,n2=host:port`; names and addresses must be unique.
+pub fn parse_initial_cluster(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((name, addr)) = part.split_once('=') else {
+            return Err(format!("--initial-cluster: `{part}` is not NAME=HOST:PORT"));
+        };
+        let addr = addr.trim_start_matches("http://");
+        if name.is_empty() || !addr.contains(':') {
+            return Err(format!("--initial-cluster: `{part}` is not NAME=HOST:PORT"));
+        }
+        if out.iter().any(|(n, a)| n == name || a == addr) {
+            return Err(format!(
+                "--initial-cluster: `{part}` repeats a name or an address"
+            ));
+        }
+        out.push((name.to_string(), addr.to_string()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_cluster_parses_and_refuses_duplicates() {
+        let c = parse_initial_cluster("a=127.0.0.1:1,b=http://127.0.0.1:2").unwrap();
+        assert_eq!(c[1], ("b".to_string(), "127.0.0.1:2".to_string()));
+        assert!(parse_initial_cluster("a=127.0.0.1:1,a=127.0.0.1:2").is_err());
+        assert!(parse_initial_cluster("a127.0.0.1:1").is_err());
+        assert!(parse_initial_cluster("a=nohost").is_err());
+    }
+}

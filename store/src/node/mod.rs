@@ -1,0 +1,488 @@
+//! A running member: Raft, the key space, the peer server, and the paths every client call
+//! takes (writes, linearizable reads, leases, membership).
+//!
+//! Writes go to the leader: a member that does not lead forwards the command over the peer
+//! connection and relays the answer. Linearizable reads are served locally once this member
+//! has applied the leader's read index. Leases are timed by the leader alone; their expiry is
+//! a replicated revoke, so it survives failover.
+
+mod config;
+mod identity;
+mod lessor;
+mod membership;
+mod peer_service;
+mod read;
+mod write;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use flotilla_proto::etcdserverpb::ResponseHeader;
+use flotilla_proto::raft::raft_peer_server::RaftPeerServer;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+pub use config::{
+    ClusterState, DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT, StoreConfig, parse_initial_cluster,
+};
+pub use identity::Identity;
+pub use membership::MemberInfo;
+
+use crate::backend::SledBackend;
+use crate::kv::KvState;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{PEER_MAX_MESSAGE, Peers};
+use crate::raft::peer::Hello;
+use crate::raft::state_machine::{SnapshotDir, StateMachine, recover_install};
+use crate::types::{Member, NodeId, Raft, RaftMetrics};
+
+/// Why a member could not start. The message says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The data dir or the flags disagree about who this member is.
+    #[error("refusing to start: {0}")]
+    Identity(String),
+    #[error("I/O error: {0}")]
+    Io(String),
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A running member. Cheap to clone; every clone is the same member.
+#[derive(Clone)]
+pub struct StoreNode {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    id: NodeId,
+    cluster_id: u64,
+    config: StoreConfig,
+    raft: Raft,
+    kv: Arc<KvState>,
+    peers: Peers,
+    db: sled::Db,
+    committed: Arc<AtomicU64>,
+    pending: Arc<Semaphore>,
+    reads: read::ReadBatcher,
+    lessor: lessor::Lessor,
+    shutdown: watch::Sender<bool>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A member's view of the cluster, for `cluster status` and etcd's `Status`.
+#[derive(Clone, Debug)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub name: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    /// Highest log index known committed.
+    pub commit_index: u64,
+    pub applied_index: u64,
+    /// Highest index in this member's log.
+    pub last_log_index: u64,
+    pub revision: i64,
+    pub compact_revision: i64,
+    pub db_size: u64,
+    pub is_learner: bool,
+    pub watchers: i64,
+}
+
+impl StoreNode {
+    /// Starts a member; it serves peers on `peer_listener` (bound by the caller, so tests can
+    /// use ephemeral ports). Client faces are added by the caller (see [`crate::etcd`]).
+    pub async fn start(
+        config: StoreConfig,
+        peer_listener: tokio::net::TcpListener,
+    ) -> Result<Self, StartError> {
+        config.check().map_err(StartError::Config)?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| StartError::Io(format!("creating {}: {e}", config.data_dir.display())))?;
+        let (identity, fresh) = resolve_identity(&config).await?;
+        probe_peers(&config, &identity).await?;
+
+        let db = sled::Config::new()
+            .path(config.data_dir.join("db"))
+            .cache_capacity(config.cache_bytes)
+            .open()
+            .map_err(|e| StartError::Storage(format!("opening the database: {e}")))?;
+        let storage = |e: crate::errors::BackendError| StartError::Storage(e.to_string());
+        let backend = SledBackend::open(&db).map_err(storage)?;
+        let dir = SnapshotDir::new(config.data_dir.join("snapshots"))
+            .map_err(|e| StartError::Io(format!("snapshot dir: {e}")))?;
+        recover_install(&db, &backend, &dir).map_err(storage)?;
+        let kv = KvState::open(backend, config.watch.clone()).map_err(storage)?;
+        let sm = StateMachine::open(db.clone(), kv.clone(), dir, identity.cluster_id)
+            .map_err(storage)?;
+        let log = LogStore::open(&db).map_err(|e| StartError::Storage(e.to_string()))?;
+        let committed = log.committed_index();
+        let peers = Peers::new(
+            identity.member_id,
+            identity.cluster_id,
+            config.peer_filter.clone(),
+        );
+        let raft_config = raft_config(&config)?;
+        let raft = Raft::new(identity.member_id, raft_config, peers.clone(), log, sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+
+        let (shutdown, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            id: identity.member_id,
+            cluster_id: identity.cluster_id,
+            pending: Arc::new(Semaphore::new(config.max_pending_proposals)),
+            config,
+            raft,
+            kv,
+            peers,
+            db,
+            committed,
+            reads: read::ReadBatcher::default(),
+            lessor: lessor::Lessor::default(),
+            shutdown,
+            tasks: std::sync::Mutex::new(Vec::new()),
+        });
+        let node = StoreNode { inner };
+        node.serve_peers(peer_listener);
+
+        if fresh && node.inner.config.initial_cluster_state == ClusterState::New {
+            let members: BTreeMap<NodeId, Member> = identity
+                .initial_cluster
+                .iter()
+                .map(|(name, addr)| {
+                    let id =
+                        identity::founding_member_id(&node.inner.config.cluster_token, name, addr);
+                    let member = Member {
+                        name: name.clone(),
+                        peer_addr: addr.clone(),
+                        client_addr: String::new(),
+                    };
+                    (id, member)
+                })
+                .collect();
+            if let Err(e) = node.inner.raft.initialize(members).await {
+                // Already initialized (a restart that crashed before writing the identity).
+                tracing::info!(error = %e, "raft group not initialized by this member");
+            }
+        }
+        // The identity is written once the member's storage exists, so a crash before this
+        // point leaves a data dir that starts over cleanly.
+        if fresh {
+            identity::store(&node.inner.config.data_dir, &identity)?;
+        }
+        node.spawn_background();
+        tracing::info!(
+            member = %format!("{:x}", node.id()),
+            cluster = %format!("{:x}", node.cluster_id()),
+            name = %node.inner.config.name,
+            "member started"
+        );
+        Ok(node)
+    }
+
+    fn serve_peers(&self, listener: tokio::net::TcpListener) {
+        let service = RaftPeerServer::new(peer_service::PeerService::new(self.inner.clone()))
+            .max_decoding_message_size(PEER_MAX_MESSAGE)
+            .max_encoding_message_size(PEER_MAX_MESSAGE);
+        let mut stop = self.inner.shutdown.subscribe();
+        let task = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let result = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .serve_with_incoming_shutdown(
+                    tonic::service::Routes::new(service),
+                    incoming,
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                )
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "the peer server stopped");
+            }
+        });
+        self.push_task(task);
+    }
+
+    fn spawn_background(&self) {
+        let tasks = [
+            tokio::spawn(lessor::run(self.clone())),
+            tokio::spawn(membership::publish_attributes(self.clone())),
+            tokio::spawn(write::auto_compaction(self.clone())),
+        ];
+        for t in tasks {
+            self.push_task(t);
+        }
+    }
+
+    fn push_task(&self, task: JoinHandle<()>) {
+        self.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.inner.cluster_id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.config.name
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    pub fn kv(&self) -> &Arc<KvState> {
+        &self.inner.kv
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    pub fn metrics(&self) -> RaftMetrics {
+        self.inner.raft.metrics().borrow().clone()
+    }
+
+    pub fn term(&self) -> u64 {
+        self.inner.raft.metrics().borrow().current_term
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.inner.id)
+    }
+
+    /// etcd's response header at `revision` (0: this member's current revision).
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.inner.cluster_id,
+            member_id: self.inner.id,
+            revision: if revision > 0 {
+                revision
+            } else {
+                self.inner.kv.revision()
+            },
+            raft_term: self.term(),
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let m = self.metrics();
+        let is_learner = !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == self.inner.id);
+        NodeStatus {
+            id: self.inner.id,
+            name: self.inner.config.name.clone(),
+            leader: m.current_leader,
+            term: m.current_term,
+            commit_index: self.inner.committed.load(Ordering::Relaxed),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            revision: self.inner.kv.revision(),
+            compact_revision: self.inner.kv.compact_revision(),
+            db_size: self.inner.db.size_on_disk().unwrap_or(0),
+            is_learner,
+            watchers: self.inner.kv.hub().watcher_count(),
+        }
+    }
+
+    /// A receiver that turns true when the member begins shutting down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
+    }
+
+    /// Stops serving, stops Raft and flushes storage. Idempotent.
+    pub async fn shutdown(&self) {
+        if self.inner.shutdown.send_replace(true) {
+            return;
+        }
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            t.abort();
+        }
+        if let Err(e) = self.inner.db.flush_async().await {
+            tracing::error!(error = %e, "flushing storage at shutdown failed");
+        }
+        tracing::info!("member stopped");
+    }
+}
+
+fn raft_config(config: &StoreConfig) -> Result<Arc<openraft::Config>, StartError> {
+    let ms = |d: Duration| d.as_millis() as u64;
+    let c = openraft::Config {
+        cluster_name: "flotilla".into(),
+        heartbeat_interval: ms(config.heartbeat),
+        election_timeout_min: ms(config.election_timeout_min),
+        election_timeout_max: ms(config.election_timeout_max),
+        install_snapshot_timeout: 10_000,
+        max_payload_entries: 1_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+        max_in_snapshot_log_to_keep: config.keep_logs,
+        purge_batch_size: 256,
+        snapshot_max_chunk_size: 4 * 1024 * 1024,
+        replication_lag_threshold: 5_000,
+        ..Default::default()
+    };
+    c.validate()
+        .map(Arc::new)
+        .map_err(|e| StartError::Config(e.to_string()))
+}
+
+/// Works out who this member is: from its data dir, or, on first start, from the flags.
+/// Returns whether this is the member's first start.
+async fn resolve_identity(config: &StoreConfig) -> Result<(Identity, bool), StartError> {
+    if let Some(stored) = identity::load(&config.data_dir)? {
+        identity::check_restart(
+            &stored,
+            &config.name,
+            &config.cluster_token,
+            &config.initial_cluster,
+        )?;
+        return Ok((stored, false));
+    }
+    match config.initial_cluster_state {
+        ClusterState::New => {
+            let Some((_, addr)) = config
+                .initial_cluster
+                .iter()
+                .find(|(n, _)| *n == config.name)
+            else {
+                return Err(StartError::Config(format!(
+                    "--initial-cluster must list this member (`{}=HOST:PORT`)",
+                    config.name
+                )));
+            };
+            if *addr != config.peer_addr {
+                return Err(StartError::Config(format!(
+                    "--initial-cluster gives `{}` the peer address {addr}, but --peer-addr is {}",
+                    config.name, config.peer_addr
+                )));
+            }
+            Ok((
+                Identity {
+                    cluster_id: identity::new_cluster_id(
+                        &config.cluster_token,
+                        &config.initial_cluster,
+                    ),
+                    member_id: identity::founding_member_id(
+                        &config.cluster_token,
+                        &config.name,
+                        addr,
+                    ),
+                    name: config.name.clone(),
+                    initial_cluster: config.initial_cluster.clone(),
+                },
+                true,
+            ))
+        }
+        ClusterState::Existing => discover_identity(config).await.map(|id| (id, true)),
+    }
+}
+
+/// A member joining a running cluster learns its id (assigned by `member add`) and the
+/// cluster id from any running member that already lists its peer address.
+async fn discover_identity(config: &StoreConfig) -> Result<Identity, StartError> {
+    let peers = Peers::new(0, 0, None);
+    let hello = Hello {
+        peer_addr: config.peer_addr.clone(),
+    };
+    let deadline = tokio::time::Instant::now() + config.request_timeout * 2;
+    let mut last_error = String::from("no other member listed in --initial-cluster");
+    loop {
+        for (_, addr) in config
+            .initial_cluster
+            .iter()
+            .filter(|(_, a)| *a != config.peer_addr)
+        {
+            match peers.hello(addr, &hello, Duration::from_secs(1)).await {
+                Ok(reply) => {
+                    if let Some((id, _, _)) = reply
+                        .members
+                        .iter()
+                        .find(|(_, m, _)| m.peer_addr == config.peer_addr)
+                    {
+                        return Ok(Identity {
+                            cluster_id: reply.cluster_id,
+                            member_id: *id,
+                            name: config.name.clone(),
+                            initial_cluster: Vec::new(),
+                        });
+                    }
+                    last_error = format!(
+                        "member at {addr} does not list peer address {}; add this member first \
+                         (`flotilla cluster add --peer-addr {}` or `etcdctl member add`)",
+                        config.peer_addr, config.peer_addr
+                    );
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StartError::Identity(format!(
+                "cannot join the existing cluster: {last_error}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Refuses to start when a reachable peer belongs to another cluster: its data dir and ours
+/// disagree, and acting on either would mix two clusters' state.
+async fn probe_peers(config: &StoreConfig, identity: &Identity) -> Result<(), StartError> {
+    let peers = Peers::new(0, 0, None);
+    let hello = Hello {
+        peer_addr: config.peer_addr.clone(),
+    };
+    let probes = config
+        .initial_cluster
+        .iter()
+        .filter(|(_, a)| *a != config.peer_addr)
+        .map(|(name, addr)| {
+            let peers = peers.clone();
+            let hello = hello.clone();
+            async move {
+                (
+                    name,
+                    addr,
+                    peers.hello(addr, &hello, Duration::from_millis(500)).await,
+                )
+            }
+        });
+    for (name, addr, reply) in futures::future::join_all(probes).await {
+        if let Ok(reply) = reply
+            && reply.cluster_id != identity.cluster_id
+        {
+            return Err(StartError::Identity(format!(
+                "peer `{name}` at {addr} belongs to cluster {:x}, but this member's is {:x}; \
+                 check --initial-cluster, --initial-cluster-token and --data-dir",
+                reply.cluster_id, identity.cluster_id
+            )));
+        }
+    }
+    Ok(())
+}

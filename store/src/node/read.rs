@@ -1,0 +1,177 @@
+//! Linearizable reads: a read is served from this member's state once it has applied
+//! everything the leader had committed when the read arrived (the read index).
+//!
+//! Obtaining a read index costs the leader a heartbeat round to a quorum, so concurrent reads
+//! share one: reads that arrive while a round is running wait for the next round, which
+//! starts after they arrived, so every read gets an index taken after it began.
+
+use std::sync::Mutex;
+
+use openraft::error::{CheckIsLeaderError, RaftError};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::write::Attempt;
+use super::{Inner, StoreNode};
+use crate::errors::StoreError;
+use crate::raft::peer::{LeaderCallError, LeaderRequest, LeaderResponse};
+
+type Waiter = oneshot::Sender<Result<u64, StoreError>>;
+
+#[derive(Default)]
+pub(crate) struct ReadBatcher {
+    state: Mutex<BatchState>,
+}
+
+#[derive(Default)]
+struct BatchState {
+    running: bool,
+    waiting: Vec<Waiter>,
+}
+
+impl StoreNode {
+    /// Waits until this member can serve a linearizable read.
+    pub async fn read_barrier(&self) -> Result<(), StoreError> {
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        let (tx, rx) = oneshot::channel();
+        let start_round = {
+            let mut s = self
+                .inner
+                .reads
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            s.waiting.push(tx);
+            !std::mem::replace(&mut s.running, true)
+        };
+        if start_round {
+            tokio::spawn(rounds(self.clone()));
+        }
+        let index = match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => {
+                return Err(StoreError::Timeout(
+                    "no read index from the leader before the deadline".into(),
+                ));
+            }
+            Ok(Err(_)) => return Err(StoreError::Stopped("the read path stopped".into())),
+            Ok(Ok(r)) => r?,
+        };
+        self.wait_applied(index, deadline).await
+    }
+
+    /// Waits until this member has applied `index`.
+    pub(crate) async fn wait_applied(
+        &self,
+        index: u64,
+        deadline: Instant,
+    ) -> Result<(), StoreError> {
+        let applied = |m: &crate::types::RaftMetrics| m.last_applied.map_or(0, |l| l.index);
+        if applied(&self.inner.raft.metrics().borrow()) >= index {
+            return Ok(());
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.inner
+            .raft
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                StoreError::Timeout(format!("waiting to apply the read index {index}: {e}"))
+            })
+    }
+}
+
+/// Runs read-index rounds while reads are waiting.
+async fn rounds(node: StoreNode) {
+    loop {
+        let batch = {
+            let mut s = node
+                .inner
+                .reads
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if s.waiting.is_empty() {
+                s.running = false;
+                return;
+            }
+            std::mem::take(&mut s.waiting)
+        };
+        let deadline = Instant::now() + node.inner.config.request_timeout;
+        let result = node.inner.read_index(deadline).await;
+        for w in batch {
+            let r = match &result {
+                Ok(i) => Ok(*i),
+                Err(e) => Err(clone_error(e)),
+            };
+            let _ = w.send(r);
+        }
+    }
+}
+
+fn clone_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::NoLeader(m) => StoreError::NoLeader(m.clone()),
+        StoreError::Timeout(m) => StoreError::Timeout(m.clone()),
+        StoreError::Stopped(m) => StoreError::Stopped(m.clone()),
+        other => StoreError::Internal(other.to_string()),
+    }
+}
+
+impl Inner {
+    /// The leader's read index, obtained after this call began.
+    async fn read_index(&self, deadline: Instant) -> Result<u64, StoreError> {
+        loop {
+            let leader = self.wait_for_leader(deadline).await?;
+            let attempt = if leader == self.id {
+                match self.leader_read_index().await {
+                    Ok(i) => return Ok(i),
+                    // Reads change nothing: whatever went wrong, trying again is safe.
+                    Err(e) => Attempt::Retry(e.to_string()),
+                }
+            } else {
+                match self
+                    .call_leader(leader, &LeaderRequest::ReadIndex, deadline)
+                    .await
+                {
+                    Ok(LeaderResponse::ReadIndex(i)) => return Ok(i),
+                    Ok(other) => Attempt::Done(Err(StoreError::Internal(format!(
+                        "the leader answered a read index request with {other:?}"
+                    )))),
+                    Err(a) => a,
+                }
+            };
+            match attempt {
+                Attempt::Done(Err(e)) => return Err(e),
+                Attempt::Done(Ok(_)) => {
+                    return Err(StoreError::Internal("unexpected read index answer".into()));
+                }
+                Attempt::Retry(why) => {
+                    if Instant::now() >= deadline {
+                        return Err(StoreError::NoLeader(why));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    /// On the leader: confirms leadership with a quorum and returns the read index.
+    pub(crate) async fn leader_read_index(&self) -> Result<u64, LeaderCallError> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(LeaderCallError::NotLeader {
+                    leader: f.leader_id,
+                })
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
+                Err(LeaderCallError::Failed(format!(
+                    "the leader could not confirm its leadership: {q}"
+                )))
+            }
+            Err(RaftError::Fatal(f)) => Err(LeaderCallError::Failed(f.to_string())),
+        }
+    }
+}

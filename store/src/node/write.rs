@@ -1,0 +1,200 @@
+//! The write path: validate, then propose on the leader (here, or forwarded to it).
+
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::time::Instant;
+
+use super::{Inner, StoreNode};
+use crate::errors::StoreError;
+use crate::mvcc::{Command, CommandResponse, validate_command};
+use crate::raft::network::PeerCallError;
+use crate::raft::peer::{LeaderCallError, LeaderRequest, LeaderResponse};
+use crate::types::NodeId;
+
+/// Pause before retrying when the leader is changing.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+impl StoreNode {
+    /// Replicates `cmd` through the leader and returns how it was applied. An `Err` of
+    /// [`StoreError::Timeout`] means the outcome is unknown; every other error means nothing
+    /// was applied.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, StoreError> {
+        validate_command(&cmd)?;
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        self.inner.propose_until(cmd, deadline).await
+    }
+}
+
+impl Inner {
+    pub(crate) async fn propose_until(
+        &self,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<CommandResponse, StoreError> {
+        let _permit = self
+            .pending
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| StoreError::TooManyRequests)?;
+        loop {
+            let leader = self.wait_for_leader(deadline).await?;
+            let outcome = if leader == self.id {
+                self.propose_local(cmd.clone(), deadline).await
+            } else {
+                self.propose_remote(leader, cmd.clone(), deadline).await
+            };
+            match outcome {
+                Attempt::Done(r) => return r,
+                Attempt::Retry(why) => {
+                    if Instant::now() + RETRY_PAUSE >= deadline {
+                        return Err(StoreError::NoLeader(why));
+                    }
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+    }
+
+    /// Proposes on this member, which believes it leads.
+    pub(crate) async fn propose_local(&self, cmd: Command, deadline: Instant) -> Attempt {
+        match tokio::time::timeout_at(deadline, self.raft.client_write(cmd)).await {
+            Err(_) => Attempt::Done(Err(StoreError::Timeout(
+                "the write was proposed but not committed before the deadline; it may still be applied".into(),
+            ))),
+            Ok(Ok(reply)) => Attempt::Done(into_result(reply.data)),
+            // Never appended (or truncated): nothing happened, the next leader can take it.
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Attempt::Retry(format!("leadership moved (to {:?})", f.leader_id))
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                Attempt::Done(Err(StoreError::Internal(e.to_string())))
+            }
+            Ok(Err(RaftError::Fatal(f))) => Attempt::Done(Err(StoreError::Stopped(f.to_string()))),
+        }
+    }
+
+    async fn propose_remote(&self, leader: NodeId, cmd: Command, deadline: Instant) -> Attempt {
+        let req = LeaderRequest::Propose(cmd);
+        match self.call_leader(leader, &req, deadline).await {
+            Ok(LeaderResponse::Proposed(r)) => Attempt::Done(into_result(r)),
+            Ok(other) => Attempt::Done(Err(StoreError::Internal(format!(
+                "the leader answered a proposal with {other:?}"
+            )))),
+            Err(e) => e,
+        }
+    }
+
+    /// One call to the leader. `Err` carries the attempt's outcome when it failed: a retry
+    /// when nothing can have happened, or the error when it may have.
+    pub(crate) async fn call_leader(
+        &self,
+        leader: NodeId,
+        req: &LeaderRequest,
+        deadline: Instant,
+    ) -> Result<LeaderResponse, Attempt> {
+        let Some(addr) = self.peer_addr_of(leader) else {
+            return Err(Attempt::Retry(format!(
+                "leader {leader:x} is not in the membership"
+            )));
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match self.peers.leader_call(leader, &addr, req, remaining).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(LeaderCallError::NotLeader { .. })) => {
+                Err(Attempt::Retry(format!("{addr} no longer leads")))
+            }
+            Ok(Err(LeaderCallError::TooManyRequests)) => {
+                Err(Attempt::Done(Err(StoreError::TooManyRequests)))
+            }
+            Ok(Err(LeaderCallError::Refused(m))) => {
+                Err(Attempt::Done(Err(StoreError::Membership(m))))
+            }
+            Ok(Err(LeaderCallError::Failed(m))) => Err(Attempt::Done(Err(StoreError::Timeout(m)))),
+            Err(e @ PeerCallError::Unreachable { .. }) => Err(Attempt::Retry(e.to_string())),
+            Err(e @ PeerCallError::Timeout { .. }) => Err(Attempt::Done(Err(StoreError::Timeout(
+                format!("{e}; the request may still take effect"),
+            )))),
+            Err(e @ PeerCallError::Remote { .. }) => {
+                Err(Attempt::Done(Err(StoreError::Internal(e.to_string()))))
+            }
+        }
+    }
+
+    pub(crate) fn peer_addr_of(&self, id: NodeId) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.peer_addr.clone())
+    }
+
+    /// The leader as this member knows it, waiting for an election until the deadline.
+    pub(crate) async fn wait_for_leader(&self, deadline: Instant) -> Result<NodeId, StoreError> {
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Some(l) = rx.borrow_and_update().current_leader {
+                return Ok(l);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Err(_) => {
+                    return Err(StoreError::NoLeader(
+                        "no leader was elected before the deadline".into(),
+                    ));
+                }
+                Ok(Err(_)) => return Err(StoreError::Stopped("raft has stopped".into())),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}
+
+/// How one attempt at a leader-only request ended.
+pub(crate) enum Attempt {
+    Done(Result<CommandResponse, StoreError>),
+    /// Nothing happened; try again (with the leader as then known).
+    Retry(String),
+}
+
+impl std::fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attempt::Done(r) => write!(f, "Done({r:?})"),
+            Attempt::Retry(why) => write!(f, "Retry({why})"),
+        }
+    }
+}
+
+pub(crate) fn into_result(r: CommandResponse) -> Result<CommandResponse, StoreError> {
+    match r {
+        CommandResponse::Rejected(e) => Err(e.into()),
+        other => Ok(other),
+    }
+}
+
+/// On the leader: compacts history older than the retention window, periodically.
+pub(crate) async fn auto_compaction(node: StoreNode) {
+    let retention = node.inner.config.compaction_retention;
+    if retention <= 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(node.inner.config.compaction_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !node.is_leader() {
+            continue;
+        }
+        let kv = node.kv();
+        let target = kv.revision() - retention;
+        if target <= kv.compact_revision() {
+            continue;
+        }
+        match node.propose(Command::Compact { revision: target }).await {
+            Ok(_) => tracing::debug!(revision = target, "auto-compacted"),
+            Err(StoreError::Mvcc(e)) => tracing::debug!(error = %e, "auto-compaction skipped"),
+            Err(e) => tracing::warn!(error = %e, "auto-compaction failed"),
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Sending Raft traffic and leader calls to peers over gRPC.
+//!
+//! One HTTP/2 connection per peer address, created lazily and shared by every call to it.
+//! Payloads are bincode; the envelope carries the cluster id, and a peer of another cluster
+//! answers with an error instead of acting on anything.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_proto::raft::PeerMessage;
+use flotilla_proto::raft::raft_peer_client::RaftPeerClient;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+
+use super::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
+use crate::codec;
+use crate::types::{Member, NodeId, TypeConfig};
+
+/// Largest peer message (a batch of entries, a snapshot chunk).
+pub const PEER_MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Decides, in tests, whether traffic from one member to another gets through.
+pub trait PeerFilter: Send + Sync + 'static {
+    fn allow(&self, from: NodeId, to: NodeId) -> bool;
+}
+
+/// What went wrong with a call to a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerCallError {
+    /// The peer could not be reached; the request was not delivered.
+    #[error("peer {addr} is unreachable: {reason}")]
+    Unreachable { addr: String, reason: String },
+    /// No answer before the deadline; the request may have been acted upon.
+    #[error("peer {addr} did not answer within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    /// The peer answered with an error, or with something that cannot be decoded.
+    #[error("peer {addr}: {reason}")]
+    Remote { addr: String, reason: String },
+}
+
+/// Connections to peers, shared by Raft replication and leader calls.
+#[derive(Clone)]
+pub struct Peers {
+    me: NodeId,
+    cluster_id: Arc<std::sync::atomic::AtomicU64>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    filter: Option<Arc<dyn PeerFilter>>,
+}
+
+impl Peers {
+    pub fn new(me: NodeId, cluster_id: u64, filter: Option<Arc<dyn PeerFilter>>) -> Self {
+        Self {
+            me,
+            cluster_id: Arc::new(cluster_id.into()),
+            channels: Arc::new(Mutex::new(HashMap::new())),
+            filter,
+        }
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, PeerCallError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ch) = channels.get(addr) {
+            return Ok(ch.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| PeerCallError::Unreachable {
+                addr: addr.into(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let ch = endpoint.connect_lazy();
+        channels.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    fn blocked(&self, target: Option<NodeId>) -> bool {
+        match (&self.filter, target) {
+            (Some(f), Some(to)) => !f.allow(self.me, to),
+            _ => false,
+        }
+    }
+
+    /// One unary call: encode, send with a deadline, decode.
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        target: Option<NodeId>,
+        addr: &str,
+        method: Method,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerCallError> {
+        if self.blocked(target) {
+            return Err(PeerCallError::Unreachable {
+                addr: addr.into(),
+                reason: "blocked by the test filter".into(),
+            });
+        }
+        let payload = codec::encode(req).map_err(|e| PeerCallError::Remote {
+            addr: addr.into(),
+            reason: e,
+        })?;
+        let mut client = RaftPeerClient::new(self.channel(addr)?)
+            .max_decoding_message_size(PEER_MAX_MESSAGE)
+            .max_encoding_message_size(PEER_MAX_MESSAGE);
+        let msg = PeerMessage {
+            cluster_id: self.cluster_id(),
+            payload,
+            error: String::new(),
+        };
+        let mut request = tonic::Request::new(msg);
+        request.set_timeout(timeout);
+        let fut = async {
+            match method {
+                Method::AppendEntries => client.append_entries(request).await,
+                Method::Vote => client.vote(request).await,
+                Method::InstallSnapshot => client.install_snapshot(request).await,
+                Method::Leader => client.leader(request).await,
+                Method::Hello => client.hello(request).await,
+            }
+        };
+        let reply = match tokio::time::timeout(timeout, fut).await {
+            Err(_) => {
+                return Err(PeerCallError::Timeout {
+                    addr: addr.into(),
+                    timeout,
+                });
+            }
+            Ok(Err(status)) => return Err(status_error(addr, status, timeout)),
+            Ok(Ok(reply)) => reply.into_inner(),
+        };
+        if !reply.error.is_empty() {
+            return Err(PeerCallError::Remote {
+                addr: addr.into(),
+                reason: reply.error,
+            });
+        }
+        codec::decode(&reply.payload).map_err(|e| PeerCallError::Remote {
+            addr: addr.into(),
+            reason: format!("undecodable reply: {e}"),
+        })
+    }
+
+    /// Asks the member at `addr` (the leader, presumably) to serve `req`.
+    pub async fn leader_call(
+        &self,
+        target: NodeId,
+        addr: &str,
+        req: &LeaderRequest,
+        timeout: Duration,
+    ) -> Result<Result<LeaderResponse, LeaderCallError>, PeerCallError> {
+        self.call(Some(target), addr, Method::Leader, req, timeout)
+            .await
+    }
+
+    /// Asks the member at `addr` who it is.
+    pub async fn hello(
+        &self,
+        addr: &str,
+        hello: &Hello,
+        timeout: Duration,
+    ) -> Result<HelloReply, PeerCallError> {
+        self.call(None, addr, Method::Hello, hello, timeout).await
+    }
+}
+
+fn status_error(addr: &str, status: tonic::Status, timeout: Duration) -> PeerCallError {
+    match status.code() {
+        tonic::Code::Unavailable => PeerCallError::Unreachable {
+            addr: addr.into(),
+            reason: status.message().into(),
+        },
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => PeerCallError::Timeout {
+            addr: addr.into(),
+            timeout,
+        },
+        _ => PeerCallError::Remote {
+            addr: addr.into(),
+            reason: format!("{}: {}", status.code(), status.message()),
+        },
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Method {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+    Leader,
+    Hello,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Peers {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerClient {
+        PeerClient {
+            peers: self.clone(),
+            target,
+            addr: node.peer_addr.clone(),
+        }
+    }
+}
+
+/// Raft traffic to one peer.
+pub struct PeerClient {
+    peers: Peers,
+    target: NodeId,
+    addr: String,
+}
+
+impl PeerClient {
+    async fn raft_call<Req, Resp, E>(
+        &self,
+        method: Method,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let timeout = option.hard_ttl();
+        let reply: Result<Resp, RaftError<NodeId, E>> = self
+            .peers
+            .call(Some(self.target), &self.addr, method, req, timeout)
+            .await
+            .map_err(|e| match e {
+                PeerCallError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+                PeerCallError::Timeout { .. } => RPCError::Timeout(Timeout {
+                    action: match method {
+                        Method::Vote => openraft::network::RPCTypes::Vote,
+                        Method::InstallSnapshot => openraft::network::RPCTypes::InstallSnapshot,
+                        _ => openraft::network::RPCTypes::AppendEntries,
+                    },
+                    id: self.peers.me,
+                    target: self.target,
+                    timeout,
+                }),
+                PeerCallError::Remote { .. } => RPCError::Network(NetworkError::new(&e)),
+            })?;
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        // Ask openraft to split a batch that would exceed what a peer accepts.
+        let approx: usize = rpc.entries.iter().map(entry_size).sum();
+        if approx > PEER_MAX_MESSAGE / 2 && rpc.entries.len() > 1 {
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(rpc.entries.len() as u64 / 2),
+            ));
+        }
+        self.raft_call(Method::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.raft_call(Method::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.raft_call(Method::Vote, &rpc, &option).await
+    }
+}
+
+fn entry_size(entry: &crate::types::Entry) -> usize {
+    use crate::mvcc::Command;
+    match &entry.payload {
+        openraft::EntryPayload::Normal(Command::Put(p)) => p.key.len() + p.value.len() + 32,
+        openraft::EntryPayload::Normal(Command::Txn(t)) => prost::Message::encoded_len(t) + 32,
+        _ => 64,
+    }
+}

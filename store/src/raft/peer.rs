@@ -1,0 +1,87 @@
+//! Messages of Flotilla's own peer calls: what a member asks of the leader, and identity.
+
+use serde::{Deserialize, Serialize};
+
+use crate::mvcc::{Command, CommandResponse};
+use crate::types::{Member, NodeId};
+
+/// A call only the leader can serve.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum LeaderRequest {
+    /// Propose a write (a member forwarding its client's request).
+    Propose(Command),
+    /// Confirm leadership with a quorum and return the index a linearizable read must wait for.
+    ReadIndex,
+    /// Renew a lease; answers its TTL, or 0 when it does not exist.
+    LeaseKeepAlive {
+        id: i64,
+    },
+    /// Remaining and granted TTL of a lease.
+    LeaseTimeToLive {
+        id: i64,
+    },
+    /// Add a member (as a learner, or as a voter at once).
+    AddMember {
+        member: Member,
+        learner: bool,
+    },
+    RemoveMember {
+        id: NodeId,
+    },
+    PromoteMember {
+        id: NodeId,
+    },
+    /// Replace what the cluster knows of a member (its name, addresses).
+    UpdateMember {
+        id: NodeId,
+        member: Member,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum LeaderResponse {
+    Proposed(CommandResponse),
+    ReadIndex(u64),
+    /// TTL in seconds; 0 (keep-alive) or -1 (time-to-live) when the lease does not exist.
+    LeaseTtl {
+        ttl: i64,
+        granted: i64,
+    },
+    Member {
+        id: NodeId,
+    },
+    Done,
+}
+
+/// Why a leader call failed.
+#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error)]
+pub enum LeaderCallError {
+    /// The callee is not the leader; nothing was done. `leader` is whom it believes leads.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    /// Too many proposals are waiting on the leader; nothing was done.
+    #[error("too many requests")]
+    TooManyRequests,
+    /// The request was refused before anything was done; the message says why.
+    #[error("{0}")]
+    Refused(String),
+    /// It failed after it may have taken effect.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Sent to any member to learn who it is.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's peer address (so a new member can be recognised).
+    pub peer_addr: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub cluster_id: u64,
+    pub member_id: NodeId,
+    pub name: String,
+    /// Every member the responder knows: id, what it knows of it, whether it votes.
+    pub members: Vec<(NodeId, Member, bool)>,
+}
