@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::ClientWriteError;
 use tokio::time::Instant;
 
 use super::{Inner, StoreNode};
@@ -58,19 +58,30 @@ impl Inner {
 
     /// Proposes on this member, which believes it leads.
     pub(crate) async fn propose_local(&self, cmd: Command, deadline: Instant) -> Attempt {
-        match tokio::time::timeout_at(deadline, self.raft.client_write(cmd)).await {
+        if *self.shutdown.borrow() {
+            return Attempt::Retry("this member is shutting down".into());
+        }
+        // Handing the command to Raft fails only if Raft has stopped: then nothing was
+        // appended, and another leader can take it.
+        let rx = match self.raft.client_write_ff(cmd).await {
+            Ok(rx) => rx,
+            Err(f) => return Attempt::Retry(format!("raft on this member stopped: {f}")),
+        };
+        match tokio::time::timeout_at(deadline, rx).await {
             Err(_) => Attempt::Done(Err(StoreError::Timeout(
                 "the write was proposed but not committed before the deadline; it may still be applied".into(),
             ))),
-            Ok(Ok(reply)) => Attempt::Done(into_result(reply.data)),
+            Ok(Err(_)) => Attempt::Done(Err(StoreError::Timeout(
+                "this member stopped before the write was committed; it may still be applied".into(),
+            ))),
+            Ok(Ok(Ok(reply))) => Attempt::Done(into_result(reply.data)),
             // Never appended (or truncated): nothing happened, the next leader can take it.
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
                 Attempt::Retry(format!("leadership moved (to {:?})", f.leader_id))
             }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+            Ok(Ok(Err(ClientWriteError::ChangeMembershipError(e)))) => {
                 Attempt::Done(Err(StoreError::Internal(e.to_string())))
             }
-            Ok(Err(RaftError::Fatal(f))) => Attempt::Done(Err(StoreError::Stopped(f.to_string()))),
         }
     }
 

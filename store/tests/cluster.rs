@@ -1,0 +1,224 @@
+//! Three-member clusters in one process: failover, catch-up by log and by snapshot,
+//! membership changes under load, linearizable reads across leader changes.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Cluster, eventually, get, local_get, put};
+use flotilla_store::errors::StoreError;
+use flotilla_store::mvcc::CommandResponse;
+use tokio::time::Instant;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_new_leader_and_writes_continue() {
+    let mut c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    let other = (l + 1) % 3;
+    put(c.node(other), "before", "1").await;
+    let old_term = c.node(other).term();
+    c.stop(l).await;
+    let started = Instant::now();
+    put(c.node(other), "after", "2").await;
+    eprintln!("writes resumed {:?} after the leader stopped", started.elapsed());
+    let new_leader = c.leader().await;
+    assert_ne!(new_leader, l);
+    assert!(c.node(other).term() > old_term);
+    for i in c.running() {
+        assert_eq!(get(c.node(i), "before").await.unwrap().as_deref(), Some("1"));
+        assert_eq!(get(c.node(i), "after").await.unwrap().as_deref(), Some("2"));
+    }
+    // The old leader comes back as a follower with everything.
+    c.restart(l).await;
+    let node = c.node(l).clone();
+    eventually("the old leader catches up", || {
+        local_get(&node, "after").ok().flatten().as_deref() == Some("2")
+    })
+    .await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_restarted_catches_up_by_log() {
+    let mut c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    let f = (l + 1) % 3;
+    c.stop(f).await;
+    for i in 0..50 {
+        put(c.node(l), &format!("k{i}"), &i.to_string()).await;
+    }
+    c.restart(f).await;
+    let node = c.node(f).clone();
+    eventually("the follower replays the log", || {
+        local_get(&node, "k49").ok().flatten().as_deref() == Some("49")
+    })
+    .await;
+    assert!(
+        node.metrics().snapshot.is_none(),
+        "no snapshot was needed"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_far_behind_catches_up_by_snapshot() {
+    let mut c = Cluster::start(3, |cfg| {
+        cfg.snapshot_entries = 100;
+        cfg.keep_logs = 10;
+    })
+    .await;
+    let l = c.leader().await;
+    let f = (l + 1) % 3;
+    c.stop(f).await;
+    for i in 0..400 {
+        put(c.node(l), &format!("k{}", i % 50), &i.to_string()).await;
+    }
+    let leader = c.node(l).clone();
+    eventually("the leader snapshots and purges its log", || {
+        let m = leader.metrics();
+        m.snapshot.is_some() && m.purged.is_some_and(|p| p.index > 100)
+    })
+    .await;
+    c.restart(f).await;
+    let node = c.node(f).clone();
+    eventually("the follower installs a snapshot and catches up", || {
+        local_get(&node, "k49").ok().flatten().as_deref() == Some("399")
+    })
+    .await;
+    assert!(node.metrics().snapshot.is_some(), "caught up through a snapshot");
+    assert_eq!(node.kv().revision(), leader.kv().revision());
+    assert_eq!(
+        node.kv().hash(0).unwrap(),
+        leader.kv().hash(0).unwrap(),
+        "the follower's key space is the leader's"
+    );
+    // It keeps following after the install.
+    put(c.node(l), "later", "x").await;
+    eventually("the follower applies entries after the snapshot", || {
+        local_get(&node, "later").ok().flatten().as_deref() == Some("x")
+    })
+    .await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_read_after_leader_change_sees_every_acknowledged_write() {
+    let mut c = Cluster::start(3, |cfg| cfg.request_timeout = Duration::from_secs(2)).await;
+    for round in 0..3 {
+        let l = c.leader().await;
+        let value = format!("v{round}");
+        put(c.node(l), "register", &value).await;
+        // Isolate the leader; a new one is elected among the others. A read through any
+        // member of the majority must see the acknowledged value, never an older one.
+        let ids = c.ids();
+        c.partition.isolate(c.node(l).id(), &ids);
+        let others: Vec<usize> = c.running().into_iter().filter(|i| *i != l).collect();
+        let deadline = Instant::now() + common::DEADLINE;
+        for i in &others {
+            loop {
+                match get(c.node(*i), "register").await {
+                    Ok(v) => {
+                        assert_eq!(v.as_deref(), Some(value.as_str()), "stale read via member {i}");
+                        break;
+                    }
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "no read served: {e}");
+                    }
+                }
+            }
+        }
+        // The isolated old leader must not serve a linearizable read either.
+        match get(c.node(l), "register").await {
+            Err(StoreError::Timeout(_) | StoreError::NoLeader(_)) => {}
+            Ok(v) => assert_eq!(v.as_deref(), Some(value.as_str())),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        c.partition.heal();
+    }
+    let _ = &mut c;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_under_load_lose_no_write() {
+    let mut c = Cluster::start(3, |_| {}).await;
+    let writer_node = c.node(c.leader().await).clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let node = writer_node.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("load-{i}");
+                match node.propose(common::put_cmd(&key, "x")).await {
+                    Ok(CommandResponse::Put(_)) => acked.push(key),
+                    Ok(other) => panic!("unexpected {other:?}"),
+                    Err(StoreError::NoLeader(_) | StoreError::Timeout(_)) => {}
+                    Err(e) => panic!("write failed: {e}"),
+                }
+                i += 1;
+            }
+            acked
+        })
+    };
+    // Add a learner, start it, promote it once caught up.
+    let (n4, listener) = c.add_slot("n4").await;
+    let peer = c.slots[n4].peer_addr.clone();
+    let id = c.node(0).add_member(peer, true).await.expect("learner added");
+    c.join(n4, listener).await;
+    let node0 = c.node(0).clone();
+    eventually("the learner publishes its name", || {
+        node0.members().iter().any(|m| m.id == id && m.member.name == "n4" && m.is_learner)
+    })
+    .await;
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        match c.node(0).promote_member(id).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "promotion never succeeded: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert!(c.node(0).members().iter().any(|m| m.id == id && !m.is_learner));
+    // Remove a follower that is not the writer's member, and stop it.
+    let victim = (0..3).find(|i| c.node(*i).id() != writer_node.id()).unwrap();
+    let victim_id = c.node(victim).id();
+    c.node(n4).remove_member(victim_id).await.expect("member removed");
+    c.stop(victim).await;
+    assert_eq!(c.node(n4).members().len(), 3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 10, "the writer made progress ({})", acked.len());
+    let new_member = c.node(n4).clone();
+    for key in &acked {
+        assert_eq!(get(&new_member, key).await.unwrap().as_deref(), Some("x"), "{key} lost");
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_restarts_from_its_data_dirs() {
+    let mut c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    for i in 0..20 {
+        put(c.node(l), &format!("k{i}"), "v").await;
+    }
+    let rev = c.node(l).kv().revision();
+    for i in 0..3 {
+        c.stop(i).await;
+    }
+    for i in 0..3 {
+        c.restart(i).await;
+    }
+    let l = c.leader().await;
+    assert_eq!(get(c.node(l), "k19").await.unwrap().as_deref(), Some("v"));
+    assert!(c.node(l).kv().revision() >= rev);
+    c.shutdown().await;
+}
