@@ -22,12 +22,18 @@ async fn leader_killed_new_leader_and_writes_continue() {
     c.stop(l).await;
     let started = Instant::now();
     put(c.node(other), "after", "2").await;
-    eprintln!("writes resumed {:?} after the leader stopped", started.elapsed());
+    eprintln!(
+        "writes resumed {:?} after the leader stopped",
+        started.elapsed()
+    );
     let new_leader = c.leader().await;
     assert_ne!(new_leader, l);
     assert!(c.node(other).term() > old_term);
     for i in c.running() {
-        assert_eq!(get(c.node(i), "before").await.unwrap().as_deref(), Some("1"));
+        assert_eq!(
+            get(c.node(i), "before").await.unwrap().as_deref(),
+            Some("1")
+        );
         assert_eq!(get(c.node(i), "after").await.unwrap().as_deref(), Some("2"));
     }
     // The old leader comes back as a follower with everything.
@@ -55,10 +61,7 @@ async fn follower_restarted_catches_up_by_log() {
         local_get(&node, "k49").ok().flatten().as_deref() == Some("49")
     })
     .await;
-    assert!(
-        node.metrics().snapshot.is_none(),
-        "no snapshot was needed"
-    );
+    assert!(node.metrics().snapshot.is_none(), "no snapshot was needed");
     c.shutdown().await;
 }
 
@@ -87,7 +90,10 @@ async fn follower_far_behind_catches_up_by_snapshot() {
         local_get(&node, "k49").ok().flatten().as_deref() == Some("399")
     })
     .await;
-    assert!(node.metrics().snapshot.is_some(), "caught up through a snapshot");
+    assert!(
+        node.metrics().snapshot.is_some(),
+        "caught up through a snapshot"
+    );
     assert_eq!(node.kv().revision(), leader.kv().revision());
     assert_eq!(
         node.kv().hash(0).unwrap(),
@@ -120,7 +126,11 @@ async fn linearizable_read_after_leader_change_sees_every_acknowledged_write() {
             loop {
                 match get(c.node(*i), "register").await {
                     Ok(v) => {
-                        assert_eq!(v.as_deref(), Some(value.as_str()), "stale read via member {i}");
+                        assert_eq!(
+                            v.as_deref(),
+                            Some(value.as_str()),
+                            "stale read via member {i}"
+                        );
                         break;
                     }
                     Err(e) => {
@@ -137,7 +147,6 @@ async fn linearizable_read_after_leader_change_sees_every_acknowledged_write() {
         }
         c.partition.heal();
     }
-    let _ = &mut c;
     c.shutdown().await;
 }
 
@@ -168,11 +177,18 @@ async fn membership_changes_under_load_lose_no_write() {
     // Add a learner, start it, promote it once caught up.
     let (n4, listener) = c.add_slot("n4").await;
     let peer = c.slots[n4].peer_addr.clone();
-    let id = c.node(0).add_member(peer, true).await.expect("learner added");
+    let id = c
+        .node(0)
+        .add_member(peer, true)
+        .await
+        .expect("learner added");
     c.join(n4, listener).await;
     let node0 = c.node(0).clone();
     eventually("the learner publishes its name", || {
-        node0.members().iter().any(|m| m.id == id && m.member.name == "n4" && m.is_learner)
+        node0
+            .members()
+            .iter()
+            .any(|m| m.id == id && m.member.name == "n4" && m.is_learner)
     })
     .await;
     let deadline = Instant::now() + common::DEADLINE;
@@ -185,20 +201,38 @@ async fn membership_changes_under_load_lose_no_write() {
             }
         }
     }
-    assert!(c.node(0).members().iter().any(|m| m.id == id && !m.is_learner));
+    assert!(
+        c.node(0)
+            .members()
+            .iter()
+            .any(|m| m.id == id && !m.is_learner)
+    );
     // Remove a follower that is not the writer's member, and stop it.
-    let victim = (0..3).find(|i| c.node(*i).id() != writer_node.id()).unwrap();
+    let victim = (0..3)
+        .find(|i| c.node(*i).id() != writer_node.id())
+        .unwrap();
     let victim_id = c.node(victim).id();
-    c.node(n4).remove_member(victim_id).await.expect("member removed");
+    c.node(n4)
+        .remove_member(victim_id)
+        .await
+        .expect("member removed");
     c.stop(victim).await;
     assert_eq!(c.node(n4).members().len(), 3);
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let acked = writer.await.unwrap();
-    assert!(acked.len() > 10, "the writer made progress ({})", acked.len());
+    assert!(
+        acked.len() > 10,
+        "the writer made progress ({})",
+        acked.len()
+    );
     let new_member = c.node(n4).clone();
     for key in &acked {
-        assert_eq!(get(&new_member, key).await.unwrap().as_deref(), Some("x"), "{key} lost");
+        assert_eq!(
+            get(&new_member, key).await.unwrap().as_deref(),
+            Some("x"),
+            "{key} lost"
+        );
     }
     c.shutdown().await;
 }

@@ -62,7 +62,9 @@ pub struct Cluster {
 }
 
 async fn free_listener() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port")
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind an ephemeral port")
 }
 
 /// Binds `addr` again after its member stopped; the port may take a moment to be released.
@@ -101,8 +103,11 @@ impl Cluster {
             partition: Arc::new(Partition::default()),
             tune: Arc::new(tune),
         };
-        let initial: Vec<(String, String)> =
-            c.slots.iter().map(|s| (s.name.clone(), s.peer_addr.clone())).collect();
+        let initial: Vec<(String, String)> = c
+            .slots
+            .iter()
+            .map(|s| (s.name.clone(), s.peer_addr.clone()))
+            .collect();
         let starts = listeners.into_iter().enumerate().map(|(i, l)| {
             let config = c.config(i, initial.clone(), ClusterState::New);
             async move { StoreNode::start(config, l).await.expect("member starts") }
@@ -131,7 +136,9 @@ impl Cluster {
     }
 
     pub fn running(&self) -> Vec<usize> {
-        (0..self.slots.len()).filter(|i| self.slots[*i].node.is_some()).collect()
+        (0..self.slots.len())
+            .filter(|i| self.slots[*i].node.is_some())
+            .collect()
     }
 
     pub fn ids(&self) -> Vec<NodeId> {
@@ -181,10 +188,17 @@ impl Cluster {
         let initial: Vec<(String, String)> = self
             .running()
             .iter()
-            .map(|j| (self.slots[*j].name.clone(), self.slots[*j].peer_addr.clone()))
+            .map(|j| {
+                (
+                    self.slots[*j].name.clone(),
+                    self.slots[*j].peer_addr.clone(),
+                )
+            })
             .collect();
         let config = self.config(i, initial, ClusterState::Existing);
-        let node = StoreNode::start(config, listener).await.expect("new member starts");
+        let node = StoreNode::start(config, listener)
+            .await
+            .expect("new member starts");
         self.slots[i].node = Some(node);
     }
 
@@ -193,7 +207,8 @@ impl Cluster {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let running = self.running();
-            let views: Vec<Option<NodeId>> = running.iter().map(|i| self.node(*i).leader()).collect();
+            let views: Vec<Option<NodeId>> =
+                running.iter().map(|i| self.node(*i).leader()).collect();
             if let Some(Some(l)) = views.first()
                 && views.iter().all(|v| *v == Some(*l))
                 && let Some(i) = running.iter().find(|i| self.node(**i).id() == *l)
@@ -248,7 +263,9 @@ pub fn local_get(node: &StoreNode, key: &str) -> Result<Option<String>, StoreErr
         key: key.as_bytes().to_vec(),
         ..Default::default()
     })?;
-    Ok(r.kvs.first().map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+    Ok(r.kvs
+        .first()
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
 }
 
 /// Polls `f` until it holds or the deadline passes.
