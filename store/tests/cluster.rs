@@ -111,7 +111,7 @@ async fn follower_far_behind_catches_up_by_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linearizable_read_after_leader_change_sees_every_acknowledged_write() {
-    let mut c = Cluster::start(3, |cfg| cfg.request_timeout = Duration::from_secs(2)).await;
+    let c = Cluster::start(3, |cfg| cfg.request_timeout = Duration::from_secs(2)).await;
     for round in 0..3 {
         let l = c.leader().await;
         let value = format!("v{round}");
