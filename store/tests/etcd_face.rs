@@ -1,0 +1,338 @@
+//! The etcd v3 face over real gRPC: headers, error codes and messages etcd clients match on,
+//! watch streams (create, cancel, progress request), and hostile peer messages.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Cluster;
+use flotilla_proto::etcdserverpb::kv_client::KvClient;
+use flotilla_proto::etcdserverpb::lease_client::LeaseClient;
+use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use flotilla_proto::etcdserverpb::watch_client::WatchClient;
+use flotilla_proto::etcdserverpb::{
+    CompactionRequest, Compare, LeaseKeepAliveRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest,
+    PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest, WatchCancelRequest,
+    WatchCreateRequest, WatchProgressRequest, WatchRequest, compare, request_op, watch_request,
+};
+use flotilla_proto::raft::PeerMessage;
+use flotilla_proto::raft::raft_peer_client::RaftPeerClient;
+use flotilla_store::node::StoreNode;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Serves the etcd face of `node` on an ephemeral port and connects to it.
+async fn serve(node: &StoreNode) -> Channel {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = flotilla_store::etcd::add_routes(tonic::service::Routes::default(), node);
+    let mut stop = node.shutdown_signal();
+    tokio::spawn(
+        tonic::transport::Server::builder().serve_with_incoming_shutdown(
+            routes,
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        ),
+    );
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn put(key: &str, value: &str) -> PutRequest {
+    PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_headers_and_etcd_errors() {
+    let c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    let follower = c.node((l + 1) % 3).clone();
+    let ch = serve(&follower).await;
+    let mut kv = KvClient::new(ch.clone());
+
+    let r = kv.put(put("a", "1")).await.unwrap().into_inner();
+    let h = r.header.unwrap();
+    assert_eq!(h.cluster_id, follower.cluster_id());
+    assert_eq!(h.member_id, follower.id());
+    assert_eq!(h.raft_term, follower.term());
+    assert_eq!(h.revision, follower.kv().revision());
+    let mut p = put("a", "2");
+    p.prev_kv = true;
+    let r = kv.put(p).await.unwrap().into_inner();
+    assert_eq!(r.prev_kv.unwrap().value, b"1");
+
+    // A future revision, a compacted one, an empty key, a request too large.
+    let rev = r.header.unwrap().revision;
+    let e = kv
+        .range(RangeRequest {
+            key: "a".into(),
+            revision: rev + 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision is a future revision"
+        )
+    );
+    kv.compact(CompactionRequest {
+        revision: rev,
+        physical: false,
+    })
+    .await
+    .unwrap();
+    let e = kv
+        .range(RangeRequest {
+            key: "a".into(),
+            revision: rev - 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted"
+        )
+    );
+    let e = kv.put(put("", "x")).await.unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "etcdserver: key is not provided")
+    );
+    let big = "x".repeat(1536 * 1024 + 1);
+    let e = kv.put(put("big", &big)).await.unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "etcdserver: request is too large")
+    );
+    let r = kv
+        .range(RangeRequest {
+            key: "big".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().count, 0, "a refused request changes nothing");
+
+    // A txn: compare on the value, nested range in the success branch.
+    let t = TxnRequest {
+        compare: vec![Compare {
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Value as i32,
+            key: "a".into(),
+            target_union: Some(compare::TargetUnion::Value("2".into())),
+            ..Default::default()
+        }],
+        success: vec![
+            RequestOp {
+                request: Some(request_op::Request::RequestPut(put("b", "3"))),
+            },
+            RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: "a".into(),
+                    range_end: "c".into(),
+                    ..Default::default()
+                })),
+            },
+        ],
+        failure: vec![],
+    };
+    let r = kv.txn(t).await.unwrap().into_inner();
+    assert!(r.succeeded);
+    let Some(flotilla_proto::etcdserverpb::response_op::Response::ResponseRange(range)) =
+        &r.responses[1].response
+    else {
+        panic!("nested range answered {:?}", r.responses[1])
+    };
+    assert_eq!(range.count, 2, "the nested range sees the txn's own put");
+
+    let s = MaintenanceClient::new(ch)
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.leader, c.node(l).id());
+    assert!(s.raft_index > 0 && s.raft_applied_index > 0 && s.raft_term > 0);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_over_grpc() {
+    let c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    let ch = serve(c.node((l + 1) % 3)).await;
+    let mut lease = LeaseClient::new(ch.clone());
+    let g = lease
+        .lease_grant(flotilla_proto::etcdserverpb::LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(g.id > 0 && g.ttl == 60);
+    let (tx, rx) = mpsc::channel(4);
+    let mut replies = lease
+        .lease_keep_alive(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(LeaseKeepAliveRequest { id: g.id }).await.unwrap();
+    let r = replies.message().await.unwrap().unwrap();
+    assert_eq!((r.id, r.ttl), (g.id, 60));
+    tx.send(LeaseKeepAliveRequest { id: 12345 }).await.unwrap();
+    let r = replies.message().await.unwrap().unwrap();
+    assert_eq!(r.ttl, 0, "an unknown lease answers TTL 0 on the stream");
+    lease
+        .lease_revoke(LeaseRevokeRequest { id: g.id })
+        .await
+        .unwrap();
+    let e = lease
+        .lease_revoke(LeaseRevokeRequest { id: g.id })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::NotFound, "etcdserver: requested lease not found")
+    );
+    let t = lease
+        .lease_time_to_live(LeaseTimeToLiveRequest {
+            id: g.id,
+            keys: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.ttl, -1);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_stream_create_events_cancel_and_progress() {
+    let c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    let node = c.node((l + 1) % 3).clone();
+    let ch = serve(&node).await;
+    let mut kv = KvClient::new(ch.clone());
+    let first = kv
+        .put(put("w/1", "a"))
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    kv.put(put("w/2", "b")).await.unwrap();
+
+    let (tx, rx) = mpsc::channel(8);
+    let mut stream = WatchClient::new(ch)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let create = |id, start| WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: "w/".into(),
+                range_end: "w0".into(),
+                start_revision: start,
+                prev_kv: true,
+                watch_id: id,
+                ..Default::default()
+            },
+        )),
+    };
+    tx.send(create(7, first)).await.unwrap();
+    let r = stream.message().await.unwrap().unwrap();
+    assert!(r.created && r.watch_id == 7);
+    let mut revs = Vec::new();
+    while revs.len() < 2 {
+        let r = stream.message().await.unwrap().unwrap();
+        assert_eq!(r.watch_id, 7);
+        revs.extend(r.events.iter().map(|e| e.kv.as_ref().unwrap().mod_revision));
+    }
+    assert_eq!(revs, vec![first, first + 1]);
+    // A second watch with the same id is refused; a progress request answers with a revision
+    // up to which everything was delivered.
+    tx.send(create(7, 0)).await.unwrap();
+    let r = stream.message().await.unwrap().unwrap();
+    assert!(r.canceled && r.watch_id == 7 && !r.cancel_reason.is_empty());
+    tx.send(WatchRequest {
+        request_union: Some(watch_request::RequestUnion::ProgressRequest(
+            WatchProgressRequest {},
+        )),
+    })
+    .await
+    .unwrap();
+    let r = stream.message().await.unwrap().unwrap();
+    assert_eq!(r.watch_id, -1);
+    assert!(r.header.unwrap().revision >= first + 1);
+    // New writes arrive; after a cancel nothing more does.
+    kv.put(put("w/3", "c")).await.unwrap();
+    let r = stream.message().await.unwrap().unwrap();
+    assert_eq!(r.events[0].kv.as_ref().unwrap().key, b"w/3");
+    assert_eq!(r.events[0].prev_kv, None);
+    tx.send(WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CancelRequest(
+            WatchCancelRequest { watch_id: 7 },
+        )),
+    })
+    .await
+    .unwrap();
+    let r = stream.message().await.unwrap().unwrap();
+    assert!(r.canceled && r.watch_id == 7);
+    kv.put(put("w/4", "d")).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
+    assert!(next.is_err(), "no events after cancel: {next:?}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_peer_messages_are_refused_and_harmless() {
+    let c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    let target = c.node(l).clone();
+    let addr = &c.slots[l].peer_addr;
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut peer = RaftPeerClient::new(ch);
+    let garbage = |cluster_id| PeerMessage {
+        cluster_id,
+        payload: vec![0xff; 64],
+        error: String::new(),
+    };
+    // Wrong cluster, then right cluster with undecodable payloads, on every method.
+    let r = peer.append_entries(garbage(1)).await.unwrap().into_inner();
+    assert!(r.error.contains("cluster id mismatch"), "{}", r.error);
+    let ours = target.cluster_id();
+    for r in [
+        peer.append_entries(garbage(ours)).await,
+        peer.vote(garbage(ours)).await,
+        peer.install_snapshot(garbage(ours)).await,
+        peer.leader(garbage(ours)).await,
+        peer.hello(garbage(0)).await,
+    ] {
+        let r = r.unwrap().into_inner();
+        assert!(r.error.contains("undecodable"), "{}", r.error);
+    }
+    // The member still leads and serves.
+    common::put(&target, "still", "alive").await;
+    assert_eq!(c.leader().await, l);
+    c.shutdown().await;
+}
