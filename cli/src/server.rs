@@ -132,10 +132,9 @@ pub async fn serve_clients(
     let routes = flotilla_store::etcd::add_routes(routes, &node);
     let mut stop = node.shutdown_signal();
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .serve_with_incoming_shutdown(
             routes,
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },

@@ -32,7 +32,7 @@ async fn serve(node: &StoreNode) -> Channel {
     tokio::spawn(
         tonic::transport::Server::builder().serve_with_incoming_shutdown(
             routes,
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },

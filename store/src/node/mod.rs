@@ -193,9 +193,8 @@ impl StoreNode {
             .max_encoding_message_size(PEER_MAX_MESSAGE);
         let mut stop = self.inner.shutdown.subscribe();
         let task = tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let result = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .serve_with_incoming_shutdown(
                     tonic::service::Routes::new(service),
                     incoming,
