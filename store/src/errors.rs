@@ -23,6 +23,9 @@ pub enum MvccError {
     LeaseExists(i64),
     #[error("key not found (ignore_value / ignore_lease need an existing key)")]
     KeyNotFound,
+    /// A command that cannot be applied as it stands (a batch inside a batch).
+    #[error("invalid command: {0}")]
+    InvalidCommand(String),
 }
 
 /// A request that is malformed, found before anything is proposed.

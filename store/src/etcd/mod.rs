@@ -79,6 +79,7 @@ pub fn to_status(e: StoreError) -> Status {
                 "etcdserver: lease already exists".into(),
             ),
             MvccError::KeyNotFound => (Code::InvalidArgument, "etcdserver: key not found".into()),
+            MvccError::InvalidCommand(m) => (Code::InvalidArgument, format!("etcdserver: {m}")),
         },
         StoreError::Invalid(i) => (
             Code::InvalidArgument,

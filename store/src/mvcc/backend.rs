@@ -70,6 +70,64 @@ impl Batch {
     pub fn delete_meta(&mut self, key: impl Into<Vec<u8>>) {
         self.meta.push((key.into(), None));
     }
+
+    /// Appends `later`'s writes; where both touch the same key, `later` wins.
+    pub fn extend(&mut self, later: Batch) {
+        self.records.extend(later.records);
+        self.deletes.extend(later.deletes);
+        self.meta.extend(later.meta);
+    }
+}
+
+/// A backend seen through writes not yet written to it: what a batch of commands applied
+/// earlier in the same atomic write reads.
+pub struct Overlay<'a> {
+    pub inner: &'a dyn Backend,
+    pub pending: Batch,
+}
+
+impl Backend for Overlay<'_> {
+    fn get(&self, rev: Revision) -> Result<Option<Record>, BackendError> {
+        if let Some((_, r)) = self.pending.records.iter().rev().find(|(r, _)| *r == rev) {
+            return Ok(Some(r.clone()));
+        }
+        if self.pending.deletes.contains(&rev) {
+            return Ok(None);
+        }
+        self.inner.get(rev)
+    }
+
+    fn scan(
+        &self,
+        from: Revision,
+        to_main: i64,
+        limit: usize,
+    ) -> Result<Vec<(Revision, Record)>, BackendError> {
+        // Applying never scans; readers use the real backend.
+        self.inner.scan(from, to_main, limit)
+    }
+
+    fn for_each(
+        &self,
+        visit: &mut dyn FnMut(Revision, Record) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError> {
+        self.inner.for_each(visit)
+    }
+
+    fn write(&self, batch: Batch) -> Result<(), BackendError> {
+        self.inner.write(batch)
+    }
+
+    fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError> {
+        if let Some((_, v)) = self.pending.meta.iter().rev().find(|(k, _)| k == key) {
+            return Ok(v.clone());
+        }
+        self.inner.get_meta(key)
+    }
+
+    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<MetaEntry>, BackendError> {
+        self.inner.scan_meta(prefix)
+    }
 }
 
 /// One meta entry: its key (without the backend's prefix) and value.

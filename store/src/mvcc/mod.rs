@@ -30,7 +30,7 @@ use flotilla_proto::etcdserverpb::{
 use flotilla_proto::mvccpb::Event;
 use serde::{Deserialize, Serialize};
 
-pub use backend::{Backend, Batch, MemBackend, MetaEntry, Record};
+pub use backend::{Backend, Batch, MemBackend, MetaEntry, Overlay, Record};
 pub use key_index::KeyIndex;
 pub use read::{RangePlan, RangeResult};
 pub use revision::Revision;
@@ -74,6 +74,22 @@ pub enum Command {
     LeaseRevoke {
         id: i64,
     },
+    /// Several commands proposed together as one log entry, applied one after another, each
+    /// with its own revision(s), exactly as if they had been separate entries.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// Roughly how many bytes the command takes in the log.
+    pub fn approx_size(&self) -> usize {
+        match self {
+            Command::Put(p) => p.key.len() + p.value.len() + 32,
+            Command::Txn(t) => prost::Message::encoded_len(t) + 32,
+            Command::DeleteRange(d) => d.key.len() + d.range_end.len() + 32,
+            Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum::<usize>() + 16,
+            _ => 32,
+        }
+    }
 }
 
 /// The outcome of applying one [`Command`] (or a Raft entry that carries none).
@@ -87,6 +103,8 @@ pub enum CommandResponse {
     LeaseRevoke(#[serde(with = "prost_message")] LeaseRevokeResponse),
     /// The command broke a rule of the key space and changed nothing.
     Rejected(MvccError),
+    /// One response per command of a [`Command::Batch`], in order.
+    Batch(Vec<CommandResponse>),
     /// A Raft entry without a command (a leader's blank entry, a membership change).
     Empty,
 }

@@ -20,6 +20,15 @@ pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 /// Checks a write command before it is proposed.
 pub fn validate_command(cmd: &Command) -> Result<(), InvalidRequest> {
     match cmd {
+        Command::Batch(cmds) => {
+            for c in cmds {
+                if matches!(c, Command::Batch(_)) {
+                    return Err(InvalidRequest::field("batch", "must not contain a batch"));
+                }
+                validate_command(c)?;
+            }
+            Ok(())
+        }
         Command::Put(p) => validate_put(p),
         Command::DeleteRange(d) => validate_delete(d),
         Command::Txn(t) => validate_txn(t),

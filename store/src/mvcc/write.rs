@@ -103,6 +103,10 @@ pub(super) fn apply(
     let mut w = WriteTxn::new(backend, mvcc.current + 1);
     let mut compaction = None;
     let response = match cmd {
+        // Batches are unrolled by the state machine; one that reaches here was nested.
+        Command::Batch(_) => {
+            CommandResponse::Rejected(MvccError::InvalidCommand("a batch inside a batch".into()))
+        }
         Command::Put(req) => match check_put(mvcc, &w, req)? {
             Err(e) => CommandResponse::Rejected(e),
             Ok(()) => CommandResponse::Put(put(mvcc, &mut w, req)?),
@@ -186,7 +190,7 @@ fn with_revision(mut response: CommandResponse, revision: i64) -> CommandRespons
         CommandResponse::Compact(r) => r.header = header,
         CommandResponse::LeaseGrant(r) => r.header = header,
         CommandResponse::LeaseRevoke(r) => r.header = header,
-        CommandResponse::Rejected(_) | CommandResponse::Empty => {}
+        CommandResponse::Rejected(_) | CommandResponse::Empty | CommandResponse::Batch(_) => {}
     }
     response
 }

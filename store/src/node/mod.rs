@@ -70,6 +70,7 @@ pub(crate) struct Inner {
     db: sled::Db,
     committed: Arc<AtomicU64>,
     pending: Arc<Semaphore>,
+    proposals: tokio::sync::mpsc::UnboundedSender<write::Pending>,
     reads: read::ReadBatcher,
     lessor: lessor::Lessor,
     shutdown: watch::Sender<bool>,
@@ -111,6 +112,7 @@ impl StoreNode {
         let db = sled::Config::new()
             .path(config.data_dir.join("db"))
             .cache_capacity(config.cache_bytes)
+            .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| StartError::Storage(format!("opening the database: {e}")))?;
         let storage = |e: crate::errors::BackendError| StartError::Storage(e.to_string());
@@ -134,10 +136,13 @@ impl StoreNode {
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
         let (shutdown, _) = watch::channel(false);
+        let (proposals, proposal_rx) = tokio::sync::mpsc::unbounded_channel();
+        let batcher = tokio::spawn(write::batch_proposals(raft.clone(), proposal_rx));
         let inner = Arc::new(Inner {
             id: identity.member_id,
             cluster_id: identity.cluster_id,
             pending: Arc::new(Semaphore::new(config.max_pending_proposals)),
+            proposals,
             config,
             raft,
             kv,
@@ -150,6 +155,7 @@ impl StoreNode {
             tasks: std::sync::Mutex::new(Vec::new()),
         });
         let node = StoreNode { inner };
+        node.push_task(batcher);
         node.serve_peers(peer_listener);
 
         if fresh && node.inner.config.initial_cluster_state == ClusterState::New {
@@ -193,7 +199,8 @@ impl StoreNode {
             .max_encoding_message_size(PEER_MAX_MESSAGE);
         let mut stop = self.inner.shutdown.subscribe();
         let task = tokio::spawn(async move {
-            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let result = tonic::transport::Server::builder()
                 .serve_with_incoming_shutdown(
                     tonic::service::Routes::new(service),

@@ -3,6 +3,9 @@
 use std::time::Duration;
 
 use openraft::error::ClientWriteError;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{Inner, StoreNode};
@@ -56,17 +59,15 @@ impl Inner {
         }
     }
 
-    /// Proposes on this member, which believes it leads.
+    /// Proposes on this member, which believes it leads, through the proposal batcher.
     pub(crate) async fn propose_local(&self, cmd: Command, deadline: Instant) -> Attempt {
         if *self.shutdown.borrow() {
             return Attempt::Retry("this member is shutting down".into());
         }
-        // Handing the command to Raft fails only if Raft has stopped: then nothing was
-        // appended, and another leader can take it.
-        let rx = match self.raft.client_write_ff(cmd).await {
-            Ok(rx) => rx,
-            Err(f) => return Attempt::Retry(format!("raft on this member stopped: {f}")),
-        };
+        let (reply, rx) = oneshot::channel();
+        if self.proposals.send(Pending { cmd, reply }).is_err() {
+            return Attempt::Retry("the proposal batcher has stopped".into());
+        }
         match tokio::time::timeout_at(deadline, rx).await {
             Err(_) => Attempt::Done(Err(StoreError::Timeout(
                 "the write was proposed but not committed before the deadline; it may still be applied".into(),
@@ -74,14 +75,7 @@ impl Inner {
             Ok(Err(_)) => Attempt::Done(Err(StoreError::Timeout(
                 "this member stopped before the write was committed; it may still be applied".into(),
             ))),
-            Ok(Ok(Ok(reply))) => Attempt::Done(into_result(reply.data)),
-            // Never appended (or truncated): nothing happened, the next leader can take it.
-            Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
-                Attempt::Retry(format!("leadership moved (to {:?})", f.leader_id))
-            }
-            Ok(Ok(Err(ClientWriteError::ChangeMembershipError(e)))) => {
-                Attempt::Done(Err(StoreError::Internal(e.to_string())))
-            }
+            Ok(Ok(attempt)) => attempt,
         }
     }
 
@@ -158,6 +152,118 @@ impl Inner {
                 Ok(Ok(())) => {}
             }
         }
+    }
+}
+
+/// A command waiting for the batcher.
+pub(crate) struct Pending {
+    cmd: Command,
+    reply: oneshot::Sender<Attempt>,
+}
+
+/// Commands proposed together at most, and their approximate size.
+const MAX_BATCH: usize = 256;
+const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// Batches handed to Raft and not yet applied. While this many are in flight, new commands
+/// wait and are proposed together: one log entry, one append, one replication record for
+/// many client writes. An idle member proposes a lone command at once.
+const MAX_INFLIGHT_BATCHES: usize = 4;
+
+/// Turns concurrent proposals into batched log entries.
+pub(crate) async fn batch_proposals(
+    raft: crate::types::Raft,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+) {
+    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut size = first.cmd.approx_size();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    size += p.cmd.approx_size();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let (mut cmds, replies): (Vec<Command>, Vec<oneshot::Sender<Attempt>>) =
+            batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+        let single = cmds.len() == 1;
+        let cmd = match (single, cmds.pop()) {
+            (true, Some(c)) => c,
+            (_, Some(c)) => {
+                cmds.push(c);
+                Command::Batch(cmds)
+            }
+            (_, None) => continue,
+        };
+        // Handing the entry to Raft fails only if Raft has stopped: nothing was appended.
+        let responder = match raft.client_write_ff(cmd).await {
+            Ok(rx) => rx,
+            Err(f) => {
+                for r in replies {
+                    let _ = r.send(Attempt::Retry(format!("raft on this member stopped: {f}")));
+                }
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let outcome = responder.await;
+            distribute(outcome, single, replies);
+        });
+    }
+}
+
+type WriteOutcome = Result<
+    Result<
+        openraft::raft::ClientWriteResponse<crate::types::TypeConfig>,
+        ClientWriteError<NodeId, crate::types::Member>,
+    >,
+    oneshot::error::RecvError,
+>;
+
+fn distribute(outcome: WriteOutcome, single: bool, replies: Vec<oneshot::Sender<Attempt>>) {
+    let n = replies.len();
+    let each: Box<dyn Fn() -> Attempt> = match outcome {
+        Ok(Ok(reply)) => {
+            let responses = match reply.data {
+                r if single => vec![r],
+                CommandResponse::Batch(v) if v.len() == n => v,
+                other => {
+                    let msg = format!("a batch of {n} was answered with {other:?}");
+                    for r in replies {
+                        let _ = r.send(Attempt::Done(Err(StoreError::Internal(msg.clone()))));
+                    }
+                    return;
+                }
+            };
+            for (r, resp) in replies.into_iter().zip(responses) {
+                let _ = r.send(Attempt::Done(into_result(resp)));
+            }
+            return;
+        }
+        // Never appended (or truncated): nothing happened, the next leader can take it.
+        Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+            let why = format!("leadership moved (to {:?})", f.leader_id);
+            Box::new(move || Attempt::Retry(why.clone()))
+        }
+        Ok(Err(ClientWriteError::ChangeMembershipError(e))) => {
+            let msg = e.to_string();
+            Box::new(move || Attempt::Done(Err(StoreError::Internal(msg.clone()))))
+        }
+        Err(_) => Box::new(|| {
+            Attempt::Done(Err(StoreError::Timeout(
+                "raft stopped before the write was committed; it may still be applied".into(),
+            )))
+        }),
+    };
+    for r in replies {
+        let _ = r.send(each());
     }
 }
 

@@ -299,10 +299,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 }
 
 fn entry_size(entry: &crate::types::Entry) -> usize {
-    use crate::mvcc::Command;
     match &entry.payload {
-        openraft::EntryPayload::Normal(Command::Put(p)) => p.key.len() + p.value.len() + 32,
-        openraft::EntryPayload::Normal(Command::Txn(t)) => prost::Message::encoded_len(t) + 32,
+        openraft::EntryPayload::Normal(cmd) => cmd.approx_size(),
         _ => 64,
     }
 }

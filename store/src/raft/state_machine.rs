@@ -22,7 +22,7 @@ use crate::backend::SledBackend;
 use crate::codec;
 use crate::errors::BackendError;
 use crate::kv::KvState;
-use crate::mvcc::{Backend, Batch, CommandResponse, Mvcc};
+use crate::mvcc::{Backend, Batch, Command, CommandResponse, Mvcc};
 use crate::snapshot::{SnapshotHeader, SnapshotItem, SnapshotReader, SnapshotWriter};
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -197,6 +197,25 @@ impl StateMachine {
                 let log_id = entry.log_id;
                 let (response, mut batch) = match entry.payload {
                     EntryPayload::Blank => (CommandResponse::Empty, Batch::default()),
+                    EntryPayload::Normal(Command::Batch(cmds)) => {
+                        // One atomic write for the whole entry; each command reads what the
+                        // ones before it wrote through the overlay.
+                        let mut overlay = crate::mvcc::Overlay {
+                            inner: self.kv.backend(),
+                            pending: Batch::default(),
+                        };
+                        let mut replies = Vec::with_capacity(cmds.len());
+                        for cmd in &cmds {
+                            let applied = mvcc
+                                .apply(&overlay, cmd)
+                                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+                            events.extend(applied.events);
+                            compactions.extend(applied.compaction);
+                            replies.push(applied.response);
+                            overlay.pending.extend(applied.batch);
+                        }
+                        (CommandResponse::Batch(replies), overlay.pending)
+                    }
                     EntryPayload::Normal(cmd) => {
                         let applied = mvcc
                             .apply(self.kv.backend(), &cmd)
