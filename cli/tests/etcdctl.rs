@@ -1,0 +1,429 @@
+//! The real binary: three `flotilla server` processes on loopback, driven by `etcdctl` (Debian
+//! etcd-client 3.4) as a third-party client of the etcd v3 face; kill -9 of the leader and of
+//! the whole cluster loses no acknowledged write; conflicting restarts are refused.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port")
+}
+
+/// A member process; killed with -9 when dropped (also when a test panics).
+struct Member {
+    name: String,
+    client: String,
+    peer: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn start(&mut self, initial: &str) {
+        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["server", "--name", &self.name, "--data-dir"])
+            .arg(&self.dir)
+            .args(["--client-addr", &self.client, "--peer-addr", &self.peer])
+            .args(["--initial-cluster", initial])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("flotilla starts");
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    members: Vec<Member>,
+    initial: String,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut members: Vec<Member> = (1..=3)
+            .map(|i| Member {
+                name: format!("n{i}"),
+                client: format!("127.0.0.1:{}", free_port()),
+                peer: format!("127.0.0.1:{}", free_port()),
+                dir: dir.path().join(format!("n{i}")),
+                child: None,
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.start(&initial);
+        }
+        let c = Cluster {
+            _dir: dir,
+            members,
+            initial,
+        };
+        for m in &c.members {
+            c.wait_healthy(&m.client);
+        }
+        c
+    }
+
+    fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.client.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn wait_healthy(&self, endpoint: &str) {
+        eventually(&format!("{endpoint} serves linearizable reads"), || {
+            etcdctl(endpoint, &["get", "health-probe"]).status.success()
+        });
+    }
+
+    /// The index of the member whose endpoint reports itself leader.
+    fn leader(&self) -> usize {
+        let mut found = None;
+        eventually("a leader", || {
+            found = self.members.iter().position(|m| {
+                if m.child.is_none() {
+                    return false;
+                }
+                let out = etcdctl(&m.client, &["endpoint", "status", "-w", "json"]);
+                let v: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+                    Ok(v) => v,
+                    Err(_) => return false,
+                };
+                let s = &v[0]["Status"];
+                s["header"]["member_id"].as_u64().is_some()
+                    && s["header"]["member_id"] == s["leader"]
+            });
+            found.is_some()
+        });
+        found.unwrap()
+    }
+}
+
+fn etcdctl(endpoints: &str, args: &[&str]) -> Output {
+    etcdctl_stdin(endpoints, args, None)
+}
+
+fn etcdctl_stdin(endpoints: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            endpoints,
+            "--command-timeout=3s",
+            "--dial-timeout=1s",
+        ])
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .expect("etcdctl is installed (scripts/test.sh installs Debian's etcd-client)");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "etcdctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn three_members_serve_etcdctl() {
+    let c = Cluster::start();
+    let e = c.endpoints();
+    ok(etcdctl(&e, &["put", "fruit/apple", "red"]));
+    ok(etcdctl(&e, &["put", "fruit/banana", "yellow"]));
+    ok(etcdctl(&e, &["put", "other", "x"]));
+    assert_eq!(
+        ok(etcdctl(
+            &c.members[2].client,
+            &["get", "fruit/", "--prefix"]
+        )),
+        "fruit/apple\nred\nfruit/banana\nyellow\n"
+    );
+    // A txn: the compare chooses the branch.
+    let txn =
+        "value(\"fruit/apple\") = \"red\"\n\nput fruit/apple green\n\nput fruit/apple never\n\n";
+    assert!(ok(etcdctl_stdin(&e, &["txn"], Some(txn))).starts_with("SUCCESS"));
+    assert_eq!(
+        ok(etcdctl(&e, &["get", "fruit/apple", "--print-value-only"])),
+        "green\n"
+    );
+    // watch --rev replays history in order.
+    let mut watch = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &e,
+            "watch",
+            "fruit/",
+            "--prefix",
+            "--rev",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines: Vec<String> = BufReader::new(watch.stdout.take().unwrap())
+        .lines()
+        .take(9)
+        .map(|l| l.unwrap())
+        .collect();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(
+        lines,
+        [
+            "PUT",
+            "fruit/apple",
+            "red",
+            "PUT",
+            "fruit/banana",
+            "yellow",
+            "PUT",
+            "fruit/apple",
+            "green"
+        ]
+    );
+    // Leases: grant, attach, keep alive, time to live, revoke deletes the key.
+    let grant = ok(etcdctl(&e, &["lease", "grant", "30"]));
+    let lease = grant.split_whitespace().nth(1).unwrap().to_string();
+    ok(etcdctl(&e, &["put", "--lease", &lease, "session", "alive"]));
+    assert!(ok(etcdctl(&e, &["lease", "keep-alive", "--once", &lease])).contains("TTL(30)"));
+    assert!(ok(etcdctl(&e, &["lease", "timetolive", &lease, "--keys"])).contains("[session]"));
+    ok(etcdctl(&e, &["lease", "revoke", &lease]));
+    assert_eq!(ok(etcdctl(&e, &["get", "session"])), "");
+    // Members and status.
+    let list = ok(etcdctl(&e, &["member", "list"]));
+    for m in &c.members {
+        assert!(
+            list.contains(&format!(
+                ", started, {}, http://{}, http://{}",
+                m.name, m.peer, m.client
+            )),
+            "{list}"
+        );
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(etcdctl(&e, &["endpoint", "status", "-w", "json"]))).unwrap();
+    let statuses = status.as_array().unwrap();
+    assert_eq!(statuses.len(), 3);
+    let terms: Vec<_> = statuses
+        .iter()
+        .map(|s| s["Status"]["raft_term"].clone())
+        .collect();
+    assert!(terms.iter().all(|t| *t == terms[0]), "{terms:?}");
+    let leaders = statuses
+        .iter()
+        .filter(|s| s["Status"]["header"]["member_id"] == s["Status"]["leader"])
+        .count();
+    assert_eq!(leaders, 1);
+    // A request over 1.5 MiB is refused and changes nothing.
+    // Over the 1.5 MiB limit, under the 2 MiB etcdctl itself refuses to send.
+    let big = "x".repeat(1600 * 1024);
+    // (etcdctl reads the value from stdin when none is given.)
+    let out = etcdctl_stdin(&e, &["put", "big"], Some(&big));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("request is too large"));
+    assert_eq!(ok(etcdctl(&e, &["get", "big"])), "");
+    // flotilla cluster status names every member and one leader.
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["cluster", "status", "--server", &e])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches(" leader ").count(), 1, "{text}");
+    for m in &c.members {
+        assert!(text.contains(&m.name));
+    }
+}
+
+/// Puts keys `prefix-0..n` one at a time through any member; returns those acknowledged.
+fn write_keys(endpoints: &str, prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("{prefix}-{i}"))
+        .filter(|k| etcdctl(endpoints, &["put", k, "v"]).status.success())
+        .collect()
+}
+
+fn assert_all_readable(c: &Cluster, keys: &[String]) {
+    for m in c.members.iter().filter(|m| m.child.is_some()) {
+        for k in keys {
+            eventually(&format!("{k} readable from {}", m.name), || {
+                let out = etcdctl(
+                    &m.client,
+                    &["get", k, "--consistency=s", "--print-value-only"],
+                );
+                out.status.success() && out.stdout == b"v\n"
+            });
+        }
+    }
+}
+
+#[test]
+fn kill9_of_the_leader_and_of_the_whole_cluster_loses_no_acknowledged_write() {
+    let mut c = Cluster::start();
+    let e = c.endpoints();
+    let mut acked = write_keys(&e, "before", 10);
+    assert_eq!(acked.len(), 10);
+    let l = c.leader();
+    c.members[l].kill9();
+    let started = Instant::now();
+    let after = write_keys(&e, "after", 10);
+    eprintln!(
+        "10 writes after the leader's kill -9 took {:?}",
+        started.elapsed()
+    );
+    assert!(!after.is_empty(), "writes continue without the old leader");
+    acked.extend(after);
+    let initial = c.initial.clone();
+    c.members[l].start(&initial);
+    assert_all_readable(&c, &acked);
+    // The whole cluster killed with -9 and restarted from its data dirs.
+    for m in &mut c.members {
+        m.kill9();
+    }
+    for m in &mut c.members {
+        m.start(&initial);
+    }
+    for m in &c.members {
+        c.wait_healthy(&m.client);
+    }
+    assert_all_readable(&c, &acked);
+}
+
+fn run_server(dir: &Path, name: &str, peer: &str, client: &str, initial: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["server", "--name", name, "--data-dir"])
+        .arg(dir)
+        .args([
+            "--client-addr",
+            client,
+            "--peer-addr",
+            peer,
+            "--initial-cluster",
+            initial,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_conflicting_restart_is_refused_and_sigterm_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("solo");
+    let (peer, client) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let initial = format!("solo={peer}");
+    let child = run_server(&data, "solo", &peer, &client, &initial);
+    let guard = Member {
+        name: "solo".into(),
+        client: client.clone(),
+        peer: peer.clone(),
+        dir: data.clone(),
+        child: Some(child),
+    };
+    eventually("the single member serves", || {
+        etcdctl(&client, &["put", "k", "v"]).status.success()
+    });
+    let mut guard = guard;
+    let child = guard.child.take().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "SIGTERM exits cleanly: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let other = format!("{initial},intruder=127.0.0.1:{}", free_port());
+    let out = run_server(&data, "solo", &peer, &client, &other)
+        .wait_with_output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to start") && err.contains("--initial-cluster"),
+        "{err}"
+    );
+
+    let out = run_server(
+        &data,
+        "impostor",
+        &peer,
+        &client,
+        &format!("impostor={peer}"),
+    )
+    .wait_with_output()
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to member `solo`"));
+}
