@@ -8,6 +8,7 @@
 #   FAILOVER_RUNS=5   leader kill -9 runs per system
 #   SCALE=1           multiply operation counts (use 0.2 for a quick check)
 #   SKIP_FILL=1       skip the 1,000,000-put disk and memory run
+#   SKIP_IDLE=1       skip the idle-RSS run (100 MB of live data)
 #   ONLY=flotilla|etcd  run one system only
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -169,6 +170,21 @@ if [ "${SKIP_FILL:-0}" != 1 ]; then
             rss=$(awk '/VmRSS/ {print $2}' "/proc/${PIDS[$sys$i]}/status")
             size=$(du -sb "$work/$sys/m$i/data" | cut -f1)
             record "$sys" 1 "{\"bench\":\"disk\",\"member\":$i,\"data_dir_bytes\":$size,\"rss_kib\":$rss}"
+        done
+        stop_cluster "$sys"
+    done
+fi
+
+if [ "${SKIP_IDLE:-0}" != 1 ]; then
+    # RSS of idle members holding 100 MB of live data (100,000 keys of 1,000-byte values).
+    for sys in $systems; do
+        start_cluster "$sys"
+        bench "$sys" 1 fill --keys 100000 --total 100000 --value-size 1000 --clients 64
+        sleep 15
+        for i in 1 2 3; do
+            rss=$(awk '/VmRSS/ {print $2}' "/proc/${PIDS[$sys$i]}/status")
+            size=$(du -sb "$work/$sys/m$i/data" | cut -f1)
+            record "$sys" 1 "{\"bench\":\"idle-100MB\",\"member\":$i,\"data_dir_bytes\":$size,\"rss_kib\":$rss}"
         done
         stop_cluster "$sys"
     done

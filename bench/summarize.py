@@ -24,6 +24,7 @@ metrics = {
     "unavailability": [("max_gap_ms", "write gap ms", False)],
     "fill": [("throughput", "ops/s", True)],
     "disk": [("data_dir_bytes", "data dir bytes", False), ("rss_kib", "RSS KiB", False)],
+    "idle-100MB": [("data_dir_bytes", "data dir bytes", False), ("rss_kib", "RSS KiB", False)],
 }
 print("| benchmark | n | metric | Flotilla (median) | etcd (median) | Flotilla/etcd | runs |")
 print("|---|---|---|---|---|---|---|")

@@ -249,16 +249,18 @@ fn three_members_serve_etcdctl() {
     ok(etcdctl(&e, &["lease", "revoke", &lease]));
     assert_eq!(ok(etcdctl(&e, &["get", "session"])), "");
     // Members and status.
-    let list = ok(etcdctl(&e, &["member", "list"]));
-    for m in &c.members {
-        assert!(
+    // Each member publishes its name and client URL once it runs (as etcd members do).
+    let mut list = String::new();
+    eventually("every member listed with its name and URLs", || {
+        list = ok(etcdctl(&e, &["member", "list"]));
+        c.members.iter().all(|m| {
             list.contains(&format!(
                 ", started, {}, http://{}, http://{}",
                 m.name, m.peer, m.client
-            )),
-            "{list}"
-        );
-    }
+            ))
+        })
+    });
+    assert_eq!(list.lines().count(), 3, "{list}");
     let status: serde_json::Value =
         serde_json::from_str(&ok(etcdctl(&e, &["endpoint", "status", "-w", "json"]))).unwrap();
     let statuses = status.as_array().unwrap();

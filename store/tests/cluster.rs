@@ -256,3 +256,107 @@ async fn whole_cluster_restarts_from_its_data_dirs() {
     assert!(c.node(l).kv().revision() >= rev);
     c.shutdown().await;
 }
+
+/// Concurrent compare-and-swap increments: the proposal batcher puts many of them in one log
+/// entry, and each must see the writes of those before it, so the counter ends equal to the
+/// number of increments that succeeded, and no two succeeded from the same value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_compare_and_swap_increments_are_never_lost() {
+    use flotilla_proto::etcdserverpb::{
+        Compare, RangeRequest, RequestOp, TxnRequest, compare, request_op,
+    };
+    use flotilla_store::mvcc::Command;
+
+    let c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    put(c.node(l), "counter", "0").await;
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let node = c.node(t % 3).clone();
+        tasks.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            for _ in 0..20 {
+                loop {
+                    node.read_barrier().await.unwrap();
+                    let r = node
+                        .kv()
+                        .range(&RangeRequest {
+                            key: b"counter".to_vec(),
+                            ..Default::default()
+                        })
+                        .unwrap();
+                    let kv = &r.kvs[0];
+                    let n: u64 = String::from_utf8_lossy(&kv.value).parse().unwrap();
+                    let txn = TxnRequest {
+                        compare: vec![Compare {
+                            result: compare::CompareResult::Equal as i32,
+                            target: compare::CompareTarget::Mod as i32,
+                            key: b"counter".to_vec(),
+                            target_union: Some(compare::TargetUnion::ModRevision(kv.mod_revision)),
+                            ..Default::default()
+                        }],
+                        success: vec![RequestOp {
+                            request: Some(request_op::Request::RequestPut(
+                                flotilla_proto::etcdserverpb::PutRequest {
+                                    key: b"counter".to_vec(),
+                                    value: (n + 1).to_string().into_bytes(),
+                                    ..Default::default()
+                                },
+                            )),
+                        }],
+                        failure: vec![],
+                    };
+                    match node.propose(Command::Txn(txn)).await.unwrap() {
+                        CommandResponse::Txn(r) if r.succeeded => {
+                            won.push(n);
+                            break;
+                        }
+                        CommandResponse::Txn(_) => continue,
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+            won
+        }));
+    }
+    let mut from: Vec<u64> = Vec::new();
+    for t in tasks {
+        from.extend(t.await.unwrap());
+    }
+    from.sort_unstable();
+    let expected: Vec<u64> = (0..320).collect();
+    assert_eq!(
+        from, expected,
+        "every increment started from a distinct value"
+    );
+    assert_eq!(
+        get(c.node(l), "counter").await.unwrap().as_deref(),
+        Some("320")
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_compaction_keeps_the_configured_window() {
+    let c = Cluster::start(3, |cfg| {
+        cfg.compaction_retention = 20;
+        cfg.compaction_interval = Duration::from_millis(100);
+    })
+    .await;
+    let l = c.leader().await;
+    for i in 0..60 {
+        put(c.node(l), "k", &i.to_string()).await;
+    }
+    let node = c.node((l + 1) % 3).clone();
+    let rev = node.kv().revision();
+    eventually(
+        "history older than the window is compacted on every member",
+        || node.kv().compact_revision() >= rev - 20,
+    )
+    .await;
+    assert!(
+        node.kv().compact_revision() <= rev - 20 + 1,
+        "the window is kept"
+    );
+    c.shutdown().await;
+}

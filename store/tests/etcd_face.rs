@@ -66,7 +66,10 @@ async fn kv_headers_and_etcd_errors() {
     assert_eq!(h.cluster_id, follower.cluster_id());
     assert_eq!(h.member_id, follower.id());
     assert_eq!(h.raft_term, follower.term());
-    assert_eq!(h.revision, follower.kv().revision());
+    // The write's revision; this member has it once it has caught up.
+    assert_eq!(h.revision, 1);
+    follower.read_barrier().await.unwrap();
+    assert!(follower.kv().revision() >= h.revision);
     let mut p = put("a", "2");
     p.prev_kv = true;
     let r = kv.put(p).await.unwrap().into_inner();

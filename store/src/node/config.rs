@@ -71,8 +71,8 @@ impl StoreConfig {
             initial_cluster_state: ClusterState::New,
             cluster_token: "flotilla".into(),
             heartbeat: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(400),
-            election_timeout_max: Duration::from_millis(800),
+            election_timeout_min: Duration::from_millis(250),
+            election_timeout_max: Duration::from_millis(450),
             snapshot_entries: 10_000,
             keep_logs: 1_000,
             compaction_retention: 10_000,
@@ -87,13 +87,17 @@ impl StoreConfig {
     }
 
     /// Election timeout bounds must leave room for several heartbeats.
+    ///
+    /// A follower that hears nothing from its leader starts an election after
+    /// `election_timeout_max` (openraft's leader lease) plus a random timeout between the two
+    /// bounds: 700–900 ms of silence with the defaults.
     pub(crate) fn check(&self) -> Result<(), String> {
         if self.name.is_empty() {
             return Err("--name must not be empty".into());
         }
-        if self.heartbeat.is_zero() || self.election_timeout_min < self.heartbeat * 3 {
+        if self.heartbeat.is_zero() || self.election_timeout_min < self.heartbeat * 2 {
             return Err(format!(
-                "the election timeout ({:?}) must be at least 3 heartbeats ({:?})",
+                "the election timeout ({:?}) must be at least 2 heartbeats ({:?})",
                 self.election_timeout_min, self.heartbeat
             ));
         }

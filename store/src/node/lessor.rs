@@ -41,10 +41,11 @@ fn secs(ttl: i64) -> Duration {
 }
 
 impl StoreNode {
-    /// The shortest TTL granted: long enough to survive a leader election.
+    /// The shortest TTL granted: long enough to survive a leader election (followers wait
+    /// up to twice the maximum election timeout before electing).
     pub fn min_lease_ttl(&self) -> i64 {
-        let election = self.inner.config.election_timeout_max.as_millis() as i64;
-        ((election * 3 / 2 + 999) / 1000).max(1)
+        let failover = 2 * self.inner.config.election_timeout_max.as_millis() as i64;
+        ((failover * 3 / 2 + 999) / 1000).max(1)
     }
 
     /// Grants a lease (`id` 0: pick one). Returns the response from the key space.

@@ -275,7 +275,7 @@ pub(crate) async fn publish_attributes(node: StoreNode) {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "publishing this member's attributes failed; will retry");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
             _ => {

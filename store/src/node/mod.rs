@@ -75,6 +75,7 @@ pub(crate) struct Inner {
     lessor: lessor::Lessor,
     shutdown: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    peer_server: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 /// A member's view of the cluster, for `cluster status` and etcd's `Status`.
@@ -153,6 +154,7 @@ impl StoreNode {
             lessor: lessor::Lessor::default(),
             shutdown,
             tasks: std::sync::Mutex::new(Vec::new()),
+            peer_server: std::sync::Mutex::new(None),
         });
         let node = StoreNode { inner };
         node.push_task(batcher);
@@ -214,7 +216,11 @@ impl StoreNode {
                 tracing::error!(error = %e, "the peer server stopped");
             }
         });
-        self.push_task(task);
+        *self
+            .inner
+            .peer_server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(task);
     }
 
     fn spawn_background(&self) {
@@ -325,6 +331,21 @@ impl StoreNode {
         }
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+        // Let the peer server finish its graceful shutdown, so peers see their connections
+        // close (and go elsewhere) instead of waiting on a member that no longer answers.
+        let server = self
+            .inner
+            .peer_server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut server) = server
+            && tokio::time::timeout(Duration::from_secs(2), &mut server)
+                .await
+                .is_err()
+        {
+            server.abort();
         }
         let tasks: Vec<_> =
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
