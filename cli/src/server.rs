@@ -49,6 +49,10 @@ pub struct ServerArgs {
     /// Entries applied between snapshots (the log is purged behind each).
     #[arg(long, default_value_t = 10_000)]
     pub snapshot_count: u64,
+    /// Bytes appended to the log between snapshots (a snapshot is taken at whichever of
+    /// --snapshot-count and this comes first).
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    pub snapshot_bytes: u64,
     /// Revisions of history automatic compaction keeps (0: never compact automatically).
     #[arg(long, default_value_t = 10_000)]
     pub auto_compaction_retention: i64,
@@ -79,6 +83,7 @@ impl ServerArgs {
         c.election_timeout_min = Duration::from_millis(self.election_timeout);
         c.election_timeout_max = Duration::from_millis(self.election_timeout * 9 / 5);
         c.snapshot_entries = self.snapshot_count;
+        c.snapshot_bytes = self.snapshot_bytes;
         c.compaction_retention = self.auto_compaction_retention;
         c.max_request_bytes = self.max_request_bytes;
         Ok(c)

@@ -69,6 +69,7 @@ pub(crate) struct Inner {
     peers: Peers,
     db: sled::Db,
     committed: Arc<AtomicU64>,
+    appended: Arc<AtomicU64>,
     pending: Arc<Semaphore>,
     proposals: tokio::sync::mpsc::UnboundedSender<write::Pending>,
     reads: read::ReadBatcher,
@@ -126,6 +127,7 @@ impl StoreNode {
             .map_err(storage)?;
         let log = LogStore::open(&db).map_err(|e| StartError::Storage(e.to_string()))?;
         let committed = log.committed_index();
+        let appended = log.appended_bytes();
         let peers = Peers::new(
             identity.member_id,
             identity.cluster_id,
@@ -150,6 +152,7 @@ impl StoreNode {
             peers,
             db,
             committed,
+            appended,
             reads: read::ReadBatcher::default(),
             lessor: lessor::Lessor::default(),
             shutdown,
@@ -228,6 +231,7 @@ impl StoreNode {
             tokio::spawn(lessor::run(self.clone())),
             tokio::spawn(membership::publish_attributes(self.clone())),
             tokio::spawn(write::auto_compaction(self.clone())),
+            tokio::spawn(snapshot_by_size(self.clone())),
         ];
         for t in tasks {
             self.push_task(t);
@@ -356,6 +360,29 @@ impl StoreNode {
             tracing::error!(error = %e, "flushing storage at shutdown failed");
         }
         tracing::info!("member stopped");
+    }
+}
+
+/// Triggers a snapshot whenever the log grew by `snapshot_bytes` since the last trigger, so
+/// the log (purged behind snapshots) stays bounded in bytes as well as in entries.
+async fn snapshot_by_size(node: StoreNode) {
+    let limit = node.inner.config.snapshot_bytes;
+    if limit == 0 {
+        return;
+    }
+    let mut since = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = node.inner.appended.load(Ordering::Relaxed);
+        if now.saturating_sub(since) >= limit {
+            since = now;
+            if let Err(e) = node.inner.raft.trigger().snapshot().await {
+                tracing::warn!(error = %e, "triggering a snapshot failed");
+                return;
+            }
+            tracing::debug!("snapshot triggered by log size");
+        }
     }
 }
 

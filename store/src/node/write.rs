@@ -167,7 +167,7 @@ const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
 /// Batches handed to Raft and not yet applied. While this many are in flight, new commands
 /// wait and are proposed together: one log entry, one append, one replication record for
 /// many client writes. An idle member proposes a lone command at once.
-const MAX_INFLIGHT_BATCHES: usize = 4;
+const MAX_INFLIGHT_BATCHES: usize = 2;
 
 /// Turns concurrent proposals into batched log entries.
 pub(crate) async fn batch_proposals(

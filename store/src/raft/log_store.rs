@@ -29,6 +29,8 @@ pub struct LogStore {
     flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
     /// The last commit index openraft reported, for `cluster status`.
     committed: Arc<AtomicU64>,
+    /// Bytes appended since the member started (to snapshot by log size).
+    appended: Arc<AtomicU64>,
 }
 
 impl LogStore {
@@ -48,7 +50,13 @@ impl LogStore {
             meta,
             flusher,
             committed: Arc::new(AtomicU64::new(committed)),
+            appended: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Bytes appended to the log since the member started.
+    pub fn appended_bytes(&self) -> Arc<AtomicU64> {
+        self.appended.clone()
     }
 
     /// The commit index as last reported by openraft.
@@ -220,10 +228,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let mut batch = sled::Batch::default();
+        let mut size = 0;
         for entry in entries {
             let bytes = codec::encode(&entry).map_err(|e| corrupt(ErrorSubject::Logs, e))?;
+            size += bytes.len() as u64;
             batch.insert(&index_key(entry.log_id.index), bytes);
         }
+        self.appended.fetch_add(size, Ordering::Relaxed);
         self.logs
             .apply_batch(batch)
             .map_err(|e| write_err(ErrorSubject::Logs, &e))?;
