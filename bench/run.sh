@@ -151,6 +151,16 @@ failover() {
     stop_cluster "$sys"
 }
 
+# Records each member's data dir size and RSS under the name `$2`.
+measure_members() {
+    local sys=$1 label=$2 i rss size
+    for i in 1 2 3; do
+        rss=$(awk '/VmRSS/ {print $2}' "/proc/${PIDS[$sys$i]}/status")
+        size=$(du -sb "$work/$sys/m$i/data" | cut -f1)
+        record "$sys" 1 "{\"bench\":\"$label\",\"member\":$i,\"data_dir_bytes\":$size,\"rss_kib\":$rss}"
+    done
+}
+
 systems="flotilla etcd"
 if [ -n "$ONLY" ]; then systems=$ONLY; fi
 
@@ -166,11 +176,7 @@ if [ "${SKIP_FILL:-0}" != 1 ]; then
         start_cluster "$sys"
         bench "$sys" 1 fill --keys 10000 --total "$(n 1000000)" --clients 64
         sleep 10 # let automatic compaction run
-        for i in 1 2 3; do
-            rss=$(awk '/VmRSS/ {print $2}' "/proc/${PIDS[$sys$i]}/status")
-            size=$(du -sb "$work/$sys/m$i/data" | cut -f1)
-            record "$sys" 1 "{\"bench\":\"disk\",\"member\":$i,\"data_dir_bytes\":$size,\"rss_kib\":$rss}"
-        done
+        measure_members "$sys" disk
         stop_cluster "$sys"
     done
 fi
@@ -181,11 +187,7 @@ if [ "${SKIP_IDLE:-0}" != 1 ]; then
         start_cluster "$sys"
         bench "$sys" 1 fill --keys 100000 --total 100000 --value-size 1000 --clients 64
         sleep 15
-        for i in 1 2 3; do
-            rss=$(awk '/VmRSS/ {print $2}' "/proc/${PIDS[$sys$i]}/status")
-            size=$(du -sb "$work/$sys/m$i/data" | cut -f1)
-            record "$sys" 1 "{\"bench\":\"idle-100MB\",\"member\":$i,\"data_dir_bytes\":$size,\"rss_kib\":$rss}"
-        done
+        measure_members "$sys" idle-100MB
         stop_cluster "$sys"
     done
 fi

@@ -9,7 +9,7 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 groups = defaultdict(list)
 for r in rows:
     b = r["bench"]
-    key = (b, r.get("clients") or r.get("watchers") or r.get("member") or "")
+    key = (b, r.get("clients") or r.get("watchers") or r.get("member") or r.get("keys") or "")
     groups[(key, r["system"])].append(r)
 
 def med(rs, field):

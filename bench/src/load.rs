@@ -114,6 +114,45 @@ where
     Ok((all, errors.load(Ordering::Relaxed), secs))
 }
 
+/// Which key each put writes.
+#[derive(Clone, Copy)]
+enum Keys {
+    /// A random key among this many.
+    Random(u64),
+    /// Operation `i` writes key `i % n`: every key is rewritten in turn.
+    Cycle(u64),
+}
+
+/// `total` puts of `value_size`-byte values from `clients` concurrent clients.
+async fn puts(
+    what: &'static str,
+    endpoints: &[String],
+    clients: usize,
+    conns: usize,
+    total: u64,
+    keys: Keys,
+    value_size: usize,
+) -> anyhow::Result<(Histogram<u64>, u64, f64)> {
+    let value = Arc::new(vec![b'v'; value_size]);
+    run_clients(what, endpoints, clients, conns, total, move |mut kv, i| {
+        let value = value.clone();
+        async move {
+            let k = match keys {
+                Keys::Random(n) => rand::rng().random_range(0..n.max(1)),
+                Keys::Cycle(n) => i % n.max(1),
+            };
+            kv.put(PutRequest {
+                key: key(k),
+                value: value.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+        }
+    })
+    .await
+}
+
 pub async fn put(
     endpoints: &[String],
     clients: usize,
@@ -122,22 +161,8 @@ pub async fn put(
     key_space: u64,
     value_size: usize,
 ) -> anyhow::Result<Report> {
-    let value = Arc::new(vec![b'v'; value_size]);
-    let (h, errors, secs) =
-        run_clients("put", endpoints, clients, conns, total, move |mut kv, _| {
-            let value = value.clone();
-            async move {
-                let k = rand::rng().random_range(0..key_space.max(1));
-                kv.put(PutRequest {
-                    key: key(k),
-                    value: value.to_vec(),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ())
-            }
-        })
-        .await?;
+    let keys = Keys::Random(key_space);
+    let (h, errors, secs) = puts("put", endpoints, clients, conns, total, keys, value_size).await?;
     Ok(Report::new()
         .with("bench", "put")
         .with("clients", clients)
@@ -186,23 +211,12 @@ pub async fn fill(
     value_size: usize,
     clients: usize,
 ) -> anyhow::Result<Report> {
-    let value = Arc::new(vec![b'f'; value_size]);
-    let (h, errors, secs) = run_clients("fill", endpoints, clients, 16, total, move |mut kv, i| {
-        let value = value.clone();
-        async move {
-            kv.put(PutRequest {
-                key: key(i % keys.max(1)),
-                value: value.to_vec(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-        }
-    })
-    .await?;
+    let cycle = Keys::Cycle(keys);
+    let (h, errors, secs) = puts("fill", endpoints, clients, 16, total, cycle, value_size).await?;
     Ok(Report::new()
         .with("bench", "fill")
         .with("keys", keys)
+        .with("value_size", value_size)
         .latencies(&h, secs)
         .with("errors", errors))
 }
