@@ -53,6 +53,24 @@ fn put(key: &str, value: &str) -> PutRequest {
     }
 }
 
+async fn range_at(
+    kv: &mut KvClient<Channel>,
+    key: &str,
+    revision: i64,
+) -> Result<tonic::Response<flotilla_proto::etcdserverpb::RangeResponse>, tonic::Status> {
+    kv.range(RangeRequest {
+        key: key.into(),
+        revision,
+        ..Default::default()
+    })
+    .await
+}
+
+/// The exact code and message etcd clients match on.
+fn assert_status(e: &tonic::Status, code: Code, message: &str) {
+    assert_eq!((e.code(), e.message()), (code, message));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_headers_and_etcd_errors() {
     let c = Cluster::start(3, |_| {}).await;
@@ -77,20 +95,11 @@ async fn kv_headers_and_etcd_errors() {
 
     // A future revision, a compacted one, an empty key, a request too large.
     let rev = r.header.unwrap().revision;
-    let e = kv
-        .range(RangeRequest {
-            key: "a".into(),
-            revision: rev + 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (e.code(), e.message()),
-        (
-            Code::OutOfRange,
-            "etcdserver: mvcc: required revision is a future revision"
-        )
+    let e = range_at(&mut kv, "a", rev + 10).await.unwrap_err();
+    assert_status(
+        &e,
+        Code::OutOfRange,
+        "etcdserver: mvcc: required revision is a future revision",
     );
     kv.compact(CompactionRequest {
         revision: rev,
@@ -98,20 +107,11 @@ async fn kv_headers_and_etcd_errors() {
     })
     .await
     .unwrap();
-    let e = kv
-        .range(RangeRequest {
-            key: "a".into(),
-            revision: rev - 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (e.code(), e.message()),
-        (
-            Code::OutOfRange,
-            "etcdserver: mvcc: required revision has been compacted"
-        )
+    let e = range_at(&mut kv, "a", rev - 1).await.unwrap_err();
+    assert_status(
+        &e,
+        Code::OutOfRange,
+        "etcdserver: mvcc: required revision has been compacted",
     );
     let e = kv.put(put("", "x")).await.unwrap_err();
     assert_eq!(
