@@ -429,3 +429,102 @@ fn a_conflicting_restart_is_refused_and_sigterm_stops_cleanly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to member `solo`"));
 }
+
+/// `etcdctl member add --learner`, start the new member with `--initial-cluster-state
+/// existing`, `member promote` once it has caught up, `member remove` of another member, and
+/// the cluster keeps serving writes throughout.
+#[test]
+fn membership_changes_through_etcdctl() {
+    let mut c = Cluster::start();
+    let e = c.endpoints();
+    ok(etcdctl(&e, &["put", "before", "v"]));
+    let peer = format!("127.0.0.1:{}", free_port());
+    let out = ok(etcdctl(
+        &e,
+        &[
+            "member",
+            "add",
+            "n4",
+            &format!("--peer-urls=http://{peer}"),
+            "--learner",
+        ],
+    ));
+    // "Member <id> added to cluster <cluster id>"
+    let id = out
+        .split_whitespace()
+        .nth(1)
+        .expect("the new member's id")
+        .to_string();
+    let mut n4 = Member {
+        name: "n4".into(),
+        client: format!("127.0.0.1:{}", free_port()),
+        peer: peer.clone(),
+        dir: c._dir.path().join("n4"),
+        child: None,
+    };
+    let joined = format!("{},n4={peer}", c.initial);
+    let log = std::fs::File::create(n4.dir.with_extension("log")).unwrap();
+    n4.child = Some(
+        Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["server", "--name", "n4", "--data-dir"])
+            .arg(&n4.dir)
+            .args(["--client-addr", &n4.client, "--peer-addr", &peer])
+            .args([
+                "--initial-cluster",
+                &joined,
+                "--initial-cluster-state",
+                "existing",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    eventually("n4 is listed as a started learner", || {
+        let list = ok(etcdctl(&e, &["member", "list"]));
+        list.lines()
+            .any(|l| l.starts_with(&id) && l.contains(", started, n4,") && l.ends_with(", true"))
+    });
+    eventually("the learner is promoted once caught up", || {
+        etcdctl(&e, &["member", "promote", &id]).status.success()
+    });
+    let list = ok(etcdctl(&e, &["member", "list"]));
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with(&id) && l.ends_with(", false")),
+        "{list}"
+    );
+    // Remove a follower that is not n4, and stop it.
+    let l = c.leader();
+    let victim = (0..3).find(|i| *i != l).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&ok(etcdctl(
+        &c.members[victim].client,
+        &["endpoint", "status", "-w", "json"],
+    )))
+    .unwrap();
+    let victim_id = format!(
+        "{:x}",
+        status[0]["Status"]["header"]["member_id"].as_u64().unwrap()
+    );
+    ok(etcdctl(&e, &["member", "remove", &victim_id]));
+    c.members[victim].kill9();
+    let remaining: Vec<String> = c
+        .members
+        .iter()
+        .filter(|m| m.child.is_some())
+        .map(|m| m.client.clone())
+        .chain([n4.client.clone()])
+        .collect();
+    let remaining = remaining.join(",");
+    ok(etcdctl(&remaining, &["put", "after", "v"]));
+    let list = ok(etcdctl(&remaining, &["member", "list"]));
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert!(!list.contains(&victim_id), "{list}");
+    eventually("n4 has every write", || {
+        let out = etcdctl(
+            &n4.client,
+            &["get", "after", "--consistency=s", "--print-value-only"],
+        );
+        out.status.success() && out.stdout == b"v\n"
+    });
+}
