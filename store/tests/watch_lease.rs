@@ -267,3 +267,54 @@ async fn leases_expire_unless_kept_alive_and_expiry_survives_failover() {
     assert!(common::get(&node, "l/kept").await.unwrap().is_none());
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_filters_drop_puts_or_deletes() {
+    let c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    let node = c.node(l).clone();
+    let start = node.kv().revision() + 1;
+    let mut outs = Vec::new();
+    let mut handles = Vec::new();
+    for (id, no_put, no_delete) in [(1, true, false), (2, false, true)] {
+        let (tx, rx) = mpsc::channel(16);
+        let (ctl, _c) = mpsc::unbounded_channel();
+        let mut s = spec(id, "f/", start);
+        s.no_put = no_put;
+        s.no_delete = no_delete;
+        handles.push((node.kv().watch(s, tx, ctl), _c));
+        outs.push(rx);
+    }
+    put(&node, "f/a", "1").await;
+    node.propose(Command::DeleteRange(
+        flotilla_proto::etcdserverpb::DeleteRangeRequest {
+            key: b"f/a".to_vec(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    put(&node, "f/b", "2").await;
+    let kinds = |out: WatchOutput| match out {
+        WatchOutput::Events { events, .. } => events.iter().map(|e| e.r#type).collect::<Vec<_>>(),
+        other => panic!("unexpected {other:?}"),
+    };
+    let deletes = kinds(
+        timeout(Duration::from_secs(5), outs[0].recv())
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    assert_eq!(deletes, vec![1], "the no-put watcher sees only the delete");
+    let mut puts = Vec::new();
+    while puts.len() < 2 {
+        puts.extend(kinds(
+            timeout(Duration::from_secs(5), outs[1].recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        ));
+    }
+    assert_eq!(puts, vec![0, 0], "the no-delete watcher sees only the puts");
+    c.shutdown().await;
+}
