@@ -152,13 +152,17 @@ impl StoreNode {
                         break id;
                     }
                 };
-                let r = raft.add_learner(id, member, false).await;
+                let r = self
+                    .retrying(|| raft.add_learner(id, member.clone(), false))
+                    .await;
                 let r = match r {
                     Ok(_) if !learner => {
-                        raft.change_membership(
-                            ChangeMembers::AddVoterIds(BTreeSet::from([id])),
-                            false,
-                        )
+                        self.retrying(|| {
+                            raft.change_membership(
+                                ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+                                false,
+                            )
+                        })
                         .await
                     }
                     other => other,
@@ -183,7 +187,8 @@ impl StoreNode {
                     }
                     ChangeMembers::RemoveVoters(BTreeSet::from([id]))
                 };
-                raft.change_membership(change, false).await
+                self.retrying(|| raft.change_membership(change.clone(), false))
+                    .await
             }
             LeaderRequest::PromoteMember { id } => {
                 let Some(m) = find(id) else {
@@ -208,8 +213,10 @@ impl StoreNode {
                         "can only promote a learner member which is in sync with leader (it has {matched} of {last} entries)"
                     )));
                 }
-                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                    .await
+                self.retrying(|| {
+                    raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                })
+                .await
             }
             LeaderRequest::UpdateMember { id, member } => {
                 if find(id).is_none() {
@@ -217,10 +224,12 @@ impl StoreNode {
                         "member not found: {id:x}"
                     )));
                 }
-                raft.change_membership(
-                    ChangeMembers::SetNodes(BTreeMap::from([(id, member)])),
-                    true,
-                )
+                self.retrying(|| {
+                    raft.change_membership(
+                        ChangeMembers::SetNodes(BTreeMap::from([(id, member.clone())])),
+                        true,
+                    )
+                })
                 .await
             }
             _ => return Err(LeaderCallError::Refused("not a membership request".into())),
@@ -228,6 +237,34 @@ impl StoreNode {
         result
             .map(|_| LeaderResponse::Done)
             .map_err(membership_error)
+    }
+}
+
+type ChangeResult = Result<
+    openraft::raft::ClientWriteResponse<crate::types::TypeConfig>,
+    openraft::error::RaftError<NodeId, openraft::error::ClientWriteError<NodeId, Member>>,
+>;
+
+impl StoreNode {
+    /// Runs a membership change, waiting while another one is still in progress (members
+    /// publishing their attributes at start, or a concurrent request), as etcd serializes them.
+    async fn retrying<F, Fut>(&self, change: F) -> ChangeResult
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = ChangeResult>,
+    {
+        use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        loop {
+            match change().await {
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
     }
 }
 
