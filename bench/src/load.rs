@@ -1,5 +1,7 @@
-//! Put and range load, the fill for disk figures, and the unavailability writer.
+//! Closed-loop load: N clients, each doing one request after another (puts, ranges, the fill
+//! for disk and memory figures), spread round-robin over the endpoints.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,107 +13,216 @@ use hdrhistogram::Histogram;
 use rand::Rng;
 use tonic::transport::Channel;
 
-use crate::{Report, channel};
+use crate::net::{channel, describe};
+use crate::report::{Progress, Report, histogram, record};
 
-fn histogram() -> Histogram<u64> {
-    // 1 µs .. 60 s, 3 significant digits.
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+/// Per-request timeout of the load clients.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client's pause after a failed request.
+const ERROR_PAUSE: Duration = Duration::from_millis(10);
+/// How many distinct request errors are printed to stderr.
+const ERRORS_SHOWN: usize = 5;
+
+/// When a load run stops.
+#[derive(Clone, Copy, Debug)]
+pub enum Limit {
+    /// After this many requests in all.
+    Total(u64),
+    /// After this long (requests in flight then still complete and count).
+    Duration(Duration),
 }
 
-/// `conns` channels spread round-robin over the endpoints.
-fn channels(endpoints: &[String], conns: usize) -> anyhow::Result<Vec<Channel>> {
-    (0..conns.max(1))
-        .map(|i| {
-            channel(
-                &endpoints[i % endpoints.len()],
-                Some(Duration::from_secs(10)),
-            )
-        })
-        .collect()
+/// How many clients, over how many connections, for how long.
+#[derive(Clone, Copy, Debug)]
+pub struct Load {
+    pub clients: usize,
+    /// gRPC connections in all (rounded up to a multiple of the endpoint count).
+    pub conns: usize,
+    pub limit: Limit,
 }
 
+/// The key of number `i`: `bench/00000042`.
 pub fn key(i: u64) -> Vec<u8> {
     format!("bench/{i:08}").into_bytes()
 }
 
-/// Prints a progress line to stderr every second while `done` grows towards `total`.
-fn progress(what: &'static str, done: Arc<AtomicU64>, total: u64) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let start = Instant::now();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let n = done.load(Ordering::Relaxed);
-            if n >= total {
-                return;
-            }
-            eprintln!(
-                "{what}: {n}/{total} ({:.0}/s)",
-                n as f64 / start.elapsed().as_secs_f64()
-            );
-        }
-    })
+/// What one request found.
+enum Found {
+    /// It did what it meant to (a put applied, a range found its key).
+    Hit,
+    /// A range found no key: the key space was not filled.
+    Miss,
 }
 
-/// Runs `total` operations from `clients` concurrent clients; `op(client, i)` does one.
+/// What a load run measured.
+struct Outcome {
+    /// Latencies of successful requests, µs.
+    hist: Histogram<u64>,
+    misses: u64,
+    errors: u64,
+    secs: f64,
+    conns: usize,
+}
+
+/// Client number `c`'s connection: clients go round-robin over the endpoints, and within one
+/// endpoint round-robin over its connections.
+struct Pool {
+    /// `per_endpoint[e]` are the connections to `endpoints[e]`.
+    per_endpoint: Vec<Vec<Channel>>,
+    endpoints: Vec<String>,
+}
+
+impl Pool {
+    fn new(endpoints: &[String], conns: usize) -> anyhow::Result<Self> {
+        let per = conns.div_ceil(endpoints.len()).max(1);
+        let per_endpoint = endpoints
+            .iter()
+            .map(|e| {
+                (0..per)
+                    .map(|_| channel(e, Some(REQUEST_TIMEOUT)))
+                    .collect()
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            per_endpoint,
+            endpoints: endpoints.to_vec(),
+        })
+    }
+
+    fn conns(&self) -> usize {
+        self.per_endpoint.iter().map(Vec::len).sum()
+    }
+
+    /// The endpoint and a KV client for client `c`.
+    fn client(&self, c: usize) -> (String, KvClient<Channel>) {
+        let e = c % self.endpoints.len();
+        let chans = &self.per_endpoint[e];
+        let ch = chans[(c / self.endpoints.len()) % chans.len()].clone();
+        (self.endpoints[e].clone(), KvClient::new(ch))
+    }
+}
+
+/// Counters the clients share.
+#[derive(Default)]
+struct Shared {
+    /// Requests claimed (a client claims one before sending it).
+    claimed: AtomicU64,
+    done: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// When the clients stop claiming requests.
+#[derive(Clone, Copy)]
+enum Stop {
+    After(u64),
+    At(Instant),
+}
+
+impl Shared {
+    /// Claims the next request number, if the run is not over.
+    fn claim(&self, stop: Stop) -> Option<u64> {
+        let i = self.claimed.fetch_add(1, Ordering::Relaxed);
+        let more = match stop {
+            Stop::After(total) => i < total,
+            Stop::At(deadline) => Instant::now() < deadline,
+        };
+        more.then_some(i)
+    }
+}
+
+/// Runs the load: each client calls `op(kv, i)` for request number `i`, one after another.
+///
+/// Fails only when not a single request succeeded (with the first error, naming its endpoint);
+/// otherwise errors are counted and the first few printed to stderr.
 async fn run_clients<F, Fut>(
     what: &'static str,
     endpoints: &[String],
-    clients: usize,
-    conns: usize,
-    total: u64,
+    load: Load,
     op: F,
-) -> anyhow::Result<(Histogram<u64>, u64, f64)>
+) -> anyhow::Result<Outcome>
 where
     F: Fn(KvClient<Channel>, u64) -> Fut + Send + Sync + Clone + 'static,
-    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+    Fut: Future<Output = Result<Found, tonic::Status>> + Send,
 {
-    let chans = channels(endpoints, conns.min(clients.max(1)))?;
-    let next = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let reporter = progress(what, done.clone(), total);
+    let clients = load.clients.max(1);
+    let pool = Pool::new(endpoints, load.conns.clamp(1, clients))?;
+    let shared = Arc::new(Shared::default());
+    let _progress = {
+        let shared = shared.clone();
+        let of = match load.limit {
+            Limit::Total(t) => format!("/{t} requests"),
+            Limit::Duration(d) => format!(" requests (of {}s)", d.as_secs()),
+        };
+        Progress::start(what, move |elapsed| {
+            let n = shared.done.load(Ordering::Relaxed);
+            let errors = shared.errors.load(Ordering::Relaxed);
+            let rate = n as f64 / elapsed.as_secs_f64();
+            format!("{n}{of}, {rate:.0}/s, {errors} errors")
+        })
+    };
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients.max(1) {
-        let kv = KvClient::new(chans[c % chans.len()].clone())
-            .max_decoding_message_size(64 * 1024 * 1024);
-        let (next, done, errors, op) = (next.clone(), done.clone(), errors.clone(), op.clone());
+    let stop = match load.limit {
+        Limit::Total(total) => Stop::After(total),
+        Limit::Duration(d) => Stop::At(start + d),
+    };
+    let mut tasks = Vec::with_capacity(clients);
+    for c in 0..clients {
+        let (endpoint, kv) = pool.client(c);
+        let (shared, op) = (shared.clone(), op.clone());
         tasks.push(tokio::spawn(async move {
             let mut h = histogram();
-            let mut first_error = None;
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
-                    break;
-                }
+            let (mut misses, mut first_error) = (0u64, None);
+            while let Some(i) = shared.claim(stop) {
                 let t = Instant::now();
                 match op(kv.clone(), i).await {
-                    Ok(()) => {
-                        let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+                    Ok(found) => {
+                        record(&mut h, t.elapsed());
+                        if let Found::Miss = found {
+                            misses += 1;
+                        }
                     }
                     Err(s) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        first_error.get_or_insert(s);
+                        shared.errors.fetch_add(1, Ordering::Relaxed);
+                        first_error.get_or_insert_with(|| describe(&endpoint, &s));
+                        // No hot loop against an endpoint that refuses at once.
+                        tokio::time::sleep(ERROR_PAUSE).await;
                     }
                 }
-                done.fetch_add(1, Ordering::Relaxed);
+                shared.done.fetch_add(1, Ordering::Relaxed);
             }
-            (h, first_error)
+            (h, misses, first_error)
         }));
     }
-    let mut all = histogram();
+    let mut hist = histogram();
+    let mut misses = 0;
+    let mut first_errors: Vec<String> = Vec::new();
     for t in tasks {
-        let (h, err) = t.await.context("a client task panicked")?;
-        all.add(&h).context("merging histograms")?;
-        if let Some(e) = err {
-            eprintln!("{what}: error: {} ({:?})", e.message(), e.code());
+        let (h, m, err) = t.await.context("a client task panicked")?;
+        hist.add(&h).context("merging histograms")?;
+        misses += m;
+        if let Some(e) = err.filter(|e| !first_errors.contains(e)) {
+            first_errors.push(e);
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    reporter.abort();
-    Ok((all, errors.load(Ordering::Relaxed), secs))
+    let errors = shared.errors.load(Ordering::Relaxed);
+    if hist.is_empty() {
+        match first_errors.first() {
+            Some(e) => anyhow::bail!("{what}: all {errors} requests failed; first error: {e}"),
+            None => anyhow::bail!("{what}: no request was made"),
+        }
+    }
+    for e in first_errors.iter().take(ERRORS_SHOWN) {
+        eprintln!("{what}: error: {e}");
+    }
+    Ok(Outcome {
+        hist,
+        misses,
+        errors,
+        secs,
+        // Channels connect lazily: those no client uses never open.
+        conns: pool.conns().min(clients),
+    })
 }
 
 /// Which key each put writes.
@@ -119,156 +230,96 @@ where
 enum Keys {
     /// A random key among this many.
     Random(u64),
-    /// Operation `i` writes key `i % n`: every key is rewritten in turn.
+    /// Request `i` writes key `i % n`: every key is written in turn.
     Cycle(u64),
 }
 
-/// `total` puts of `value_size`-byte values from `clients` concurrent clients.
+/// Puts of `value_size`-byte values.
 async fn puts(
     what: &'static str,
     endpoints: &[String],
-    clients: usize,
-    conns: usize,
-    total: u64,
+    load: Load,
     keys: Keys,
     value_size: usize,
-) -> anyhow::Result<(Histogram<u64>, u64, f64)> {
-    let value = Arc::new(vec![b'v'; value_size]);
-    run_clients(what, endpoints, clients, conns, total, move |mut kv, i| {
+) -> anyhow::Result<Outcome> {
+    let value: Arc<[u8]> = vec![b'v'; value_size].into();
+    run_clients(what, endpoints, load, move |mut kv, i| {
         let value = value.clone();
         async move {
             let k = match keys {
                 Keys::Random(n) => rand::rng().random_range(0..n.max(1)),
                 Keys::Cycle(n) => i % n.max(1),
             };
-            kv.put(PutRequest {
+            let req = PutRequest {
                 key: key(k),
                 value: value.to_vec(),
                 ..Default::default()
-            })
-            .await
-            .map(|_| ())
+            };
+            kv.put(req).await.map(|_| Found::Hit)
         }
     })
     .await
 }
 
+/// `put`: puts to random keys among `key_space`.
 pub async fn put(
     endpoints: &[String],
-    clients: usize,
-    conns: usize,
-    total: u64,
+    load: Load,
     key_space: u64,
     value_size: usize,
 ) -> anyhow::Result<Report> {
-    let keys = Keys::Random(key_space);
-    let (h, errors, secs) = puts("put", endpoints, clients, conns, total, keys, value_size).await?;
-    Ok(Report::new()
-        .with("bench", "put")
-        .with("clients", clients)
+    let o = puts("put", endpoints, load, Keys::Random(key_space), value_size).await?;
+    Ok(Report::new("put")
+        .with("clients", load.clients)
+        .with("conns", o.conns)
+        .with("key_space", key_space)
         .with("value_size", value_size)
-        .latencies(&h, secs)
-        .with("errors", errors))
+        .throughput(&o.hist, o.secs)
+        .with("errors", o.errors))
 }
 
+/// `range`: single-key ranges of random keys among `key_space`. `misses` counts ranges that
+/// found no key (the key space was not filled: run `put` or `fill` first, or `--prefill`).
 pub async fn range(
     endpoints: &[String],
-    clients: usize,
-    conns: usize,
-    total: u64,
+    load: Load,
     key_space: u64,
     serializable: bool,
 ) -> anyhow::Result<Report> {
-    let (h, errors, secs) = run_clients(
-        "range",
-        endpoints,
-        clients,
-        conns,
-        total,
-        move |mut kv, _| async move {
-            let k = rand::rng().random_range(0..key_space.max(1));
-            kv.range(RangeRequest {
-                key: key(k),
-                serializable,
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-        },
-    )
-    .await?;
-    Ok(Report::new()
-        .with("bench", if serializable { "range-s" } else { "range-l" })
-        .with("clients", clients)
-        .latencies(&h, secs)
-        .with("errors", errors))
-}
-
-pub async fn fill(
-    endpoints: &[String],
-    keys: u64,
-    total: u64,
-    value_size: usize,
-    clients: usize,
-) -> anyhow::Result<Report> {
-    let cycle = Keys::Cycle(keys);
-    let (h, errors, secs) = puts("fill", endpoints, clients, 16, total, cycle, value_size).await?;
-    Ok(Report::new()
-        .with("bench", "fill")
-        .with("keys", keys)
-        .with("value_size", value_size)
-        .latencies(&h, secs)
-        .with("errors", errors))
-}
-
-/// One writer, sequential puts, moving to the next endpoint on any error; reports the longest
-/// time between two acknowledged puts.
-pub async fn unavailability(
-    endpoints: &[String],
-    duration: u64,
-    timeout_ms: u64,
-) -> anyhow::Result<Report> {
-    let timeout = Duration::from_millis(timeout_ms);
-    let mut clients: Vec<KvClient<Channel>> = endpoints
-        .iter()
-        .map(|e| channel(e, Some(timeout)).map(KvClient::new))
-        .collect::<anyhow::Result<_>>()?;
-    let start = Instant::now();
-    let end = start + Duration::from_secs(duration);
-    let mut last_ack = Instant::now();
-    let mut max_gap = Duration::ZERO;
-    let mut gap_at = 0.0;
-    let (mut acked, mut failed, mut current) = (0u64, 0u64, 0usize);
-    while Instant::now() < end {
-        let req = PutRequest {
-            key: key(acked % 1000),
-            value: vec![b'u'; 256],
+    let what = if serializable { "range-s" } else { "range-l" };
+    let o = run_clients(what, endpoints, load, move |mut kv, _| async move {
+        let req = RangeRequest {
+            key: key(rand::rng().random_range(0..key_space.max(1))),
+            serializable,
             ..Default::default()
         };
-        let t = Instant::now();
-        let r = tokio::time::timeout(timeout, clients[current].put(req)).await;
-        match r {
-            Ok(Ok(_)) => {
-                let now = Instant::now();
-                let gap = now - last_ack;
-                if gap > max_gap {
-                    max_gap = gap;
-                    gap_at = (t - start).as_secs_f64();
-                }
-                last_ack = now;
-                acked += 1;
-            }
-            _ => {
-                failed += 1;
-                current = (current + 1) % clients.len();
-            }
-        }
-        let _ = &mut clients;
-    }
-    Ok(Report::new()
-        .with("bench", "unavailability")
-        .with("max_gap_ms", max_gap.as_millis() as u64)
-        .with("gap_at_s", (gap_at * 10.0).round() / 10.0)
-        .with("acked", acked)
-        .with("failed", failed))
+        let empty = kv.range(req).await?.into_inner().kvs.is_empty();
+        Ok(if empty { Found::Miss } else { Found::Hit })
+    })
+    .await?;
+    Ok(Report::new(what)
+        .with("clients", load.clients)
+        .with("conns", o.conns)
+        .with("key_space", key_space)
+        .throughput(&o.hist, o.secs)
+        .with("errors", o.errors)
+        .with("misses", o.misses))
+}
+
+/// `fill`: writes every one of `keys` keys in turn until the limit (for disk and memory
+/// figures; also `range --prefill`).
+pub async fn fill(
+    endpoints: &[String],
+    load: Load,
+    keys: u64,
+    value_size: usize,
+) -> anyhow::Result<Report> {
+    let o = puts("fill", endpoints, load, Keys::Cycle(keys), value_size).await?;
+    Ok(Report::new("fill")
+        .with("clients", load.clients)
+        .with("conns", o.conns)
+        .with("keys", keys)
+        .with("value_size", value_size)
+        .throughput(&o.hist, o.secs)
+        .with("errors", o.errors))
 }

@@ -1,31 +1,78 @@
 //! `flotilla-bench`: drives any etcd v3 endpoint set (Flotilla or etcd itself) through a client
 //! generated from the repository's own etcd `.proto` files, and prints one result per run.
 //!
-//! Every subcommand prints a human-readable line, or with `--json` one JSON object, so that
-//! `bench/run.sh` can run Flotilla and etcd side by side and compare.
+//! Every measuring subcommand prints one human-readable line, or with `--json` one JSON object,
+//! so that `bench/run.sh` can run Flotilla and etcd side by side and compare. Progress goes to
+//! stderr once a second on runs longer than two seconds.
+//!
+//! ```text
+//! flotilla-bench --endpoints 127.0.0.1:2379 put --clients 64 --total 100000
+//! flotilla-bench --endpoints 127.0.0.1:2379 range --clients 64 --consistency s --prefill
+//! flotilla-bench --endpoints 127.0.0.1:2379 watch-latency --watchers 1000 --puts 1000
+//! flotilla-bench --endpoints a:2379,b:2379,c:2379 leader
+//! ```
 
+mod failover;
 mod load;
+mod net;
+mod report;
 mod watch;
 
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
-use flotilla_proto::etcdserverpb::StatusRequest;
-use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use tonic::transport::{Channel, Endpoint};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::load::{Limit, Load};
 
 #[derive(Parser)]
-#[command(name = "flotilla-bench", about = "etcd v3 load generator")]
+#[command(
+    name = "flotilla-bench",
+    about = "Load generator for etcd v3 endpoints"
+)]
 struct Cli {
-    /// Endpoints, HOST:PORT,... (clients are spread over them round-robin).
+    /// Endpoints, HOST:PORT,... (plain http; clients are spread over them round-robin). The
+    /// default is a Flotilla server's default client address.
     #[arg(long, global = true, default_value = "127.0.0.1:7379")]
     endpoints: String,
-    /// Print each result as one JSON object.
+    /// Print each result as one JSON object instead of a human-readable line.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The clients of a load run and when it stops.
+#[derive(Args)]
+struct LoadArgs {
+    /// Concurrent clients, each doing one request after another.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// gRPC connections the clients share (at most one per client; rounded up to a multiple
+    /// of the endpoint count).
+    #[arg(long, default_value_t = 8)]
+    conns: usize,
+    /// Requests in all [default: 10000 unless --duration].
+    #[arg(long, conflicts_with = "duration")]
+    total: Option<u64>,
+    /// Run for this many seconds instead of a total.
+    #[arg(long)]
+    duration: Option<u64>,
+}
+
+impl LoadArgs {
+    fn load(&self) -> Load {
+        let limit = match (self.total, self.duration) {
+            (_, Some(secs)) => Limit::Duration(Duration::from_secs(secs)),
+            (total, None) => Limit::Total(total.unwrap_or(10_000)),
+        };
+        Load {
+            clients: self.clients.max(1),
+            conns: self.conns,
+            limit,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -38,57 +85,81 @@ enum Consistency {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Sequential puts from N concurrent clients to random keys.
+    /// Puts to random keys among --key-space.
     Put {
-        #[arg(long, default_value_t = 1)]
-        clients: usize,
-        /// gRPC connections shared by the clients.
-        #[arg(long, default_value_t = 8)]
-        conns: usize,
-        #[arg(long, default_value_t = 10_000)]
-        total: u64,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Keys bench/00000000 up to this many.
         #[arg(long, default_value_t = 100_000)]
         key_space: u64,
+        /// Value size in bytes.
         #[arg(long, default_value_t = 256)]
         value_size: usize,
     },
-    /// Single-key ranges from N concurrent clients (fills the key space first with --prefill).
+    /// Single-key ranges of random keys among --key-space. Writes nothing itself: run `fill`
+    /// (or `put`) over the same key space first, or pass --prefill; `misses` counts ranges
+    /// that found no key.
     Range {
-        #[arg(long, default_value_t = 1)]
-        clients: usize,
-        #[arg(long, default_value_t = 8)]
-        conns: usize,
-        #[arg(long, default_value_t = 10_000)]
-        total: u64,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Keys bench/00000000 up to this many.
         #[arg(long, default_value_t = 1_000)]
         key_space: u64,
+        /// l: linearizable, s: serializable.
         #[arg(long, value_enum, default_value = "l")]
         consistency: Consistency,
+        /// First write every key of the key space once (256-byte values, 16 clients).
         #[arg(long)]
         prefill: bool,
     },
-    /// Delivery latency of put events to W watchers; checks every watcher sees every event.
+    /// Delivery latency of put events to W watchers of one prefix; checks that every watcher
+    /// sees every put exactly once, in order (`lost`, `duplicates`, `out_of_order` must be 0).
     WatchLatency {
         #[arg(long, default_value_t = 1)]
         watchers: usize,
+        /// Puts the writer makes.
         #[arg(long, default_value_t = 1_000)]
         puts: u64,
         /// Puts per second.
         #[arg(long, default_value_t = 200)]
         rate: u64,
+        /// Value size in bytes (at least 24).
+        #[arg(long, default_value_t = 256)]
+        value_size: usize,
+        /// Watches multiplexed on one stream (each stream has its own connection).
+        #[arg(long, default_value_t = 100)]
+        watches_per_stream: usize,
+        /// Seconds watchers may take after the last put before missing events count as lost.
+        #[arg(long, default_value_t = 10)]
+        grace: u64,
     },
-    /// Prints the endpoint of the current leader.
+    /// Prints the endpoint whose member is the leader (by Maintenance.Status on each).
     Leader,
-    /// One writer for D seconds; reports the longest gap between acknowledged puts.
+    /// Checks that every endpoint answers, all agree on one leader, and a linearizable read
+    /// succeeds through each; exits non-zero otherwise.
+    Health {
+        /// Keep trying for this many seconds.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// One writer putting for --duration seconds, moving to the next endpoint on any error or
+    /// timeout; reports the longest time between two acknowledged puts (max_gap_ms).
     Unavailability {
         #[arg(long, default_value_t = 10)]
         duration: u64,
-        /// Per-request timeout before trying the next endpoint.
+        /// Per-request timeout in milliseconds.
         #[arg(long, default_value_t = 200)]
         timeout_ms: u64,
+        /// Pause after each request, in milliseconds.
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+        /// Write every request (time, latency, endpoint, success) to this CSV file.
+        #[arg(long)]
+        series: Option<PathBuf>,
     },
-    /// Writes TOTAL puts over KEYS keys (for disk and memory figures).
+    /// Writes --total puts cycling over --keys keys (for disk and memory figures).
     Fill {
+        /// Keys bench/00000000 up to this many, written in turn.
         #[arg(long, default_value_t = 10_000)]
         keys: u64,
         #[arg(long, default_value_t = 1_000_000)]
@@ -97,94 +168,107 @@ enum Command {
         value_size: usize,
         #[arg(long, default_value_t = 64)]
         clients: usize,
+        #[arg(long, default_value_t = 8)]
+        conns: usize,
     },
 }
 
-pub fn endpoint_list(s: &str) -> Vec<String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-        .map(String::from)
-        .collect()
-}
-
-/// A lazily connected channel to one endpoint.
-pub fn channel(endpoint: &str, timeout: Option<Duration>) -> anyhow::Result<Channel> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
     };
-    let mut e = Endpoint::from_shared(url)
-        .with_context(|| format!("bad endpoint {endpoint}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(1));
-    if let Some(t) = timeout {
-        e = e.timeout(t);
-    }
-    Ok(e.connect_lazy())
-}
-
-/// The endpoint whose member leads, by asking each for its status.
-async fn leader(endpoints: &[String]) -> anyhow::Result<String> {
-    for e in endpoints {
-        let mut m = MaintenanceClient::new(channel(e, Some(Duration::from_secs(2)))?);
-        if let Ok(s) = m.status(StatusRequest {}).await {
-            let s = s.into_inner();
-            if s.header.is_some_and(|h| h.member_id == s.leader) {
-                return Ok(e.clone());
-            }
+    // Errors print as one line with their causes, never with a backtrace.
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
-    anyhow::bail!("no endpoint reports itself as the leader")
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let endpoints = endpoint_list(&cli.endpoints);
-    anyhow::ensure!(!endpoints.is_empty(), "--endpoints is empty");
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let endpoints = net::endpoint_list(&cli.endpoints)?;
     let report = match cli.command {
         Command::Put {
-            clients,
-            conns,
-            total,
+            load,
             key_space,
             value_size,
-        } => load::put(&endpoints, clients, conns, total, key_space, value_size).await?,
+        } => load::put(&endpoints, load.load(), key_space, value_size).await?,
         Command::Range {
-            clients,
-            conns,
-            total,
+            load,
             key_space,
             consistency,
             prefill,
         } => {
             if prefill {
-                load::put(&endpoints, 16, 8, key_space, key_space, 256).await?;
+                let fill = Load {
+                    clients: 16,
+                    conns: 8,
+                    limit: Limit::Total(key_space),
+                };
+                let r = load::fill(&endpoints, fill, key_space, 256).await?;
+                eprintln!("prefill: {}", r.human());
             }
             let serializable = consistency == Consistency::S;
-            load::range(&endpoints, clients, conns, total, key_space, serializable).await?
+            load::range(&endpoints, load.load(), key_space, serializable).await?
         }
         Command::WatchLatency {
             watchers,
             puts,
             rate,
-        } => watch::latency(&endpoints, watchers, puts, rate).await?,
+            value_size,
+            watches_per_stream,
+            grace,
+        } => {
+            let opts = watch::WatchOpts {
+                watchers,
+                puts,
+                rate,
+                value_size,
+                per_stream: watches_per_stream,
+                grace: Duration::from_secs(grace),
+            };
+            watch::latency(&endpoints, opts).await?
+        }
         Command::Leader => {
-            println!("{}", leader(&endpoints).await?);
+            println!("{}", failover::leader(&endpoints).await?);
             return Ok(());
         }
+        Command::Health { wait } => failover::health(&endpoints, Duration::from_secs(wait)).await?,
         Command::Unavailability {
             duration,
             timeout_ms,
-        } => load::unavailability(&endpoints, duration, timeout_ms).await?,
+            interval_ms,
+            series,
+        } => {
+            let opts = failover::UnavailabilityOpts {
+                duration: Duration::from_secs(duration),
+                timeout: Duration::from_millis(timeout_ms),
+                interval: Duration::from_millis(interval_ms),
+                series,
+            };
+            failover::unavailability(&endpoints, opts).await?
+        }
         Command::Fill {
             keys,
             total,
             value_size,
             clients,
-        } => load::fill(&endpoints, keys, total, value_size, clients).await?,
+            conns,
+        } => {
+            let load = Load {
+                clients,
+                conns,
+                limit: Limit::Total(total),
+            };
+            load::fill(&endpoints, load, keys, value_size).await?
+        }
     };
     if cli.json {
         println!("{}", report.json());
@@ -192,56 +276,4 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", report.human());
     }
     Ok(())
-}
-
-/// One result: named figures in a fixed order.
-pub struct Report {
-    pub fields: Vec<(&'static str, serde_json::Value)>,
-}
-
-impl Report {
-    pub fn new() -> Self {
-        Self { fields: Vec::new() }
-    }
-
-    pub fn with(mut self, name: &'static str, v: impl Into<serde_json::Value>) -> Self {
-        self.fields.push((name, v.into()));
-        self
-    }
-
-    /// Adds throughput and latency percentiles (milliseconds) from a histogram of microseconds.
-    pub fn latencies(self, h: &hdrhistogram::Histogram<u64>, secs: f64) -> Self {
-        let ms = |q: f64| (h.value_at_quantile(q) as f64 / 1000.0 * 1000.0).round() / 1000.0;
-        let n = h.len();
-        self.with("ops", n)
-            .with("secs", (secs * 1000.0).round() / 1000.0)
-            .with("throughput", (n as f64 / secs).round())
-            .with("p50_ms", ms(0.5))
-            .with("p90_ms", ms(0.9))
-            .with("p99_ms", ms(0.99))
-            .with("max_ms", h.max() as f64 / 1000.0)
-    }
-
-    fn json(&self) -> String {
-        let map: serde_json::Map<String, serde_json::Value> = self
-            .fields
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
-        serde_json::Value::Object(map).to_string()
-    }
-
-    fn human(&self) -> String {
-        self.fields
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
-
-impl Default for Report {
-    fn default() -> Self {
-        Self::new()
-    }
 }
