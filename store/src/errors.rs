@@ -79,7 +79,7 @@ impl From<sled::Error> for BackendError {
 }
 
 /// Why a client request was not served. Each variant maps to one gRPC code.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// Refused by the key-space rules.
     #[error(transparent)]

@@ -103,19 +103,10 @@ async fn rounds(node: StoreNode) {
         for w in batch {
             let r = match &result {
                 Ok(i) => Ok(*i),
-                Err(e) => Err(clone_error(e)),
+                Err(e) => Err(e.clone()),
             };
             let _ = w.send(r);
         }
-    }
-}
-
-fn clone_error(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::NoLeader(m) => StoreError::NoLeader(m.clone()),
-        StoreError::Timeout(m) => StoreError::Timeout(m.clone()),
-        StoreError::Stopped(m) => StoreError::Stopped(m.clone()),
-        other => StoreError::Internal(other.to_string()),
     }
 }
 
