@@ -5,6 +5,8 @@
 //! - [`etcdserverpb`], [`mvccpb`]: etcd's v3 API, served on the client port so that `etcdctl`
 //!   and etcd client libraries work against a Flotilla cluster;
 //! - [`raft`]: the peer service between control-plane nodes;
+//! - [`api`]: the API objects and services (`flotilla.api.v1`) with what every component
+//!   knows about each kind;
 //! - [`FILE_DESCRIPTOR_SET`]: every file compiled in, for gRPC server reflection.
 
 #![allow(clippy::all, missing_docs)]
@@ -23,6 +25,13 @@ pub mod etcdserverpb {
 pub mod raft {
     tonic::include_proto!("flotilla.raft.v1");
 }
+
+/// The API objects and services (`flotilla.api.v1`), as generated.
+pub mod flotilla_api_v1 {
+    tonic::include_proto!("flotilla.api.v1");
+}
+
+pub mod api;
 
 /// Encoded `FileDescriptorSet` of every `.proto` file here, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("flotilla_descriptor");

@@ -1,0 +1,109 @@
+//! The apiserver's errors and the gRPC status each one becomes.
+
+use flotilla_store::errors::{MvccError, StoreError};
+use tonic::{Code, Status};
+
+use crate::validate::FieldErrors;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request breaks a rule; every broken rule is named with its field.
+    #[error("{0}")]
+    Invalid(FieldErrors),
+    #[error("{plural} \"{name}\" not found")]
+    NotFound { plural: &'static str, name: String },
+    #[error("{plural} \"{name}\" already exists")]
+    AlreadyExists { plural: &'static str, name: String },
+    /// A stale resourceVersion or a failed precondition on the object's own state.
+    #[error("Operation cannot be fulfilled on {plural} \"{name}\": {reason}")]
+    Conflict {
+        plural: &'static str,
+        name: String,
+        reason: String,
+    },
+    /// A write lost a race: the object changed between the read and the write.
+    #[error(
+        "Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified; \
+         please apply your changes to the latest version and try again"
+    )]
+    Race { plural: &'static str, name: String },
+    /// The request is well-formed but the cluster's state refuses it (a terminating
+    /// namespace, a pod being deleted).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The revision asked for has been compacted: relist.
+    #[error("expired: {0}")]
+    Expired(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Stored data that does not decode, or another broken invariant.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
+        let mut errs = FieldErrors::default();
+        errs.add(path, message);
+        ApiError::Invalid(errs)
+    }
+
+    pub fn conflict(plural: &'static str, name: &str) -> Self {
+        ApiError::Conflict {
+            plural,
+            name: name.to_string(),
+            reason: "the object has been modified; please apply your changes to the latest \
+                     version and try again"
+                .into(),
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            ApiError::Invalid(_) => Code::InvalidArgument,
+            ApiError::NotFound { .. } => Code::NotFound,
+            ApiError::AlreadyExists { .. } => Code::AlreadyExists,
+            ApiError::Conflict { .. } | ApiError::Race { .. } => Code::Aborted,
+            ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ApiError::Expired(_) => Code::OutOfRange,
+            ApiError::Internal(_) => Code::Internal,
+            ApiError::Store(e) => match e {
+                StoreError::Mvcc(MvccError::Compacted { .. }) => Code::OutOfRange,
+                StoreError::Mvcc(MvccError::FutureRevision { .. }) => Code::OutOfRange,
+                StoreError::Mvcc(_) | StoreError::Invalid(_) => Code::InvalidArgument,
+                StoreError::RequestTooLarge { .. } => Code::ResourceExhausted,
+                StoreError::TooManyRequests => Code::Unavailable,
+                StoreError::NoLeader(_) | StoreError::Stopped(_) => Code::Unavailable,
+                StoreError::Timeout(_) => Code::DeadlineExceeded,
+                StoreError::Membership(_) | StoreError::MemberNotFound(_) => {
+                    Code::FailedPrecondition
+                }
+                StoreError::Backend(_) | StoreError::Internal(_) => Code::Internal,
+            },
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let code = e.code();
+        let message = match &e {
+            ApiError::Store(StoreError::Mvcc(MvccError::Compacted { compact_revision })) => {
+                format!(
+                    "expired: the requested revision has been compacted (history starts at \
+                     {compact_revision}); list again and watch from the list's resourceVersion"
+                )
+            }
+            ApiError::Store(StoreError::TooManyRequests) => {
+                "too many requests are waiting on this server; retry with back-off".into()
+            }
+            ApiError::Store(StoreError::Timeout(why)) => {
+                format!("the request timed out and may or may not have taken effect: {why}")
+            }
+            _ => e.to_string(),
+        };
+        Status::new(code, message)
+    }
+}

@@ -1,0 +1,66 @@
+//! Flotilla's API server: Kubernetes-shaped objects on top of the consensus store.
+//!
+//! - [`registry`]: the rules every kind follows (create, get, list, update, status, delete,
+//!   patch, bind), each write one compare-and-set transaction in the store;
+//! - [`validate`]: defaults and validation per kind, with errors that name the field;
+//! - [`watch`]: filtered watches from the local member's watch hub;
+//! - [`service`]: the gRPC services, one per kind;
+//! - [`errors`]: the error type and its gRPC status codes.
+//!
+//! Every control-plane node serves the whole API: reads and watches from its own copy
+//! (linearizable reads confirm the leader's read index first), writes through the store's
+//! proposal path, which carries them to the leader.
+
+pub mod errors;
+pub mod registry;
+pub mod service;
+pub mod validate;
+pub mod watch;
+
+use std::time::Duration;
+
+use flotilla_proto::api::{Namespace, ObjectMeta};
+use flotilla_store::node::StoreNode;
+
+pub use errors::{ApiError, ApiResult};
+pub use registry::Api;
+pub use service::add_routes;
+
+/// Starts the API on `node`: the `default` namespace is created once a leader is there.
+pub fn start(node: StoreNode) -> Api {
+    let api = Api::new(node);
+    tokio::spawn(ensure_default_namespace(api.clone()));
+    api
+}
+
+async fn ensure_default_namespace(api: Api) {
+    let mut stop = api.node().shutdown_signal();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        if api
+            .read::<Namespace>("", "default", false)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            return;
+        }
+        let ns = Namespace {
+            metadata: Some(ObjectMeta {
+                name: "default".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        match api.create(ns).await {
+            Ok(_) | Err(ApiError::AlreadyExists { .. }) => return,
+            Err(e) => tracing::debug!("creating the default namespace: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,1018 @@
+//! Defaults and validation, per kind. Every message names the field it is about, with the
+//! field's JSON path: `spec.template.spec.containers[0].name: required`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use flotilla_proto::api::quantity::Quantity;
+use flotilla_proto::api::selector::{
+    LabelSelector as Selector, validate_dns1123_label, validate_dns1123_subdomain,
+    validate_label_key, validate_label_value,
+};
+use flotilla_proto::api::*;
+
+/// Every rule a request broke.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FieldErrors(pub Vec<(String, String)>);
+
+impl FieldErrors {
+    pub fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push((path.into(), message.into()));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn into_result(self) -> Result<(), FieldErrors> {
+        if self.is_empty() { Ok(()) } else { Err(self) }
+    }
+}
+
+impl fmt::Display for FieldErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (path, message)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{path}: {message}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for FieldErrors {}
+
+/// What the apiserver does differently per kind.
+pub trait Kind: Resource {
+    /// Names must be DNS-1123 labels (Namespace, Service) rather than subdomains.
+    const LABEL_NAMES: bool = false;
+
+    /// Fills in what the object leaves unset.
+    fn apply_defaults(&mut self) {}
+    /// Checks the object's own fields (metadata is checked for every kind elsewhere).
+    fn validate(&self, errs: &mut FieldErrors);
+    /// Checks a change from `old` to `self` (immutable fields).
+    fn validate_update(&self, _old: &Self, _errs: &mut FieldErrors) {}
+    /// How long a delete of this object waits before it is final, given what the caller asked.
+    fn grace_period(&self, _requested: Option<i64>) -> i64 {
+        0
+    }
+    /// Whether create keeps the status the caller sent (otherwise it starts empty).
+    fn keeps_status_on_create() -> bool {
+        false
+    }
+    /// Sets what create fills in on the status.
+    fn initial_status(&mut self) {}
+}
+
+/// Checks the metadata every object carries.
+pub fn validate_metadata<K: Kind>(obj: &K, errs: &mut FieldErrors) {
+    let Some(meta) = obj.metadata() else {
+        errs.add("metadata", "required");
+        return;
+    };
+    if meta.name.is_empty() {
+        errs.add("metadata.name", "required");
+    } else {
+        let r = if K::LABEL_NAMES {
+            validate_dns1123_label(&meta.name)
+        } else {
+            validate_dns1123_subdomain(&meta.name)
+        };
+        if let Err(e) = r {
+            errs.add(
+                "metadata.name",
+                format!("invalid value {:?}: {e}", meta.name),
+            );
+        }
+    }
+    if K::NAMESPACED
+        && let Err(e) = validate_dns1123_label(&meta.namespace)
+    {
+        errs.add(
+            "metadata.namespace",
+            format!("invalid value {:?}: {e}", meta.namespace),
+        );
+    }
+    validate_labels(&meta.labels, "metadata.labels", errs);
+    for key in meta.annotations.keys() {
+        if let Err(e) = validate_label_key(key) {
+            errs.add(format!("metadata.annotations[{key:?}]"), e);
+        }
+    }
+    for (i, owner) in meta.owner_references.iter().enumerate() {
+        let at = format!("metadata.ownerReferences[{i}]");
+        for (field, value) in [
+            ("apiVersion", &owner.api_version),
+            ("kind", &owner.kind),
+            ("name", &owner.name),
+            ("uid", &owner.uid),
+        ] {
+            if value.is_empty() {
+                errs.add(format!("{at}.{field}"), "required");
+            }
+        }
+    }
+    if meta
+        .owner_references
+        .iter()
+        .filter(|o| o.controller == Some(true))
+        .count()
+        > 1
+    {
+        errs.add(
+            "metadata.ownerReferences",
+            "only one reference can have controller set",
+        );
+    }
+    for (i, f) in meta.finalizers.iter().enumerate() {
+        if f.is_empty() {
+            errs.add(format!("metadata.finalizers[{i}]"), "must not be empty");
+        }
+    }
+}
+
+fn validate_labels(labels: &BTreeMap<String, String>, at: &str, errs: &mut FieldErrors) {
+    for (k, v) in labels {
+        if let Err(e) = validate_label_key(k) {
+            errs.add(format!("{at}[{k:?}]"), format!("invalid key: {e}"));
+        }
+        if let Err(e) = validate_label_value(v) {
+            errs.add(format!("{at}[{k:?}]"), format!("invalid value {v:?}: {e}"));
+        }
+    }
+}
+
+fn validate_quantities(map: &BTreeMap<String, String>, at: &str, errs: &mut FieldErrors) {
+    for (k, v) in map {
+        if let Err(e) = Quantity::parse(v) {
+            errs.add(format!("{at}.{k}"), e.to_string());
+        }
+    }
+}
+
+fn one_of(value: &str, allowed: &[&str], at: &str, errs: &mut FieldErrors) {
+    if !allowed.contains(&value) {
+        errs.add(
+            at,
+            format!(
+                "unsupported value {value:?}: must be one of {}",
+                allowed.join(", ")
+            ),
+        );
+    }
+}
+
+fn port_number(port: i32, at: &str, errs: &mut FieldErrors) {
+    if !(1..=65535).contains(&port) {
+        errs.add(at, format!("must be between 1 and 65535, got {port}"));
+    }
+}
+
+/// An int-or-string port: a number 1–65535 or a named port (an IANA service name).
+fn port_ref(port: &str, at: &str, errs: &mut FieldErrors) {
+    if port.is_empty() {
+        errs.add(at, "required");
+    } else if let Ok(n) = port.parse::<i64>() {
+        if !(1..=65535).contains(&n) {
+            errs.add(at, format!("must be between 1 and 65535, got {n}"));
+        }
+    } else if port.len() > 15
+        || !port
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        || !port.chars().any(|c| c.is_ascii_lowercase())
+    {
+        errs.add(
+            at,
+            format!("invalid port {port:?}: must be a number or a port name (at most 15 lowercase letters, digits and '-')"),
+        );
+    }
+}
+
+fn non_negative(v: i64, at: &str, errs: &mut FieldErrors) {
+    if v < 0 {
+        errs.add(at, format!("must be >= 0, got {v}"));
+    }
+}
+
+// ------------------------------------------------------------------- pods
+
+const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP"];
+
+fn default_pod_spec(spec: &mut PodSpec) {
+    if spec.restart_policy.is_empty() {
+        spec.restart_policy = "Always".into();
+    }
+    spec.termination_grace_period_seconds.get_or_insert(30);
+    if spec.scheduler_name.is_empty() {
+        spec.scheduler_name = "default-scheduler".into();
+    }
+    for c in spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut())
+    {
+        if c.image_pull_policy.is_empty() {
+            c.image_pull_policy = "IfNotPresent".into();
+        }
+        for p in &mut c.ports {
+            if p.protocol.is_empty() {
+                p.protocol = "TCP".into();
+            }
+        }
+        for probe in [
+            &mut c.liveness_probe,
+            &mut c.readiness_probe,
+            &mut c.startup_probe,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if probe.timeout_seconds == 0 {
+                probe.timeout_seconds = 1;
+            }
+            if probe.period_seconds == 0 {
+                probe.period_seconds = 10;
+            }
+            if probe.success_threshold == 0 {
+                probe.success_threshold = 1;
+            }
+            if probe.failure_threshold == 0 {
+                probe.failure_threshold = 3;
+            }
+            if let Some(http) = &mut probe.http_get {
+                if http.path.is_empty() {
+                    http.path = "/".into();
+                }
+                if http.scheme.is_empty() {
+                    http.scheme = "HTTP".into();
+                }
+            }
+        }
+    }
+    for t in &mut spec.tolerations {
+        if t.operator.is_empty() {
+            t.operator = "Equal".into();
+        }
+    }
+}
+
+pub fn validate_pod_spec(spec: Option<&PodSpec>, at: &str, errs: &mut FieldErrors) {
+    let Some(spec) = spec else {
+        errs.add(at, "required");
+        return;
+    };
+    if spec.containers.is_empty() {
+        errs.add(
+            format!("{at}.containers"),
+            "required: a pod needs at least one container",
+        );
+    }
+    let mut names = BTreeSet::new();
+    let mut host_ports = BTreeSet::new();
+    for (list, field) in [
+        (&spec.init_containers, "initContainers"),
+        (&spec.containers, "containers"),
+    ] {
+        for (i, c) in list.iter().enumerate() {
+            let cat = format!("{at}.{field}[{i}]");
+            validate_container(c, &cat, errs);
+            if !c.name.is_empty() && !names.insert(c.name.as_str()) {
+                errs.add(
+                    format!("{cat}.name"),
+                    format!("duplicate container name {:?}", c.name),
+                );
+            }
+            for (j, p) in c.ports.iter().enumerate() {
+                if p.host_port != 0 && !host_ports.insert((p.host_port, p.protocol.clone())) {
+                    errs.add(
+                        format!("{cat}.ports[{j}].hostPort"),
+                        format!("duplicate host port {}/{}", p.host_port, p.protocol),
+                    );
+                }
+            }
+        }
+    }
+    one_of(
+        &spec.restart_policy,
+        &["Always", "OnFailure", "Never"],
+        &format!("{at}.restartPolicy"),
+        errs,
+    );
+    if let Some(g) = spec.termination_grace_period_seconds {
+        non_negative(g, &format!("{at}.terminationGracePeriodSeconds"), errs);
+    }
+    validate_labels(&spec.node_selector, &format!("{at}.nodeSelector"), errs);
+    if !spec.node_name.is_empty()
+        && let Err(e) = validate_dns1123_subdomain(&spec.node_name)
+    {
+        errs.add(
+            format!("{at}.nodeName"),
+            format!("invalid value {:?}: {e}", spec.node_name),
+        );
+    }
+    if let Some(required) = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+    {
+        let nat = format!(
+            "{at}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"
+        );
+        if required.node_selector_terms.is_empty() {
+            errs.add(&nat, "required: at least one term");
+        }
+        for (i, term) in required.node_selector_terms.iter().enumerate() {
+            for (j, r) in term.match_expressions.iter().enumerate() {
+                let rat = format!("{nat}[{i}].matchExpressions[{j}]");
+                if let Err(e) = validate_label_key(&r.key) {
+                    errs.add(format!("{rat}.key"), e);
+                }
+                match r.operator.as_str() {
+                    "In" | "NotIn" if r.values.is_empty() => {
+                        errs.add(format!("{rat}.values"), "required for In and NotIn")
+                    }
+                    "Exists" | "DoesNotExist" if !r.values.is_empty() => errs.add(
+                        format!("{rat}.values"),
+                        "must be empty for Exists and DoesNotExist",
+                    ),
+                    "Gt" | "Lt" if r.values.len() != 1 || r.values[0].parse::<i64>().is_err() => {
+                        errs.add(format!("{rat}.values"), "must be one integer for Gt and Lt")
+                    }
+                    "In" | "NotIn" | "Exists" | "DoesNotExist" | "Gt" | "Lt" => {}
+                    other => one_of(
+                        other,
+                        &["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"],
+                        &format!("{rat}.operator"),
+                        errs,
+                    ),
+                }
+            }
+        }
+    }
+    for (i, t) in spec.tolerations.iter().enumerate() {
+        let tat = format!("{at}.tolerations[{i}]");
+        one_of(
+            &t.operator,
+            &["Equal", "Exists"],
+            &format!("{tat}.operator"),
+            errs,
+        );
+        if t.operator == "Exists" && !t.value.is_empty() {
+            errs.add(
+                format!("{tat}.value"),
+                "must be empty when operator is Exists",
+            );
+        }
+        if t.key.is_empty() && t.operator != "Exists" {
+            errs.add(
+                format!("{tat}.operator"),
+                "must be Exists when key is empty",
+            );
+        }
+        if !t.effect.is_empty() {
+            one_of(
+                &t.effect,
+                &["NoSchedule", "PreferNoSchedule", "NoExecute"],
+                &format!("{tat}.effect"),
+                errs,
+            );
+        }
+        if t.toleration_seconds.is_some() && t.effect != "NoExecute" {
+            errs.add(
+                format!("{tat}.tolerationSeconds"),
+                "only allowed with effect NoExecute",
+            );
+        }
+    }
+}
+
+fn validate_container(c: &Container, at: &str, errs: &mut FieldErrors) {
+    if c.name.is_empty() {
+        errs.add(format!("{at}.name"), "required");
+    } else if let Err(e) = validate_dns1123_label(&c.name) {
+        errs.add(
+            format!("{at}.name"),
+            format!("invalid value {:?}: {e}", c.name),
+        );
+    }
+    if c.image.is_empty() && c.command.is_empty() {
+        errs.add(at, "image or command required");
+    }
+    for (i, e) in c.env.iter().enumerate() {
+        if e.name.is_empty() || e.name.contains('=') {
+            errs.add(
+                format!("{at}.env[{i}].name"),
+                "required, and must not contain '='",
+            );
+        }
+    }
+    let mut port_names = BTreeSet::new();
+    for (i, p) in c.ports.iter().enumerate() {
+        let pat = format!("{at}.ports[{i}]");
+        port_number(p.container_port, &format!("{pat}.containerPort"), errs);
+        if p.host_port != 0 {
+            port_number(p.host_port, &format!("{pat}.hostPort"), errs);
+        }
+        one_of(&p.protocol, PROTOCOLS, &format!("{pat}.protocol"), errs);
+        if !p.name.is_empty() {
+            port_ref(&p.name, &format!("{pat}.name"), errs);
+            if p.name.parse::<i64>().is_ok() {
+                errs.add(format!("{pat}.name"), "must not be a number");
+            }
+            if !port_names.insert(p.name.as_str()) {
+                errs.add(
+                    format!("{pat}.name"),
+                    format!("duplicate port name {:?}", p.name),
+                );
+            }
+        }
+    }
+    if let Some(r) = &c.resources {
+        let rat = format!("{at}.resources");
+        validate_quantities(&r.requests, &format!("{rat}.requests"), errs);
+        validate_quantities(&r.limits, &format!("{rat}.limits"), errs);
+        for (name, req) in &r.requests {
+            if let (Some(limit), Ok(req)) = (r.limits.get(name), Quantity::parse(req))
+                && let Ok(limit) = Quantity::parse(limit)
+                && req > limit
+            {
+                errs.add(
+                    format!("{rat}.requests.{name}"),
+                    format!("must be less than or equal to the limit ({limit})"),
+                );
+            }
+        }
+    }
+    for (probe, field) in [
+        (&c.liveness_probe, "livenessProbe"),
+        (&c.readiness_probe, "readinessProbe"),
+        (&c.startup_probe, "startupProbe"),
+    ] {
+        if let Some(p) = probe {
+            validate_probe(p, &format!("{at}.{field}"), errs);
+        }
+    }
+}
+
+fn validate_probe(p: &Probe, at: &str, errs: &mut FieldErrors) {
+    let handlers = [
+        p.exec.is_some(),
+        p.http_get.is_some(),
+        p.tcp_socket.is_some(),
+    ]
+    .iter()
+    .filter(|h| **h)
+    .count();
+    if handlers != 1 {
+        errs.add(at, "must specify exactly one of exec, httpGet, tcpSocket");
+    }
+    if let Some(e) = &p.exec
+        && e.command.is_empty()
+    {
+        errs.add(format!("{at}.exec.command"), "required");
+    }
+    if let Some(h) = &p.http_get {
+        port_ref(&h.port, &format!("{at}.httpGet.port"), errs);
+        one_of(
+            &h.scheme,
+            &["HTTP", "HTTPS"],
+            &format!("{at}.httpGet.scheme"),
+            errs,
+        );
+    }
+    if let Some(t) = &p.tcp_socket {
+        port_ref(&t.port, &format!("{at}.tcpSocket.port"), errs);
+    }
+    for (v, f) in [
+        (p.initial_delay_seconds, "initialDelaySeconds"),
+        (p.timeout_seconds, "timeoutSeconds"),
+        (p.period_seconds, "periodSeconds"),
+        (p.success_threshold, "successThreshold"),
+        (p.failure_threshold, "failureThreshold"),
+    ] {
+        non_negative(v.into(), &format!("{at}.{f}"), errs);
+    }
+}
+
+impl Kind for Pod {
+    fn apply_defaults(&mut self) {
+        default_pod_spec(self.spec.get_or_insert_default());
+    }
+    fn validate(&self, errs: &mut FieldErrors) {
+        validate_pod_spec(self.spec.as_ref(), "spec", errs);
+    }
+    fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
+        // As in Kubernetes, a pod's spec is fixed once created, except container images;
+        // nodeName changes only through Bind.
+        let strip = |p: &Pod| {
+            let mut s = p.spec.clone().unwrap_or_default();
+            for c in s.containers.iter_mut().chain(s.init_containers.iter_mut()) {
+                c.image.clear();
+            }
+            s
+        };
+        let (new_spec, old_spec) = (strip(self), strip(old));
+        if new_spec.node_name != old_spec.node_name {
+            errs.add("spec.nodeName", "may not be changed by an update; use Bind");
+        } else if new_spec != old_spec {
+            errs.add(
+                "spec",
+                "pod updates may not change fields other than spec.containers[*].image",
+            );
+        }
+    }
+    fn grace_period(&self, requested: Option<i64>) -> i64 {
+        let spec = self.spec.as_ref();
+        let bound = spec.is_some_and(|s| !s.node_name.is_empty());
+        let phase = self.status.as_ref().map(|s| s.phase.as_str()).unwrap_or("");
+        if !bound || phase == "Succeeded" || phase == "Failed" {
+            // Nothing runs it: nothing to wait for.
+            return 0;
+        }
+        requested
+            .or_else(|| spec.and_then(|s| s.termination_grace_period_seconds))
+            .unwrap_or(30)
+            .max(0)
+    }
+    fn initial_status(&mut self) {
+        let status = self.status.get_or_insert_default();
+        status.phase = "Pending".into();
+    }
+}
+
+// ------------------------------------------------------------ workloads
+
+fn validate_selector_and_template(
+    selector: Option<&LabelSelector>,
+    template: Option<&PodTemplateSpec>,
+    errs: &mut FieldErrors,
+) {
+    let parsed = match selector {
+        None => {
+            errs.add("spec.selector", "required");
+            None
+        }
+        Some(s) => {
+            let exprs: Vec<(String, String, Vec<String>)> = s
+                .match_expressions
+                .iter()
+                .map(|e| (e.key.clone(), e.operator.clone(), e.values.clone()))
+                .collect();
+            match Selector::from_parts(&s.match_labels, &exprs) {
+                Ok(sel) if sel.is_empty() => {
+                    errs.add(
+                        "spec.selector",
+                        "must not be empty: it would select every pod",
+                    );
+                    None
+                }
+                Ok(sel) => Some(sel),
+                Err(e) => {
+                    errs.add("spec.selector", e.to_string());
+                    None
+                }
+            }
+        }
+    };
+    let Some(template) = template else {
+        errs.add("spec.template", "required");
+        return;
+    };
+    let labels = template
+        .metadata
+        .as_ref()
+        .map(|m| m.labels.clone())
+        .unwrap_or_default();
+    validate_labels(&labels, "spec.template.metadata.labels", errs);
+    if let Some(sel) = parsed
+        && !sel.matches(&labels)
+    {
+        errs.add(
+            "spec.template.metadata.labels",
+            format!("{labels:?} does not match the selector {sel:?}"),
+        );
+    }
+    validate_pod_spec(template.spec.as_ref(), "spec.template.spec", errs);
+}
+
+fn default_template(template: &mut Option<PodTemplateSpec>) {
+    if let Some(t) = template {
+        default_pod_spec(t.spec.get_or_insert_default());
+    }
+}
+
+impl Kind for ReplicaSet {
+    fn apply_defaults(&mut self) {
+        let spec = self.spec.get_or_insert_default();
+        spec.replicas.get_or_insert(1);
+        default_template(&mut spec.template);
+    }
+    fn validate(&self, errs: &mut FieldErrors) {
+        let Some(spec) = &self.spec else {
+            errs.add("spec", "required");
+            return;
+        };
+        if let Some(r) = spec.replicas {
+            non_negative(r.into(), "spec.replicas", errs);
+        }
+        non_negative(spec.min_ready_seconds.into(), "spec.minReadySeconds", errs);
+        validate_selector_and_template(spec.selector.as_ref(), spec.template.as_ref(), errs);
+    }
+    fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
+        let sel = |o: &Self| o.spec.as_ref().and_then(|s| s.selector.clone());
+        if sel(self) != sel(old) {
+            errs.add("spec.selector", "field is immutable");
+        }
+    }
+}
+
+/// Checks a maxSurge / maxUnavailable value: a non-negative count or a percentage.
+pub fn validate_int_or_percent(v: &str, at: &str, errs: &mut FieldErrors) {
+    let ok = match v.strip_suffix('%') {
+        Some(p) => p.parse::<u32>().is_ok(),
+        None => v.parse::<u32>().is_ok(),
+    };
+    if !ok {
+        errs.add(at, format!("invalid value {v:?}: must be a non-negative integer or a percentage such as \"25%\""));
+    }
+}
+
+impl Kind for Deployment {
+    fn apply_defaults(&mut self) {
+        let spec = self.spec.get_or_insert_default();
+        spec.replicas.get_or_insert(1);
+        spec.revision_history_limit.get_or_insert(10);
+        spec.progress_deadline_seconds.get_or_insert(600);
+        let strategy = spec.strategy.get_or_insert_default();
+        if strategy.r#type.is_empty() {
+            strategy.r#type = "RollingUpdate".into();
+        }
+        if strategy.r#type == "RollingUpdate" {
+            let ru = strategy.rolling_update.get_or_insert_default();
+            if ru.max_surge.is_empty() {
+                ru.max_surge = "25%".into();
+            }
+            if ru.max_unavailable.is_empty() {
+                ru.max_unavailable = "25%".into();
+            }
+        }
+        default_template(&mut spec.template);
+    }
+    fn validate(&self, errs: &mut FieldErrors) {
+        let Some(spec) = &self.spec else {
+            errs.add("spec", "required");
+            return;
+        };
+        if let Some(r) = spec.replicas {
+            non_negative(r.into(), "spec.replicas", errs);
+        }
+        non_negative(spec.min_ready_seconds.into(), "spec.minReadySeconds", errs);
+        if let Some(r) = spec.revision_history_limit {
+            non_negative(r.into(), "spec.revisionHistoryLimit", errs);
+        }
+        if let Some(p) = spec.progress_deadline_seconds
+            && p <= spec.min_ready_seconds
+        {
+            errs.add(
+                "spec.progressDeadlineSeconds",
+                "must be greater than minReadySeconds",
+            );
+        }
+        if let Some(strategy) = &spec.strategy {
+            one_of(
+                &strategy.r#type,
+                &["RollingUpdate", "Recreate"],
+                "spec.strategy.type",
+                errs,
+            );
+            match (&strategy.r#type[..], &strategy.rolling_update) {
+                ("Recreate", Some(_)) => errs.add(
+                    "spec.strategy.rollingUpdate",
+                    "may not be specified when strategy type is Recreate",
+                ),
+                ("RollingUpdate", Some(ru)) => {
+                    let at = "spec.strategy.rollingUpdate";
+                    validate_int_or_percent(&ru.max_surge, &format!("{at}.maxSurge"), errs);
+                    validate_int_or_percent(
+                        &ru.max_unavailable,
+                        &format!("{at}.maxUnavailable"),
+                        errs,
+                    );
+                    let zero = |v: &str| v == "0" || v == "0%";
+                    if zero(&ru.max_surge) && zero(&ru.max_unavailable) {
+                        errs.add(
+                            format!("{at}.maxUnavailable"),
+                            "may not be 0 when maxSurge is 0",
+                        );
+                    }
+                    if let Some(p) = ru.max_unavailable.strip_suffix('%')
+                        && p.parse::<u32>().is_ok_and(|p| p > 100)
+                    {
+                        errs.add(
+                            format!("{at}.maxUnavailable"),
+                            "must not be greater than 100%",
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        validate_selector_and_template(spec.selector.as_ref(), spec.template.as_ref(), errs);
+    }
+    fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
+        let sel = |o: &Self| o.spec.as_ref().and_then(|s| s.selector.clone());
+        if sel(self) != sel(old) {
+            errs.add("spec.selector", "field is immutable");
+        }
+    }
+}
+
+// ------------------------------------------------------------- services
+
+impl Kind for Service {
+    const LABEL_NAMES: bool = true;
+
+    fn apply_defaults(&mut self) {
+        let spec = self.spec.get_or_insert_default();
+        if spec.r#type.is_empty() {
+            spec.r#type = "ClusterIP".into();
+        }
+        for p in &mut spec.ports {
+            if p.protocol.is_empty() {
+                p.protocol = "TCP".into();
+            }
+            if p.target_port.is_empty() || p.target_port == "0" {
+                p.target_port = p.port.to_string();
+            }
+        }
+    }
+    fn validate(&self, errs: &mut FieldErrors) {
+        let Some(spec) = &self.spec else {
+            errs.add("spec", "required");
+            return;
+        };
+        one_of(
+            &spec.r#type,
+            &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"],
+            "spec.type",
+            errs,
+        );
+        if spec.ports.is_empty() && spec.cluster_ip != "None" && spec.r#type != "ExternalName" {
+            errs.add("spec.ports", "required");
+        }
+        let mut names = BTreeSet::new();
+        for (i, p) in spec.ports.iter().enumerate() {
+            let at = format!("spec.ports[{i}]");
+            port_number(p.port, &format!("{at}.port"), errs);
+            one_of(&p.protocol, PROTOCOLS, &format!("{at}.protocol"), errs);
+            port_ref(&p.target_port, &format!("{at}.targetPort"), errs);
+            if spec.ports.len() > 1 && p.name.is_empty() {
+                errs.add(
+                    format!("{at}.name"),
+                    "required when a service has more than one port",
+                );
+            }
+            if !p.name.is_empty() {
+                if let Err(e) = validate_dns1123_label(&p.name) {
+                    errs.add(format!("{at}.name"), e);
+                }
+                if !names.insert(p.name.as_str()) {
+                    errs.add(
+                        format!("{at}.name"),
+                        format!("duplicate port name {:?}", p.name),
+                    );
+                }
+            }
+            if p.node_port != 0 {
+                port_number(p.node_port, &format!("{at}.nodePort"), errs);
+            }
+        }
+        validate_labels(&spec.selector, "spec.selector", errs);
+        if !spec.cluster_ip.is_empty()
+            && spec.cluster_ip != "None"
+            && spec.cluster_ip.parse::<std::net::Ipv4Addr>().is_err()
+        {
+            errs.add(
+                "spec.clusterIP",
+                format!(
+                    "invalid value {:?}: must be an IPv4 address or \"None\"",
+                    spec.cluster_ip
+                ),
+            );
+        }
+    }
+    fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
+        let ip = |s: &Self| {
+            s.spec
+                .as_ref()
+                .map(|s| s.cluster_ip.clone())
+                .unwrap_or_default()
+        };
+        if !ip(self).is_empty() && ip(self) != ip(old) {
+            errs.add("spec.clusterIP", "field is immutable");
+        }
+    }
+}
+
+impl Kind for Endpoints {
+    fn validate(&self, errs: &mut FieldErrors) {
+        for (i, s) in self.subsets.iter().enumerate() {
+            for (list, field) in [
+                (&s.addresses, "addresses"),
+                (&s.not_ready_addresses, "notReadyAddresses"),
+            ] {
+                for (j, a) in list.iter().enumerate() {
+                    if a.ip.parse::<std::net::IpAddr>().is_err() {
+                        errs.add(
+                            format!("subsets[{i}].{field}[{j}].ip"),
+                            format!("invalid value {:?}: must be an IP address", a.ip),
+                        );
+                    }
+                }
+            }
+            for (j, p) in s.ports.iter().enumerate() {
+                port_number(p.port, &format!("subsets[{i}].ports[{j}].port"), errs);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- nodes
+
+impl Kind for Node {
+    fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(spec) = &self.spec {
+            for (i, t) in spec.taints.iter().enumerate() {
+                let at = format!("spec.taints[{i}]");
+                if let Err(e) = validate_label_key(&t.key) {
+                    errs.add(format!("{at}.key"), e);
+                }
+                one_of(
+                    &t.effect,
+                    &["NoSchedule", "PreferNoSchedule", "NoExecute"],
+                    &format!("{at}.effect"),
+                    errs,
+                );
+            }
+        }
+        if let Some(status) = &self.status {
+            validate_quantities(&status.capacity, "status.capacity", errs);
+            validate_quantities(&status.allocatable, "status.allocatable", errs);
+        }
+    }
+    fn keeps_status_on_create() -> bool {
+        true
+    }
+}
+
+impl Kind for Namespace {
+    const LABEL_NAMES: bool = true;
+
+    fn validate(&self, _errs: &mut FieldErrors) {}
+    fn initial_status(&mut self) {
+        self.status.get_or_insert_default().phase = "Active".into();
+    }
+}
+
+// ------------------------------------------------------------ the rest
+
+impl Kind for Event {
+    fn validate(&self, errs: &mut FieldErrors) {
+        match &self.involved_object {
+            None => errs.add("involvedObject", "required"),
+            Some(r) if r.kind.is_empty() || r.name.is_empty() => {
+                errs.add("involvedObject", "kind and name are required")
+            }
+            Some(_) => {}
+        }
+        if !self.r#type.is_empty() {
+            one_of(&self.r#type, &["Normal", "Warning"], "type", errs);
+        }
+    }
+}
+
+impl Kind for Lease {
+    fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(d) = self.spec.as_ref().and_then(|s| s.lease_duration_seconds)
+            && d <= 0
+        {
+            errs.add("spec.leaseDurationSeconds", format!("must be > 0, got {d}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::api::json::from_value;
+    use serde_json::json;
+
+    fn errors<K: Kind>(v: serde_json::Value) -> String {
+        let mut obj: K = from_value(v).unwrap();
+        obj.apply_defaults();
+        let mut errs = FieldErrors::default();
+        validate_metadata(&obj, &mut errs);
+        obj.validate(&mut errs);
+        errs.to_string()
+    }
+
+    fn deployment(spec: serde_json::Value) -> serde_json::Value {
+        json!({"metadata": {"name": "web", "namespace": "default"}, "spec": spec})
+    }
+
+    #[test]
+    fn a_good_deployment_passes() {
+        let e = errors::<Deployment>(deployment(json!({
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}},
+                         "spec": {"containers": [{"name": "web", "command": ["web"]}]}},
+        })));
+        assert_eq!(e, "");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = errors::<Deployment>(deployment(json!({
+            "replicas": -1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "db"}},
+                         "spec": {"containers": [{"image": "x"}]}},
+        })));
+        assert!(e.contains("spec.replicas: must be >= 0"), "{e}");
+        assert!(
+            e.contains("spec.template.spec.containers[0].name: required"),
+            "{e}"
+        );
+        assert!(e.contains("spec.template.metadata.labels:"), "{e}");
+    }
+
+    #[test]
+    fn pod_rules() {
+        let e = errors::<Pod>(
+            json!({"metadata": {"name": "Bad_Name", "namespace": "default"},
+            "spec": {"restartPolicy": "Sometimes", "containers": [
+                {"name": "a", "image": "x", "ports": [{"containerPort": 70000}],
+                 "resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "1", "memory": "lots"}},
+                 "livenessProbe": {"periodSeconds": 5}},
+                {"name": "a", "image": "y"}]}}),
+        );
+        for want in [
+            "metadata.name: invalid value \"Bad_Name\"",
+            "spec.restartPolicy: unsupported value \"Sometimes\"",
+            "spec.containers[0].ports[0].containerPort: must be between 1 and 65535",
+            "spec.containers[0].resources.limits.memory:",
+            "spec.containers[0].resources.requests.cpu: must be less than or equal to the limit",
+            "spec.containers[0].livenessProbe: must specify exactly one of",
+            "spec.containers[1].name: duplicate container name",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in {e}");
+        }
+    }
+
+    #[test]
+    fn deployment_strategy_rules() {
+        let base = |strategy: serde_json::Value| {
+            errors::<Deployment>(deployment(json!({
+                "selector": {"matchLabels": {"app": "web"}},
+                "strategy": strategy,
+                "template": {"metadata": {"labels": {"app": "web"}},
+                             "spec": {"containers": [{"name": "web", "command": ["web"]}]}},
+            })))
+        };
+        assert!(
+            base(json!({"rollingUpdate": {"maxSurge": 0, "maxUnavailable": "0%"}}))
+                .contains("maxUnavailable: may not be 0 when maxSurge is 0")
+        );
+        assert!(
+            base(json!({"rollingUpdate": {"maxSurge": "x%"}})).contains("maxSurge: invalid value")
+        );
+        assert!(
+            base(json!({"type": "Recreate", "rollingUpdate": {"maxSurge": 1}}))
+                .contains("spec.strategy.rollingUpdate: may not be specified")
+        );
+        assert_eq!(base(json!({"type": "Recreate"})), "");
+    }
+
+    #[test]
+    fn pod_spec_is_fixed_after_create() {
+        let pod: Pod =
+            from_value(json!({"spec": {"containers": [{"name": "a", "image": "x"}]}})).unwrap();
+        let mut new = pod.clone();
+        new.spec.as_mut().unwrap().containers[0].image = "y".into();
+        let mut errs = FieldErrors::default();
+        new.validate_update(&pod, &mut errs);
+        assert!(errs.is_empty());
+        new.spec.as_mut().unwrap().restart_policy = "Never".into();
+        new.validate_update(&pod, &mut errs);
+        assert!(
+            errs.to_string()
+                .starts_with("spec: pod updates may not change")
+        );
+    }
+}

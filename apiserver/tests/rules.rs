@@ -1,0 +1,556 @@
+//! Each rule of "The API", through the gRPC surface, on a real (one- or three-member)
+//! control plane. Every test would fail without the rule it names.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::ControlPlane;
+use flotilla_client::Client;
+use flotilla_client::api::json::from_value;
+use flotilla_client::api::*;
+use serde_json::json;
+use tonic::Code;
+
+fn pod(name: &str, labels: serde_json::Value) -> Pod {
+    from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": labels},
+        "spec": {"containers": [{"name": "main", "command": ["sleep", "3600"]}]},
+    }))
+    .unwrap()
+}
+
+fn deployment(name: &str, replicas: i32) -> Deployment {
+    from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                         "spec": {"containers": [{"name": "web", "command": ["web"]}]}},
+        },
+    }))
+    .unwrap()
+}
+
+async fn pods(client: &Client, label_selector: &str, field_selector: &str) -> BTreeSet<String> {
+    let req = ListRequest {
+        namespace: "default".into(),
+        label_selector: label_selector.into(),
+        field_selector: field_selector.into(),
+        ..Default::default()
+    };
+    let (items, _) = client.list::<Pod>(&req).await.unwrap();
+    items.iter().map(|p| p.name().to_string()).collect()
+}
+
+#[tokio::test]
+async fn create_assigns_identity_and_defaults() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let created = c.create(&pod("a", json!({}))).await.unwrap();
+    let meta = created.metadata.clone().unwrap();
+    assert_eq!(meta.uid.len(), 36);
+    assert_eq!(meta.generation, 1);
+    assert!(!meta.creation_timestamp.is_empty());
+    assert!(meta.resource_version.parse::<i64>().unwrap() > 0);
+    let spec = created.spec.clone().unwrap();
+    assert_eq!(spec.restart_policy, "Always");
+    assert_eq!(spec.termination_grace_period_seconds, Some(30));
+    assert_eq!(created.status.clone().unwrap().phase, "Pending");
+    assert_eq!(c.get::<Pod>("default", "a").await.unwrap(), created);
+
+    let again = c.create(&pod("a", json!({}))).await.unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists, "{again}");
+    assert_eq!(again.status.message(), "pods \"a\" already exists");
+
+    // generateName picks a fresh name.
+    let mut generated = pod("", json!({}));
+    generated.metadata_mut().generate_name = "web-".into();
+    let g = c.create(&generated).await.unwrap();
+    assert!(
+        g.name().starts_with("web-") && g.name().len() == 9,
+        "{}",
+        g.name()
+    );
+}
+
+#[tokio::test]
+async fn bad_objects_are_refused_by_field_and_change_nothing() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let mut d = deployment("web", 2);
+    d.spec.as_mut().unwrap().replicas = Some(-1);
+    d.spec
+        .as_mut()
+        .unwrap()
+        .template
+        .as_mut()
+        .unwrap()
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[0]
+        .name
+        .clear();
+    let e = c.create(&d).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.status.message().contains("spec.replicas: must be >= 0"),
+        "{e}"
+    );
+    assert!(
+        e.status
+            .message()
+            .contains("spec.template.spec.containers[0].name: required"),
+        "{e}"
+    );
+    let e = c.get::<Deployment>("default", "web").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // A namespace that does not exist.
+    let mut p = pod("a", json!({}));
+    p.metadata_mut().namespace = "nowhere".into();
+    let e = c.create(&p).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(e.status.message(), "namespaces \"nowhere\" not found");
+
+    // A kind sent to the wrong service.
+    let mut p = pod("a", json!({}));
+    p.kind = "Deployment".into();
+    let e = c.create(&p).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.status.message().starts_with("kind: must be Pod"), "{e}");
+}
+
+#[tokio::test]
+async fn stale_resource_version_conflicts_and_changes_nothing() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let v1 = c.create(&deployment("web", 1)).await.unwrap();
+    let mut v2 = v1.clone();
+    v2.spec.as_mut().unwrap().replicas = Some(2);
+    let v2 = c.update(&v2).await.unwrap();
+    assert_ne!(v2.resource_version(), v1.resource_version());
+
+    // Writing from the stale copy fails, and the object stays as v2.
+    let mut stale = v1.clone();
+    stale.spec.as_mut().unwrap().replicas = Some(5);
+    let e = c.update(&stale).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    assert!(
+        e.status.message().contains("the object has been modified"),
+        "{e}"
+    );
+    assert_eq!(c.get::<Deployment>("default", "web").await.unwrap(), v2);
+
+    // An update that changes nothing writes nothing.
+    let same = c.update(&v2).await.unwrap();
+    assert_eq!(same.resource_version(), v2.resource_version());
+}
+
+#[tokio::test]
+async fn generation_follows_spec_and_status_has_its_own_call() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let d = c.create(&deployment("web", 1)).await.unwrap();
+    assert_eq!(d.metadata.as_ref().unwrap().generation, 1);
+
+    // Status through UpdateStatus: generation stays.
+    let mut s = d.clone();
+    s.status = Some(DeploymentStatus {
+        replicas: 1,
+        ready_replicas: 1,
+        observed_generation: 1,
+        ..Default::default()
+    });
+    let s = c.update_status(&s).await.unwrap();
+    assert_eq!(s.metadata.as_ref().unwrap().generation, 1);
+    assert_eq!(s.status.as_ref().unwrap().ready_replicas, 1);
+
+    // A label change is not a spec change.
+    let mut l = s.clone();
+    l.metadata_mut().labels.insert("team".into(), "a".into());
+    let l = c.update(&l).await.unwrap();
+    assert_eq!(l.metadata.as_ref().unwrap().generation, 1);
+
+    // Update ignores status; a spec change bumps generation.
+    let mut u = l.clone();
+    u.spec.as_mut().unwrap().replicas = Some(3);
+    u.status.as_mut().unwrap().ready_replicas = 99;
+    let u = c.update(&u).await.unwrap();
+    assert_eq!(u.metadata.as_ref().unwrap().generation, 2);
+    assert_eq!(u.status.as_ref().unwrap().ready_replicas, 1);
+}
+
+#[tokio::test]
+async fn finalizers_hold_deletion() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let mut d = deployment("web", 1);
+    d.metadata_mut().finalizers = vec!["example.com/hold".into()];
+    c.create(&d).await.unwrap();
+
+    let deleting: Deployment = c.delete_named("default", "web").await.unwrap();
+    assert!(
+        !deleting
+            .metadata
+            .as_ref()
+            .unwrap()
+            .deletion_timestamp
+            .is_empty()
+    );
+    let still = c.get::<Deployment>("default", "web").await.unwrap();
+    assert_eq!(
+        still.metadata.as_ref().unwrap().finalizers,
+        vec!["example.com/hold"]
+    );
+
+    // No new finalizers while deleting.
+    let mut more = still.clone();
+    more.metadata_mut()
+        .finalizers
+        .push("example.com/other".into());
+    assert_eq!(
+        c.update(&more).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    // Removing the last finalizer completes the deletion.
+    let mut done = still.clone();
+    done.metadata_mut().finalizers.clear();
+    c.update(&done).await.unwrap();
+    let e = c.get::<Deployment>("default", "web").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn propagation_policies_mark_the_owner() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    for (name, policy, finalizer) in [
+        ("fg", "Foreground", "foregroundDeletion"),
+        ("or", "Orphan", "orphan"),
+    ] {
+        c.create(&deployment(name, 1)).await.unwrap();
+        let req = DeleteRequest {
+            namespace: "default".into(),
+            name: name.into(),
+            propagation_policy: policy.into(),
+            ..Default::default()
+        };
+        let d: Deployment = c.delete(&req).await.unwrap();
+        let meta = d.metadata.unwrap();
+        assert_eq!(meta.finalizers, vec![finalizer.to_string()], "{policy}");
+        assert!(!meta.deletion_timestamp.is_empty());
+    }
+    c.create(&deployment("bg", 1)).await.unwrap();
+    let _: Deployment = c.delete_named("default", "bg").await.unwrap();
+    assert!(
+        c.get::<Deployment>("default", "bg")
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+    let bad = DeleteRequest {
+        namespace: "default".into(),
+        name: "fg".into(),
+        propagation_policy: "Sideways".into(),
+        ..Default::default()
+    };
+    let e = c.delete::<Deployment>(&bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.status.message().starts_with("propagationPolicy:"), "{e}");
+}
+
+#[tokio::test]
+async fn pods_are_deleted_gracefully_once_bound() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    // Unbound: nothing runs it, so it goes at once.
+    c.create(&pod("unbound", json!({}))).await.unwrap();
+    let _: Pod = c.delete_named("default", "unbound").await.unwrap();
+    assert!(
+        c.get::<Pod>("default", "unbound")
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+
+    c.create(&pod("bound", json!({}))).await.unwrap();
+    c.bind("default", "bound", "node-1").await.unwrap();
+    let p: Pod = c.delete_named("default", "bound").await.unwrap();
+    let meta = p.metadata.unwrap();
+    assert_eq!(meta.deletion_grace_period_seconds, Some(30));
+    assert!(!meta.deletion_timestamp.is_empty());
+    assert!(c.get::<Pod>("default", "bound").await.is_ok());
+    // The agent, once the containers stopped, deletes with grace 0.
+    let now = DeleteRequest {
+        namespace: "default".into(),
+        name: "bound".into(),
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    let _: Pod = c.delete(&now).await.unwrap();
+    assert!(
+        c.get::<Pod>("default", "bound")
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+}
+
+#[tokio::test]
+async fn a_pod_is_bound_once() {
+    let cp = ControlPlane::start(3).await;
+    let c = cp.client();
+    for i in 0..10 {
+        let name = format!("p{i}");
+        c.create(&pod(&name, json!({}))).await.unwrap();
+        // Three schedulers race to bind the same pod, through different members.
+        let binds = (0..3).map(|n| {
+            let c = cp.client_of(n);
+            let name = name.clone();
+            async move { c.bind("default", &name, &format!("node-{n}")).await }
+        });
+        let results = futures::future::join_all(binds).await;
+        let won: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
+        assert_eq!(won.len(), 1, "{results:?}");
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(r.code(), Code::Aborted, "{r}");
+        }
+        let bound = c.get::<Pod>("default", &name).await.unwrap();
+        let node = &bound.spec.as_ref().unwrap().node_name;
+        assert_eq!(
+            node,
+            &won[0].as_ref().unwrap().spec.as_ref().unwrap().node_name
+        );
+        let cond = &bound.status.as_ref().unwrap().conditions;
+        assert!(
+            cond.iter()
+                .any(|c| c.r#type == "PodScheduled" && c.status == "True")
+        );
+        // An update may not move it either.
+        let mut moved = bound.clone();
+        moved.spec.as_mut().unwrap().node_name = "elsewhere".into();
+        assert_eq!(
+            c.update(&moved).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+    }
+}
+
+#[tokio::test]
+async fn selectors_filter_lists() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    c.create(&pod("web-1", json!({"app": "web", "tier": "front"})))
+        .await
+        .unwrap();
+    c.create(&pod("web-2", json!({"app": "web", "tier": "back"})))
+        .await
+        .unwrap();
+    c.create(&pod("db-1", json!({"app": "db"}))).await.unwrap();
+    c.bind("default", "web-2", "n2").await.unwrap();
+
+    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(pods(&c, "app=web", "").await, set(&["web-1", "web-2"]));
+    assert_eq!(pods(&c, "app!=web", "").await, set(&["db-1"]));
+    assert_eq!(
+        pods(&c, "tier in (front,middle)", "").await,
+        set(&["web-1"])
+    );
+    assert_eq!(pods(&c, "!tier", "").await, set(&["db-1"]));
+    assert_eq!(pods(&c, "", "spec.nodeName=n2").await, set(&["web-2"]));
+    assert_eq!(
+        pods(&c, "", "spec.nodeName=").await,
+        set(&["web-1", "db-1"])
+    );
+    assert_eq!(
+        pods(&c, "app=web", "metadata.name!=web-1").await,
+        set(&["web-2"])
+    );
+
+    let bad = ListRequest {
+        label_selector: "app in (web".into(),
+        ..Default::default()
+    };
+    let e = c.list::<Pod>(&bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.status.message().starts_with("labelSelector:"), "{e}");
+    let bad = ListRequest {
+        field_selector: "spec.image=x".into(),
+        ..Default::default()
+    };
+    let e = c.list::<Pod>(&bad).await.unwrap_err();
+    assert!(e.status.message().starts_with("fieldSelector:"), "{e}");
+}
+
+#[tokio::test]
+async fn pages_are_consistent_under_concurrent_writes() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let mut expected = BTreeSet::new();
+    for i in 0..40 {
+        let name = format!("p{i:03}");
+        c.create(&pod(&name, json!({"app": "x"}))).await.unwrap();
+        expected.insert(name);
+    }
+    let mut req = ListRequest {
+        namespace: "default".into(),
+        limit: 7,
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    let mut revision = String::new();
+    let mut pages = 0;
+    loop {
+        let page: PodList = c.list_page::<Pod>(&req).await.unwrap();
+        pages += 1;
+        let meta = page.metadata.clone().unwrap();
+        if revision.is_empty() {
+            revision = meta.resource_version.clone();
+        }
+        assert_eq!(
+            meta.resource_version, revision,
+            "every page is at the first page's revision"
+        );
+        seen.extend(page.items.iter().map(|p| p.name().to_string()));
+        // Writes between pages: new pods, a deleted one, a changed one.
+        let n = format!("new{pages}");
+        c.create(&pod(&n, json!({"app": "x"}))).await.unwrap();
+        if pages == 2 {
+            let _: Pod = c.delete_named("default", "p039").await.unwrap();
+        }
+        if meta.r#continue.is_empty() {
+            break;
+        }
+        req.r#continue = meta.r#continue;
+    }
+    assert_eq!(pages, 6);
+    let seen_set: BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(seen.len(), seen_set.len(), "no duplicates");
+    assert_eq!(
+        seen_set, expected,
+        "exactly the pods at the first page's revision"
+    );
+}
+
+#[tokio::test]
+async fn patch_merges_and_a_no_op_writes_nothing() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let d = c.create(&deployment("web", 1)).await.unwrap();
+    let scaled: Deployment = c
+        .patch("default", "web", &json!({"spec": {"replicas": 4}}))
+        .await
+        .unwrap();
+    assert_eq!(scaled.spec.as_ref().unwrap().replicas, Some(4));
+    assert_eq!(scaled.metadata.as_ref().unwrap().generation, 2);
+    assert_eq!(
+        scaled.metadata.as_ref().unwrap().uid,
+        d.metadata.as_ref().unwrap().uid
+    );
+    let same: Deployment = c
+        .patch("default", "web", &json!({"spec": {"replicas": 4}}))
+        .await
+        .unwrap();
+    assert_eq!(same.resource_version(), scaled.resource_version());
+
+    let e = c
+        .patch::<Deployment>("default", "web", &json!({"spec": {"replicaz": 1}}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.status
+            .message()
+            .starts_with("spec.replicaz: unknown field"),
+        "{e}"
+    );
+    // A stale resourceVersion in the patch is a conflict.
+    let e = c
+        .patch::<Deployment>(
+            "default",
+            "web",
+            &json!({"metadata": {"resourceVersion": d.resource_version()}, "spec": {"replicas": 1}}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+}
+
+#[tokio::test]
+async fn namespaces_scope_objects_and_terminate() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let ns: Namespace = from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+    let ns = c.create(&ns).await.unwrap();
+    assert_eq!(ns.status.unwrap().phase, "Active");
+    let mut p = pod("a", json!({}));
+    p.metadata_mut().namespace = "shop".into();
+    c.create(&p).await.unwrap();
+    assert!(
+        c.get::<Pod>("default", "a")
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+
+    // Not empty: it becomes Terminating and takes no new objects.
+    let terminating: Namespace = c.delete_named("", "shop").await.unwrap();
+    assert_eq!(terminating.status.unwrap().phase, "Terminating");
+    let mut q = pod("b", json!({}));
+    q.metadata_mut().namespace = "shop".into();
+    assert_eq!(
+        c.create(&q).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    // Once empty, deleting it again removes it.
+    let _: Pod = c.delete_named("shop", "a").await.unwrap();
+    let _: Namespace = c.delete_named("", "shop").await.unwrap();
+    assert!(
+        c.get::<Namespace>("", "shop")
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+}
+
+#[tokio::test]
+async fn services_get_distinct_cluster_ips() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let mut ips = BTreeSet::new();
+    let mut first_ip = String::new();
+    for i in 0..5 {
+        let s: Service = from_value(json!({
+            "metadata": {"name": format!("s{i}")},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+        }))
+        .unwrap();
+        let s = c.create(&s).await.unwrap();
+        let spec = s.spec.unwrap();
+        assert!(spec.cluster_ip.starts_with("10."), "{}", spec.cluster_ip);
+        assert_eq!(spec.ports[0].target_port, "8080");
+        if i == 0 {
+            first_ip = spec.cluster_ip.clone();
+        }
+        ips.insert(spec.cluster_ip);
+    }
+    assert_eq!(ips.len(), 5);
+    // Asking for a taken IP is refused.
+    let s: Service = from_value(json!({
+        "metadata": {"name": "dup"},
+        "spec": {"clusterIP": first_ip, "ports": [{"port": 80}]},
+    }))
+    .unwrap();
+    let e = c.create(&s).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.status.message().starts_with("spec.clusterIP"), "{e}");
+    // Deleting a service frees its IP.
+    let _: Service = c.delete_named("default", "s0").await.unwrap();
+    c.create(&s).await.unwrap();
+}

@@ -1,0 +1,312 @@
+//! The typed client. One generic method per verb, for every kind, over the API's gRPC
+//! services; a call that finds its server unavailable moves on to the next one.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use flotilla_proto::api::*;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tonic_prost::ProstCodec;
+
+/// A call failed; `status` is what the server (or the transport) said.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{}", status.message())]
+pub struct ClientError {
+    pub status: Status,
+}
+
+impl ClientError {
+    pub fn code(&self) -> Code {
+        self.status.code()
+    }
+    pub fn is_not_found(&self) -> bool {
+        self.code() == Code::NotFound
+    }
+    pub fn is_conflict(&self) -> bool {
+        self.code() == Code::Aborted
+    }
+    pub fn is_already_exists(&self) -> bool {
+        self.code() == Code::AlreadyExists
+    }
+    /// The revision asked for is compacted: list again.
+    pub fn is_expired(&self) -> bool {
+        self.code() == Code::OutOfRange
+    }
+}
+
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        Self { status }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// A client of the control plane.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addrs: Vec<String>,
+    channels: Vec<Channel>,
+    current: AtomicUsize,
+    timeout: Duration,
+}
+
+/// Codes that mean "this server cannot answer now; another may".
+fn should_fail_over(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled)
+}
+
+impl Client {
+    /// A client of the servers at `addrs` (`HOST:PORT`); connections are made on first use.
+    pub fn new<S: AsRef<str>>(addrs: &[S]) -> std::result::Result<Self, String> {
+        if addrs.is_empty() {
+            return Err("no server address given".into());
+        }
+        let mut channels = Vec::new();
+        let mut names = Vec::new();
+        for addr in addrs {
+            let addr = addr.as_ref().trim();
+            let url = if addr.contains("://") {
+                addr.to_string()
+            } else {
+                format!("http://{addr}")
+            };
+            let endpoint = Endpoint::from_shared(url)
+                .map_err(|e| format!("invalid server address {addr:?}: {e}"))?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5));
+            channels.push(endpoint.connect_lazy());
+            names.push(addr.to_string());
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                addrs: names,
+                channels,
+                current: AtomicUsize::new(0),
+                timeout: Duration::from_secs(30),
+            }),
+        })
+    }
+
+    /// The addresses this client uses, in order.
+    pub fn addrs(&self) -> &[String] {
+        &self.inner.addrs
+    }
+
+    /// The channel to the server in use now, and its index.
+    pub fn channel(&self) -> (usize, Channel) {
+        let i = self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len();
+        (i, self.inner.channels[i].clone())
+    }
+
+    /// Moves on from server `failed` to the next one (unless another call already did).
+    pub fn fail_over(&self, failed: usize) {
+        let next = (failed + 1) % self.inner.channels.len();
+        let _ =
+            self.inner
+                .current
+                .compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// A unary call, tried on each server in turn while they are unavailable.
+    pub async fn unary<Req, Resp>(&self, path: &'static str, req: Req) -> Result<Resp>
+    where
+        Req: prost::Message + Clone + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + Sync + 'static,
+    {
+        let rounds = self.inner.channels.len() * 3;
+        let mut last = Status::unavailable("no server reachable");
+        for attempt in 0..rounds {
+            let (i, channel) = self.channel();
+            let mut grpc = tonic::client::Grpc::new(channel);
+            let outcome = async {
+                grpc.ready()
+                    .await
+                    .map_err(|e| Status::unavailable(format!("{}: {e}", self.inner.addrs[i])))?;
+                let mut request = tonic::Request::new(req.clone());
+                request.set_timeout(self.inner.timeout);
+                grpc.unary(
+                    request,
+                    PathAndQuery::from_static(path),
+                    ProstCodec::<Req, Resp>::default(),
+                )
+                .await
+            }
+            .await;
+            match outcome {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if should_fail_over(s.code()) => {
+                    tracing::debug!(server = %self.inner.addrs[i], "{path}: {}", s.message());
+                    last = s;
+                    self.fail_over(i);
+                    if (attempt + 1) % self.inner.channels.len() == 0 {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                Err(s) => return Err(s.into()),
+            }
+        }
+        Err(last.into())
+    }
+
+    /// Opens a server stream on the current server (failing over while it is unavailable).
+    pub async fn server_stream<Req, Resp>(
+        &self,
+        path: &'static str,
+        req: Req,
+    ) -> Result<tonic::Streaming<Resp>>
+    where
+        Req: prost::Message + Clone + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + Sync + 'static,
+    {
+        let rounds = self.inner.channels.len() * 3;
+        let mut last = Status::unavailable("no server reachable");
+        for attempt in 0..rounds {
+            let (i, channel) = self.channel();
+            let mut grpc = tonic::client::Grpc::new(channel);
+            let outcome = async {
+                grpc.ready()
+                    .await
+                    .map_err(|e| Status::unavailable(format!("{}: {e}", self.inner.addrs[i])))?;
+                grpc.server_streaming(
+                    tonic::Request::new(req.clone()),
+                    PathAndQuery::from_static(path),
+                    ProstCodec::<Req, Resp>::default(),
+                )
+                .await
+            }
+            .await;
+            match outcome {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if should_fail_over(s.code()) => {
+                    last = s;
+                    self.fail_over(i);
+                    if (attempt + 1) % self.inner.channels.len() == 0 {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                Err(s) => return Err(s.into()),
+            }
+        }
+        Err(last.into())
+    }
+
+    // ------------------------------------------------------------------ verbs
+
+    pub async fn create<K: Resource>(&self, object: &K) -> Result<K> {
+        self.unary(method::<K>("Create"), object.clone()).await
+    }
+
+    pub async fn get<K: Resource>(&self, namespace: &str, name: &str) -> Result<K> {
+        let req = GetRequest {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        self.unary(method::<K>("Get"), req).await
+    }
+
+    /// Every object matching `req`, following continue tokens (pages of `req.limit`).
+    pub async fn list<K: Resource>(&self, req: &ListRequest) -> Result<(Vec<K>, ListMeta)> {
+        let mut req = req.clone();
+        let mut all = Vec::new();
+        loop {
+            let list: K::List = self.unary(method::<K>("List"), req.clone()).await?;
+            let (items, meta) = K::list_items(list);
+            all.extend(items);
+            if meta.r#continue.is_empty() || req.limit == 0 {
+                return Ok((all, meta));
+            }
+            req.r#continue = meta.r#continue.clone();
+        }
+    }
+
+    /// One page of a list.
+    pub async fn list_page<K: Resource>(&self, req: &ListRequest) -> Result<K::List> {
+        self.unary(method::<K>("List"), req.clone()).await
+    }
+
+    pub async fn update<K: Resource>(&self, object: &K) -> Result<K> {
+        self.unary(method::<K>("Update"), object.clone()).await
+    }
+
+    pub async fn update_status<K: Resource>(&self, object: &K) -> Result<K> {
+        self.unary(method::<K>("UpdateStatus"), object.clone())
+            .await
+    }
+
+    pub async fn delete<K: Resource>(&self, req: &DeleteRequest) -> Result<K> {
+        self.unary(method::<K>("Delete"), req.clone()).await
+    }
+
+    /// Deletes by name with the defaults (the kind's grace period, background propagation).
+    pub async fn delete_named<K: Resource>(&self, namespace: &str, name: &str) -> Result<K> {
+        let req = DeleteRequest {
+            namespace: namespace.into(),
+            name: name.into(),
+            ..Default::default()
+        };
+        self.delete::<K>(&req).await
+    }
+
+    /// Applies a JSON merge patch.
+    pub async fn patch<K: Resource>(
+        &self,
+        namespace: &str,
+        name: &str,
+        patch: &serde_json::Value,
+    ) -> Result<K> {
+        let req = PatchRequest {
+            namespace: namespace.into(),
+            name: name.into(),
+            patch: patch.to_string(),
+            subresource: String::new(),
+        };
+        self.unary(method::<K>("Patch"), req).await
+    }
+
+    pub async fn bind(&self, namespace: &str, pod: &str, node: &str) -> Result<Pod> {
+        let binding = Binding {
+            metadata: Some(ObjectMeta {
+                name: pod.into(),
+                namespace: namespace.into(),
+                ..Default::default()
+            }),
+            target: Some(ObjectReference {
+                kind: "Node".into(),
+                name: node.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.unary("/flotilla.api.v1.Pods/Bind", binding).await
+    }
+
+    /// One watch stream, as the server sends it (see [`crate::watch`] for one that resumes).
+    pub async fn watch_once<K: Resource>(
+        &self,
+        req: &WatchRequest,
+    ) -> Result<tonic::Streaming<K::Event>> {
+        self.server_stream(method::<K>("Watch"), req.clone()).await
+    }
+}
+
+/// `/flotilla.api.v1.Pods/Create`, interned so it can be a `&'static str`.
+pub fn method<K: Resource>(verb: &str) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static PATHS: Mutex<Option<HashMap<(&'static str, String), &'static str>>> = Mutex::new(None);
+    let mut paths = PATHS.lock().unwrap_or_else(|p| p.into_inner());
+    let paths = paths.get_or_insert_with(HashMap::new);
+    paths
+        .entry((K::SERVICE, verb.to_string()))
+        .or_insert_with(|| Box::leak(format!("/{}/{verb}", K::SERVICE).into_boxed_str()))
+}

@@ -1,0 +1,262 @@
+//! Manifests: YAML or JSON in Kubernetes' shape, several documents per file (`---`), or a
+//! `List` with `items`. Each document is checked against its kind's shape; an unknown kind
+//! or field is an error that names the document and the field's path.
+
+use flotilla_proto::api::json::{ShapeError, from_value};
+use flotilla_proto::api::{KINDS, KindInfo, Resource, find_kind};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// One object of a manifest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Document {
+    /// 1-based position in the file (items of a `List` count one by one).
+    pub index: usize,
+    pub kind: &'static KindInfo,
+    pub value: Value,
+}
+
+impl Document {
+    pub fn name(&self) -> &str {
+        self.value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.value
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+
+    /// The typed object; the error names the field by its path.
+    pub fn decode<K: Resource>(&self) -> Result<K, ManifestError> {
+        from_value(self.value.clone()).map_err(|e: ShapeError| ManifestError {
+            document: self.index,
+            path: e.path,
+            message: e.message,
+        })
+    }
+}
+
+/// What is wrong with a manifest, and where.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("document {document}: {path}: {message}")]
+pub struct ManifestError {
+    pub document: usize,
+    pub path: String,
+    pub message: String,
+}
+
+/// Splits and checks a manifest. Every document must name a known kind with its apiVersion.
+pub fn parse(text: &str) -> Result<Vec<Document>, ManifestError> {
+    let mut docs = Vec::new();
+    let mut index = 0;
+    for de in serde_norway::Deserializer::from_str(text) {
+        index += 1;
+        let value = Value::deserialize(de).map_err(|e| ManifestError {
+            document: index,
+            path: "<root>".into(),
+            message: format!("not valid YAML or JSON: {e}"),
+        })?;
+        if value.is_null() {
+            // An empty document (a trailing `---`).
+            index -= 1;
+            continue;
+        }
+        if value.get("kind").and_then(Value::as_str) == Some("List") {
+            let items = match value.get("items") {
+                Some(Value::Array(items)) => items.clone(),
+                _ => {
+                    return Err(ManifestError {
+                        document: index,
+                        path: "items".into(),
+                        message: "a List needs an array of items".into(),
+                    });
+                }
+            };
+            for item in items {
+                docs.push(check(index, item)?);
+                index += 1;
+            }
+            index -= 1;
+            continue;
+        }
+        docs.push(check(index, value)?);
+    }
+    Ok(docs)
+}
+
+fn check(index: usize, value: Value) -> Result<Document, ManifestError> {
+    let err = |path: &str, message: String| ManifestError {
+        document: index,
+        path: path.into(),
+        message,
+    };
+    if !value.is_object() {
+        return Err(err(
+            "<root>",
+            "must be an object with apiVersion, kind and metadata".into(),
+        ));
+    }
+    let kind_name = value.get("kind").and_then(Value::as_str).unwrap_or("");
+    if kind_name.is_empty() {
+        return Err(err("kind", "required".into()));
+    }
+    let known = || KINDS.iter().map(|k| k.kind).collect::<Vec<_>>().join(", ");
+    let kind = find_kind(kind_name)
+        .filter(|k| k.kind == kind_name)
+        .ok_or_else(|| {
+            err(
+                "kind",
+                format!("unknown kind {kind_name:?}; Flotilla serves {}", known()),
+            )
+        })?;
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if api_version != kind.api_version {
+        return Err(err(
+            "apiVersion",
+            format!(
+                "{kind_name} is served as apiVersion {:?}, got {api_version:?}",
+                kind.api_version
+            ),
+        ));
+    }
+    if value
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .is_empty()
+    {
+        return Err(err("metadata.name", "required".into()));
+    }
+    let doc = Document { index, kind, value };
+    // Check the shape now, so nothing is applied from a file with a bad document in it.
+    with_kind!(kind.kind, K => doc.decode::<K>().map(|_| ()))?;
+    Ok(doc)
+}
+
+/// Runs `$body` with `$k` bound to the Rust type of the kind named `$kind`.
+#[macro_export]
+macro_rules! with_kind {
+    ($kind:expr, $k:ident => $body:expr) => {{
+        use $crate::api as __api;
+        match $kind {
+            "Namespace" => {
+                type $k = __api::Namespace;
+                $body
+            }
+            "Node" => {
+                type $k = __api::Node;
+                $body
+            }
+            "Pod" => {
+                type $k = __api::Pod;
+                $body
+            }
+            "ReplicaSet" => {
+                type $k = __api::ReplicaSet;
+                $body
+            }
+            "Deployment" => {
+                type $k = __api::Deployment;
+                $body
+            }
+            "Service" => {
+                type $k = __api::Service;
+                $body
+            }
+            "Endpoints" => {
+                type $k = __api::Endpoints;
+                $body
+            }
+            "Event" => {
+                type $k = __api::Event;
+                $body
+            }
+            "Lease" => {
+                type $k = __api::Lease;
+                $body
+            }
+            other => unreachable!("kind {other} is in KINDS but not in with_kind!"),
+        }
+    }};
+}
+pub use with_kind;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        command: ["python3", "-m", "http.server"]
+        resources:
+          requests: {cpu: 100m, memory: 64Mi}
+---
+"#;
+
+    #[test]
+    fn several_documents() {
+        let docs = parse(GOOD).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[1].kind.kind, "Deployment");
+        assert_eq!((docs[1].namespace(), docs[1].name()), ("shop", "web"));
+        let d: flotilla_proto::api::Deployment = docs[1].decode().unwrap();
+        assert_eq!(d.spec.unwrap().replicas, Some(2));
+    }
+
+    #[test]
+    fn json_and_lists() {
+        let docs = parse(
+            r#"{"apiVersion": "v1", "kind": "List", "items": [
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"}},
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "b"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(docs.iter().map(|d| d.index).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn errors_name_document_and_path() {
+        let bad = GOOD.replace("requests:", "requestz:");
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.document, 2);
+        assert_eq!(
+            e.path,
+            "spec.template.spec.containers[0].resources.requestz"
+        );
+        let e = parse("apiVersion: v1\nkind: Widget\nmetadata: {name: a}\n").unwrap_err();
+        assert!(e.to_string().contains("unknown kind \"Widget\""), "{e}");
+        let e = parse("apiVersion: v1\nkind: Deployment\nmetadata: {name: a}\n").unwrap_err();
+        assert!(e.to_string().contains("apiVersion \"apps/v1\""), "{e}");
+        let e = parse("kind: [").unwrap_err();
+        assert!(e.message.starts_with("not valid YAML"), "{e}");
+        let e = parse("apiVersion: v1\nkind: Pod\nmetadata: {}\n").unwrap_err();
+        assert_eq!(e.path, "metadata.name");
+    }
+}

@@ -1,0 +1,337 @@
+//! The API objects (`flotilla.api.v1`) and what every component knows about them.
+//!
+//! - [`Resource`]: the facts about one kind that the apiserver, the client and the command
+//!   line share (its name, plural, scope, where its status lives, its selectable fields);
+//! - [`json`]: JSON/YAML conversion with errors that name the field's path, merge patch;
+//! - [`selector`]: label and field selectors, name validation;
+//! - [`quantity`]: resource quantities (`250m`, `128Mi`);
+//! - [`time`]: timestamps and ages.
+
+pub mod json;
+pub mod quantity;
+pub mod selector;
+pub mod time;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use crate::flotilla_api_v1::*;
+
+/// One kind of API object.
+pub trait Resource:
+    prost::Message + Default + Clone + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+    /// `Pod`.
+    const KIND: &'static str;
+    /// `v1`, `apps/v1`, `coordination.k8s.io/v1`.
+    const API_VERSION: &'static str;
+    /// `pods`: the key prefix in the store and the name on the command line.
+    const PLURAL: &'static str;
+    /// The gRPC service's full name: `flotilla.api.v1.Pods`.
+    const SERVICE: &'static str;
+    const NAMESPACED: bool;
+    /// Whether the kind has a status that only UpdateStatus writes.
+    const HAS_STATUS: bool;
+    /// Fields a field selector may name, besides `metadata.name` and `metadata.namespace`.
+    const FIELDS: &'static [&'static str];
+
+    type List: prost::Message + Default + Serialize + Clone;
+    type Event: prost::Message + Default + Clone;
+
+    fn metadata(&self) -> Option<&ObjectMeta>;
+    fn metadata_mut(&mut self) -> &mut ObjectMeta;
+    fn set_type_meta(&mut self);
+    /// The object without metadata and status: what a change of bumps `generation`.
+    fn spec_part(&self) -> Self;
+    /// Replaces this object's status with `other`'s.
+    fn set_status_from(&mut self, other: &Self);
+    /// The value of a selectable field (see [`Resource::FIELDS`]).
+    fn field(&self, path: &str) -> Option<String>;
+
+    fn make_list(items: Vec<Self>, metadata: ListMeta) -> Self::List;
+    fn list_items(list: Self::List) -> (Vec<Self>, ListMeta);
+    fn make_event(kind: &str, object: Self) -> Self::Event;
+    fn event_parts(event: Self::Event) -> (String, Self);
+
+    fn name(&self) -> &str {
+        self.metadata().map(|m| m.name.as_str()).unwrap_or("")
+    }
+    fn namespace(&self) -> &str {
+        self.metadata().map(|m| m.namespace.as_str()).unwrap_or("")
+    }
+    fn resource_version(&self) -> &str {
+        self.metadata()
+            .map(|m| m.resource_version.as_str())
+            .unwrap_or("")
+    }
+    /// Every field a field selector may name.
+    fn selectable_fields() -> Vec<&'static str> {
+        let mut all = vec!["metadata.name", "metadata.namespace"];
+        all.extend_from_slice(Self::FIELDS);
+        all
+    }
+    /// [`Resource::field`] with the metadata fields.
+    fn field_value(&self, path: &str) -> Option<String> {
+        match path {
+            "metadata.name" => Some(self.name().to_string()),
+            "metadata.namespace" => Some(self.namespace().to_string()),
+            _ => self.field(path),
+        }
+    }
+}
+
+macro_rules! resource {
+    (
+        $ty:ident, $list:ident, $event:ident, $service:literal, $api_version:literal, $plural:literal,
+        namespaced: $ns:literal, status: $status:tt,
+        fields: { $($field:literal => |$o:ident| $value:expr),* $(,)? }
+    ) => {
+        impl Resource for $ty {
+            const KIND: &'static str = stringify!($ty);
+            const API_VERSION: &'static str = $api_version;
+            const PLURAL: &'static str = $plural;
+            const SERVICE: &'static str = concat!("flotilla.api.v1.", $service);
+            const NAMESPACED: bool = $ns;
+            const HAS_STATUS: bool = resource!(@has $status);
+            const FIELDS: &'static [&'static str] = &[$($field),*];
+            type List = $list;
+            type Event = $event;
+
+            fn metadata(&self) -> Option<&ObjectMeta> {
+                self.metadata.as_ref()
+            }
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                self.metadata.get_or_insert_default()
+            }
+            fn set_type_meta(&mut self) {
+                self.api_version = $api_version.to_string();
+                self.kind = stringify!($ty).to_string();
+            }
+            fn spec_part(&self) -> Self {
+                let mut spec = self.clone();
+                spec.metadata = None;
+                resource!(@clear_status $status, spec);
+                spec
+            }
+            #[allow(unused_variables)]
+            fn set_status_from(&mut self, other: &Self) {
+                resource!(@copy_status $status, self, other);
+            }
+            #[allow(unused_variables, clippy::redundant_closure_call)]
+            fn field(&self, path: &str) -> Option<String> {
+                match path {
+                    $($field => (|$o: &Self| -> Option<String> { $value })(self),)*
+                    _ => None,
+                }
+            }
+            fn make_list(items: Vec<Self>, metadata: ListMeta) -> $list {
+                $list {
+                    api_version: $api_version.to_string(),
+                    kind: concat!(stringify!($ty), "List").to_string(),
+                    metadata: Some(metadata),
+                    items,
+                }
+            }
+            fn list_items(list: $list) -> (Vec<Self>, ListMeta) {
+                (list.items, list.metadata.unwrap_or_default())
+            }
+            fn make_event(kind: &str, object: Self) -> $event {
+                $event { r#type: kind.to_string(), object: Some(object) }
+            }
+            fn event_parts(event: $event) -> (String, Self) {
+                (event.r#type, event.object.unwrap_or_default())
+            }
+        }
+    };
+    (@has yes) => { true };
+    (@has no) => { false };
+    (@clear_status yes, $o:ident) => { $o.status = None; };
+    (@clear_status no, $o:ident) => {};
+    (@copy_status yes, $s:ident, $other:ident) => { $s.status = $other.status.clone(); };
+    (@copy_status no, $s:ident, $other:ident) => {};
+}
+
+resource!(Namespace, NamespaceList, NamespaceEvent, "Namespaces", "v1", "namespaces",
+    namespaced: false, status: yes,
+    fields: { "status.phase" => |o| Some(o.status.as_ref().map(|s| s.phase.clone()).unwrap_or_default()) });
+resource!(Node, NodeList, NodeEvent, "Nodes", "v1", "nodes",
+    namespaced: false, status: yes,
+    fields: { "spec.unschedulable" => |o| Some(o.spec.as_ref().is_some_and(|s| s.unschedulable).to_string()) });
+resource!(Pod, PodList, PodEvent, "Pods", "v1", "pods",
+namespaced: true, status: yes,
+fields: {
+    "spec.nodeName" => |o| Some(o.spec.as_ref().map(|s| s.node_name.clone()).unwrap_or_default()),
+    "status.phase" => |o| Some(o.status.as_ref().map(|s| s.phase.clone()).unwrap_or_default()),
+});
+resource!(ReplicaSet, ReplicaSetList, ReplicaSetEvent, "ReplicaSets", "apps/v1", "replicasets",
+    namespaced: true, status: yes, fields: {});
+resource!(Deployment, DeploymentList, DeploymentEvent, "Deployments", "apps/v1", "deployments",
+    namespaced: true, status: yes, fields: {});
+resource!(Service, ServiceList, ServiceEvent, "Services", "v1", "services",
+    namespaced: true, status: yes, fields: {});
+resource!(Endpoints, EndpointsList, EndpointsEvent, "EndpointsService", "v1", "endpoints",
+    namespaced: true, status: no, fields: {});
+resource!(Event, EventList, EventEvent, "Events", "v1", "events",
+namespaced: true, status: no,
+fields: {
+    "involvedObject.kind" => |o| Some(o.involved_object.as_ref().map(|r| r.kind.clone()).unwrap_or_default()),
+    "involvedObject.name" => |o| Some(o.involved_object.as_ref().map(|r| r.name.clone()).unwrap_or_default()),
+    "involvedObject.namespace" => |o| Some(o.involved_object.as_ref().map(|r| r.namespace.clone()).unwrap_or_default()),
+    "involvedObject.uid" => |o| Some(o.involved_object.as_ref().map(|r| r.uid.clone()).unwrap_or_default()),
+    "reason" => |o| Some(o.reason.clone()),
+    "type" => |o| Some(o.r#type.clone()),
+});
+resource!(Lease, LeaseList, LeaseEvent, "Leases", "coordination.k8s.io/v1", "leases",
+    namespaced: true, status: no, fields: {});
+
+/// What the command line and manifests know about each kind, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KindInfo {
+    pub kind: &'static str,
+    pub api_version: &'static str,
+    pub plural: &'static str,
+    pub namespaced: bool,
+    /// Other names `get` accepts: singular, short names.
+    pub aliases: &'static [&'static str],
+}
+
+macro_rules! kind_info {
+    ($ty:ident, [$($alias:literal),*]) => {
+        KindInfo {
+            kind: <$ty as Resource>::KIND,
+            api_version: <$ty as Resource>::API_VERSION,
+            plural: <$ty as Resource>::PLURAL,
+            namespaced: <$ty as Resource>::NAMESPACED,
+            aliases: &[$($alias),*],
+        }
+    };
+}
+
+/// Every kind the API serves.
+pub const KINDS: &[KindInfo] = &[
+    kind_info!(Namespace, ["namespace", "ns"]),
+    kind_info!(Node, ["node", "no"]),
+    kind_info!(Pod, ["pod", "po"]),
+    kind_info!(ReplicaSet, ["replicaset", "rs"]),
+    kind_info!(Deployment, ["deployment", "deploy"]),
+    kind_info!(Service, ["service", "svc"]),
+    kind_info!(Endpoints, ["endpoint", "ep"]),
+    kind_info!(Event, ["event", "ev"]),
+    kind_info!(Lease, ["lease"]),
+];
+
+/// Finds a kind by its kind name (`Deployment`), plural (`deployments`) or alias (`deploy`),
+/// ignoring case.
+pub fn find_kind(name: &str) -> Option<&'static KindInfo> {
+    let lower = name.to_ascii_lowercase();
+    KINDS.iter().find(|k| {
+        k.kind.eq_ignore_ascii_case(&lower)
+            || k.plural == lower
+            || k.aliases.contains(&lower.as_str())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn kubernetes_field_names_round_trip() {
+        let manifest = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "labels": {"app": "web"}},
+            "spec": {
+                "nodeName": "n1", "restartPolicy": "Always",
+                "terminationGracePeriodSeconds": 5,
+                "containers": [{
+                    "name": "c", "command": ["sleep"], "args": ["10"],
+                    "ports": [{"containerPort": 80}],
+                    "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"cpu": 1}},
+                    "livenessProbe": {"httpGet": {"path": "/", "port": 80}},
+                    "readinessProbe": {"tcpSocket": {"port": "http"}},
+                }],
+            },
+            "status": {"podIP": "10.0.0.1", "hostIP": "192.168.0.1", "phase": "Running"},
+        });
+        let pod: Pod = json::from_value(manifest.clone()).unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.termination_grace_period_seconds, Some(5));
+        let c = &spec.containers[0];
+        assert_eq!(c.resources.as_ref().unwrap().limits["cpu"], "1");
+        assert_eq!(
+            c.liveness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .port,
+            "80"
+        );
+        assert_eq!(pod.status.as_ref().unwrap().pod_ip, "10.0.0.1");
+        let mut back = json::to_value(&pod);
+        // Quantities come back as strings, as Kubernetes prints them.
+        back["spec"]["containers"][0]["resources"]["limits"]["cpu"] = json!(1);
+        assert_eq!(back, manifest);
+    }
+
+    #[test]
+    fn unknown_fields_are_reported_by_path() {
+        let err = json::from_value::<Deployment>(json!({
+            "spec": {"template": {"spec": {"containers": [{"name": "a", "imagee": "x"}]}}}
+        }))
+        .unwrap_err();
+        assert_eq!(err.path, "spec.template.spec.containers[0].imagee");
+        assert!(err.message.contains("unknown field `imagee`"), "{err}");
+        let err =
+            json::from_value::<Deployment>(json!({"spec": {"replicas": "three"}})).unwrap_err();
+        assert_eq!(err.path, "spec.replicas");
+    }
+
+    #[test]
+    fn int_or_string_keeps_numbers_numbers() {
+        let d: Deployment = json::from_value(json!({
+            "spec": {"strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": "25%"}}}
+        }))
+        .unwrap();
+        let ru = d
+            .spec
+            .as_ref()
+            .unwrap()
+            .strategy
+            .as_ref()
+            .unwrap()
+            .rolling_update
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (ru.max_surge.as_str(), ru.max_unavailable.as_str()),
+            ("1", "25%")
+        );
+        let v = json::to_value(&d);
+        assert_eq!(
+            v["spec"]["strategy"]["rollingUpdate"],
+            json!({"maxSurge": 1, "maxUnavailable": "25%"})
+        );
+    }
+
+    #[test]
+    fn kinds_are_found_by_any_name() {
+        assert_eq!(find_kind("deploy").unwrap().kind, "Deployment");
+        assert_eq!(find_kind("Pods").unwrap().kind, "Pod");
+        assert_eq!(find_kind("svc").unwrap().plural, "services");
+        assert!(find_kind("widgets").is_none());
+    }
+
+    #[test]
+    fn selectable_fields() {
+        let mut pod = Pod::default();
+        pod.metadata_mut().name = "a".into();
+        pod.spec.get_or_insert_default().node_name = "n1".into();
+        assert_eq!(pod.field_value("spec.nodeName").as_deref(), Some("n1"));
+        assert_eq!(pod.field_value("metadata.name").as_deref(), Some("a"));
+        assert_eq!(pod.field_value("status.phase").as_deref(), Some(""));
+        assert!(Pod::selectable_fields().contains(&"status.phase"));
+    }
+}
