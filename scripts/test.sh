@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: format and lint checks, then every test in the workspace.
 #
-# Installs what the tests need when it is missing (etcdctl from Debian's etcd-client, for the
-# tests that drive the real binary with a third-party etcd client).
+# Installs what the tests need when it is missing: etcdctl (Debian's etcd-client) for the
+# tests that drive the real binary with a third-party etcd client, and a Python venv with
+# grpcio and grpcio-tools (from PyPI) for the cross-language API client test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,15 @@ if ! command -v etcdctl >/dev/null 2>&1; then
     $SUDO apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-client >/dev/null
 fi
+
+PYENV=target/pyenv
+if ! "$PYENV/bin/python" -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+    echo "installing grpcio and grpcio-tools into $PYENV ..." >&2
+    mkdir -p target
+    python3 -m venv "$PYENV"
+    "$PYENV/bin/pip" install --quiet --disable-pip-version-check grpcio grpcio-tools
+fi
+export FLOTILLA_PYTHON="$PWD/$PYENV/bin/python"
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

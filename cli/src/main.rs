@@ -1,8 +1,10 @@
-//! `flotilla`: the one binary — control-plane server, cluster tools, and (later) the kubectl-like
+//! `flotilla`: the one binary — control-plane server, cluster tools, and the kubectl-like
 //! verbs.
 
 mod cluster;
 mod server;
+mod table;
+mod verbs;
 
 use clap::{Parser, Subcommand};
 
@@ -25,12 +27,30 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct Verb<A: clap::Args> {
+    #[command(flatten)]
+    server: verbs::ServerArg,
+    #[command(flatten)]
+    args: A,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a control-plane member.
     Server(server::ServerArgs),
     /// Inspect and change the control plane's membership.
     Cluster(cluster::ClusterArgs),
+    /// Create or update the objects of a manifest (YAML or JSON; `-f -` reads stdin).
+    Apply(Verb<verbs::ApplyArgs>),
+    /// List objects, or show some by name, as a table, YAML or JSON; `-w` watches.
+    Get(Verb<verbs::GetArgs>),
+    /// Show one object in detail, with its recent events.
+    Describe(Verb<verbs::DescribeArgs>),
+    /// Delete objects by name or by manifest.
+    Delete(Verb<verbs::DeleteArgs>),
+    /// Set the replicas of a deployment or replicaset.
+    Scale(Verb<verbs::ScaleArgs>),
 }
 
 fn init_logging() {
@@ -57,12 +77,22 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Server(args) => server::run(args).await,
             Command::Cluster(args) => cluster::run(args).await,
+            Command::Apply(v) => verbs::apply(&v.server, v.args).await,
+            Command::Get(v) => verbs::get(&v.server, v.args).await,
+            Command::Describe(v) => verbs::describe(&v.server, v.args).await,
+            Command::Delete(v) => verbs::delete(&v.server, v.args).await,
+            Command::Scale(v) => verbs::scale(&v.server, v.args).await,
         }
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let text = format!("{e:#}");
+            if text.starts_with("Error from server") {
+                eprintln!("{text}");
+            } else {
+                eprintln!("error: {text}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

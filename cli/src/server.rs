@@ -122,7 +122,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Serves the client port: etcd's API, gRPC health and reflection.
+/// Serves the client port: the Flotilla API, etcd's API, gRPC health and reflection.
 pub async fn serve_clients(
     node: StoreNode,
     listener: tokio::net::TcpListener,
@@ -137,6 +137,7 @@ pub async fn serve_clients(
         .context("building the reflection service")?;
     let routes = tonic::service::Routes::new(health).add_service(reflection);
     let routes = flotilla_store::etcd::add_routes(routes, &node);
+    let routes = flotilla_apiserver::add_routes(routes, flotilla_apiserver::start(node.clone()));
     let mut stop = node.shutdown_signal();
     tonic::transport::Server::builder()
         .serve_with_incoming_shutdown(

@@ -1,0 +1,452 @@
+//! kubectl-style tables: one row per object, columns per kind, `-o wide` adds some.
+
+use std::time::SystemTime;
+
+use flotilla_proto::api::quantity::Quantity;
+use flotilla_proto::api::time::age;
+use flotilla_proto::api::*;
+
+/// What `get` prints for one kind.
+pub trait Columns: Resource {
+    fn headers(wide: bool) -> Vec<&'static str>;
+    fn row(&self, wide: bool, now: SystemTime) -> Vec<String>;
+}
+
+fn created(m: Option<&ObjectMeta>, now: SystemTime) -> String {
+    age(m.map(|m| m.creation_timestamp.as_str()).unwrap_or(""), now)
+}
+
+fn or_none(s: &str) -> String {
+    if s.is_empty() {
+        "<none>".into()
+    } else {
+        s.into()
+    }
+}
+
+fn labels(map: &std::collections::BTreeMap<String, String>) -> String {
+    let s: Vec<String> = map.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    or_none(&s.join(","))
+}
+
+/// A pod's STATUS column, as kubectl computes it.
+pub fn pod_status(pod: &Pod) -> String {
+    if pod
+        .metadata
+        .as_ref()
+        .is_some_and(|m| !m.deletion_timestamp.is_empty())
+    {
+        return "Terminating".into();
+    }
+    let status = pod.status.clone().unwrap_or_default();
+    let mut shown = if status.reason.is_empty() {
+        status.phase.clone()
+    } else {
+        status.reason.clone()
+    };
+    for c in status.container_statuses.iter().rev() {
+        let state = c.state.clone().unwrap_or_default();
+        if let Some(w) = state.waiting.filter(|w| !w.reason.is_empty()) {
+            shown = w.reason;
+        } else if let Some(t) = state.terminated {
+            shown = if !t.reason.is_empty() {
+                t.reason
+            } else if t.signal != 0 {
+                format!("Signal:{}", t.signal)
+            } else {
+                format!("ExitCode:{}", t.exit_code)
+            };
+        }
+    }
+    if shown.is_empty() {
+        "Pending".into()
+    } else {
+        shown
+    }
+}
+
+impl Columns for Pod {
+    fn headers(wide: bool) -> Vec<&'static str> {
+        let mut h = vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"];
+        if wide {
+            h.extend(["IP", "NODE"]);
+        }
+        h
+    }
+    fn row(&self, wide: bool, now: SystemTime) -> Vec<String> {
+        let spec = self.spec.clone().unwrap_or_default();
+        let status = self.status.clone().unwrap_or_default();
+        let ready = status.container_statuses.iter().filter(|c| c.ready).count();
+        let restarts: i32 = status
+            .container_statuses
+            .iter()
+            .map(|c| c.restart_count)
+            .sum();
+        let mut r = vec![
+            self.name().to_string(),
+            format!("{ready}/{}", spec.containers.len()),
+            pod_status(self),
+            restarts.to_string(),
+            created(self.metadata.as_ref(), now),
+        ];
+        if wide {
+            r.push(or_none(&status.pod_ip));
+            r.push(or_none(&spec.node_name));
+        }
+        r
+    }
+}
+
+fn containers_and_images(t: Option<&PodTemplateSpec>) -> (String, String) {
+    let containers = t
+        .and_then(|t| t.spec.as_ref())
+        .map(|s| s.containers.clone())
+        .unwrap_or_default();
+    let names: Vec<&str> = containers.iter().map(|c| c.name.as_str()).collect();
+    let images: Vec<String> = containers
+        .iter()
+        .map(|c| {
+            if c.image.is_empty() {
+                c.command.join(" ")
+            } else {
+                c.image.clone()
+            }
+        })
+        .collect();
+    (names.join(","), images.join(","))
+}
+
+fn selector(s: Option<&LabelSelector>) -> String {
+    let Some(s) = s else { return "<none>".into() };
+    let mut parts: Vec<String> = s
+        .match_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in &s.match_expressions {
+        parts.push(match e.operator.as_str() {
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            op => format!("{} {} ({})", e.key, op.to_lowercase(), e.values.join(",")),
+        });
+    }
+    or_none(&parts.join(","))
+}
+
+impl Columns for Deployment {
+    fn headers(wide: bool) -> Vec<&'static str> {
+        let mut h = vec!["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"];
+        if wide {
+            h.extend(["CONTAINERS", "IMAGES", "SELECTOR"]);
+        }
+        h
+    }
+    fn row(&self, wide: bool, now: SystemTime) -> Vec<String> {
+        let spec = self.spec.clone().unwrap_or_default();
+        let status = self.status.clone().unwrap_or_default();
+        let mut r = vec![
+            self.name().to_string(),
+            format!("{}/{}", status.ready_replicas, spec.replicas.unwrap_or(1)),
+            status.updated_replicas.to_string(),
+            status.available_replicas.to_string(),
+            created(self.metadata.as_ref(), now),
+        ];
+        if wide {
+            let (c, i) = containers_and_images(spec.template.as_ref());
+            r.extend([c, i, selector(spec.selector.as_ref())]);
+        }
+        r
+    }
+}
+
+impl Columns for ReplicaSet {
+    fn headers(wide: bool) -> Vec<&'static str> {
+        let mut h = vec!["NAME", "DESIRED", "CURRENT", "READY", "AGE"];
+        if wide {
+            h.extend(["CONTAINERS", "IMAGES", "SELECTOR"]);
+        }
+        h
+    }
+    fn row(&self, wide: bool, now: SystemTime) -> Vec<String> {
+        let spec = self.spec.clone().unwrap_or_default();
+        let status = self.status.clone().unwrap_or_default();
+        let mut r = vec![
+            self.name().to_string(),
+            spec.replicas.unwrap_or(1).to_string(),
+            status.replicas.to_string(),
+            status.ready_replicas.to_string(),
+            created(self.metadata.as_ref(), now),
+        ];
+        if wide {
+            let (c, i) = containers_and_images(spec.template.as_ref());
+            r.extend([c, i, selector(spec.selector.as_ref())]);
+        }
+        r
+    }
+}
+
+impl Columns for Service {
+    fn headers(wide: bool) -> Vec<&'static str> {
+        let mut h = vec![
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE",
+        ];
+        if wide {
+            h.push("SELECTOR");
+        }
+        h
+    }
+    fn row(&self, wide: bool, now: SystemTime) -> Vec<String> {
+        let spec = self.spec.clone().unwrap_or_default();
+        let ports: Vec<String> = spec
+            .ports
+            .iter()
+            .map(|p| {
+                if p.node_port != 0 {
+                    format!("{}:{}/{}", p.port, p.node_port, p.protocol)
+                } else {
+                    format!("{}/{}", p.port, p.protocol)
+                }
+            })
+            .collect();
+        let mut r = vec![
+            self.name().to_string(),
+            spec.r#type.clone(),
+            or_none(&spec.cluster_ip),
+            "<none>".into(),
+            or_none(&ports.join(",")),
+            created(self.metadata.as_ref(), now),
+        ];
+        if wide {
+            r.push(labels(&spec.selector));
+        }
+        r
+    }
+}
+
+/// A node's STATUS column: its Ready condition, and whether it takes new pods.
+pub fn node_status(node: &Node) -> String {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.r#type == "Ready"))
+        .map(|c| match c.status.as_str() {
+            "True" => "Ready",
+            "False" => "NotReady",
+            _ => "Unknown",
+        })
+        .unwrap_or("Unknown");
+    if node.spec.as_ref().is_some_and(|s| s.unschedulable) {
+        format!("{ready},SchedulingDisabled")
+    } else {
+        ready.into()
+    }
+}
+
+impl Columns for Node {
+    fn headers(wide: bool) -> Vec<&'static str> {
+        let mut h = vec!["NAME", "STATUS", "AGE", "VERSION"];
+        if wide {
+            h.extend(["INTERNAL-IP", "CPU", "MEMORY", "PODS"]);
+        }
+        h
+    }
+    fn row(&self, wide: bool, now: SystemTime) -> Vec<String> {
+        let status = self.status.clone().unwrap_or_default();
+        let version = status
+            .node_info
+            .as_ref()
+            .map(|i| i.kubelet_version.clone())
+            .unwrap_or_default();
+        let mut r = vec![
+            self.name().to_string(),
+            node_status(self),
+            created(self.metadata.as_ref(), now),
+            or_none(&version),
+        ];
+        if wide {
+            let ip = status
+                .addresses
+                .iter()
+                .find(|a| a.r#type == "InternalIP")
+                .map(|a| a.address.clone())
+                .unwrap_or_default();
+            let alloc = |k: &str| {
+                status
+                    .allocatable
+                    .get(k)
+                    .and_then(|q| Quantity::parse(q).ok())
+                    .map(|q| q.to_string())
+                    .unwrap_or_else(|| "<none>".into())
+            };
+            r.extend([or_none(&ip), alloc("cpu"), alloc("memory"), alloc("pods")]);
+        }
+        r
+    }
+}
+
+impl Columns for Namespace {
+    fn headers(_: bool) -> Vec<&'static str> {
+        vec!["NAME", "STATUS", "AGE"]
+    }
+    fn row(&self, _: bool, now: SystemTime) -> Vec<String> {
+        let phase = self
+            .status
+            .as_ref()
+            .map(|s| s.phase.clone())
+            .unwrap_or_default();
+        vec![
+            self.name().to_string(),
+            or_none(&phase),
+            created(self.metadata.as_ref(), now),
+        ]
+    }
+}
+
+impl Columns for Endpoints {
+    fn headers(_: bool) -> Vec<&'static str> {
+        vec!["NAME", "ENDPOINTS", "AGE"]
+    }
+    fn row(&self, _: bool, now: SystemTime) -> Vec<String> {
+        let mut eps = Vec::new();
+        for s in &self.subsets {
+            for a in &s.addresses {
+                if s.ports.is_empty() {
+                    eps.push(a.ip.clone());
+                }
+                for p in &s.ports {
+                    eps.push(format!("{}:{}", a.ip, p.port));
+                }
+            }
+        }
+        let shown = if eps.len() > 3 {
+            format!("{} + {} more...", eps[..3].join(","), eps.len() - 3)
+        } else {
+            eps.join(",")
+        };
+        vec![
+            self.name().to_string(),
+            or_none(&shown),
+            created(self.metadata.as_ref(), now),
+        ]
+    }
+}
+
+impl Columns for Event {
+    fn headers(_: bool) -> Vec<&'static str> {
+        vec!["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]
+    }
+    fn row(&self, _: bool, now: SystemTime) -> Vec<String> {
+        let obj = self.involved_object.clone().unwrap_or_default();
+        let last = if self.last_timestamp.is_empty() {
+            self.metadata
+                .as_ref()
+                .map(|m| m.creation_timestamp.clone())
+                .unwrap_or_default()
+        } else {
+            self.last_timestamp.clone()
+        };
+        vec![
+            age(&last, now),
+            self.r#type.clone(),
+            self.reason.clone(),
+            format!("{}/{}", obj.kind.to_lowercase(), obj.name),
+            self.message.clone(),
+        ]
+    }
+}
+
+impl Columns for Lease {
+    fn headers(_: bool) -> Vec<&'static str> {
+        vec!["NAME", "HOLDER", "AGE"]
+    }
+    fn row(&self, _: bool, now: SystemTime) -> Vec<String> {
+        let holder = self
+            .spec
+            .as_ref()
+            .map(|s| s.holder_identity.clone())
+            .unwrap_or_default();
+        vec![
+            self.name().to_string(),
+            or_none(&holder),
+            created(self.metadata.as_ref(), now),
+        ]
+    }
+}
+
+/// Lays rows out in columns separated by three spaces, as kubectl does.
+pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let last = cells.len().saturating_sub(1);
+        for (i, cell) in cells.iter().enumerate() {
+            out.push_str(cell);
+            if i < last {
+                let pad = widths[i] - cell.chars().count() + 3;
+                out.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push('\n');
+    };
+    line(headers.to_vec(), &mut out);
+    for row in rows {
+        line(row.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_line_up() {
+        let out = render(
+            &["NAME", "READY"],
+            &[
+                vec!["a".into(), "1/1".into()],
+                vec!["longer-name".into(), "0/2".into()],
+            ],
+        );
+        assert_eq!(
+            out,
+            "NAME          READY\na             1/1\nlonger-name   0/2\n"
+        );
+    }
+
+    #[test]
+    fn pod_status_prefers_container_reasons() {
+        let mut pod = Pod::default();
+        pod.status.get_or_insert_default().phase = "Running".into();
+        assert_eq!(pod_status(&pod), "Running");
+        pod.status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .push(ContainerStatus {
+                state: Some(ContainerState {
+                    waiting: Some(ContainerStateWaiting {
+                        reason: "CrashLoopBackOff".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        assert_eq!(pod_status(&pod), "CrashLoopBackOff");
+        pod.metadata_mut().deletion_timestamp = "2026-01-01T00:00:00Z".into();
+        assert_eq!(pod_status(&pod), "Terminating");
+    }
+}

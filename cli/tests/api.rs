@@ -1,0 +1,299 @@
+//! The real binary's API: a cross-language client (Python, generated with grpcio-tools from
+//! the repository's `.proto` files) and the kubectl-like verbs of the `flotilla` CLI.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+mod common;
+
+use common::*;
+
+/// The Python with grpcio and grpcio-tools (`scripts/test.sh` makes a venv with them).
+fn python() -> String {
+    std::env::var("FLOTILLA_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+#[test]
+fn a_generated_python_client_creates_lists_and_watches() {
+    let c = Cluster::start();
+    let out_dir = tempfile::tempdir().unwrap();
+    let protos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/proto");
+    let files: Vec<String> = ["meta", "core", "apps", "services"]
+        .iter()
+        .map(|f| format!("flotilla/api/v1/{f}.proto"))
+        .collect();
+    let gen_out = Command::new(python())
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(&protos)
+        .arg(format!("--python_out={}", out_dir.path().display()))
+        .arg(format!("--grpc_python_out={}", out_dir.path().display()))
+        .args(&files)
+        .output()
+        .expect("python runs");
+    assert!(
+        gen_out.status.success(),
+        "grpcio-tools could not compile the published protos (run scripts/test.sh, which \
+         installs them): {}",
+        String::from_utf8_lossy(&gen_out.stderr)
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/api_client.py");
+    let run = Command::new(python())
+        .arg(script)
+        .arg(&c.members[1].client)
+        .arg(out_dir.path())
+        .output()
+        .expect("python runs");
+    assert!(
+        run.status.success(),
+        "the Python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+fn flotilla(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(args)
+        .env("FLOTILLA_SERVER", server)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flotilla runs");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn success(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "flotilla failed: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+const MANIFEST: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+  labels: {app: web}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  strategy:
+    rollingUpdate: {maxSurge: 1, maxUnavailable: 0}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        command: ["python3", "-m", "http.server", "8080"]
+        ports: [{containerPort: 8080}]
+        resources:
+          requests: {cpu: 100m, memory: 64Mi}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+spec:
+  selector: {app: web}
+  ports:
+  - port: 80
+    targetPort: 8080
+"#;
+
+#[test]
+fn the_cli_applies_gets_scales_and_deletes() {
+    let c = Cluster::start();
+    let server = c.endpoints();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), MANIFEST).unwrap();
+    let path = file.path().to_str().unwrap();
+
+    let first = success(flotilla(&server, &["apply", "-f", path], None));
+    assert_eq!(
+        first,
+        "namespace/shop created\ndeployment.apps/web created\nservice/web created\n"
+    );
+    // The same file again (here through stdin) changes nothing.
+    let rv = |kind: &str| {
+        let out = success(flotilla(
+            &server,
+            &["get", kind, "web", "-n", "shop", "-o", "json"],
+            None,
+        ));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let before = rv("deployment");
+    let second = success(flotilla(&server, &["apply", "-f", "-"], Some(MANIFEST)));
+    assert_eq!(
+        second,
+        "namespace/shop unchanged\ndeployment.apps/web unchanged\nservice/web unchanged\n"
+    );
+    assert_eq!(rv("deployment"), before);
+
+    // Every get form.
+    let table = success(flotilla(
+        &server,
+        &["get", "deployments", "-n", "shop"],
+        None,
+    ));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    assert!(
+        lines[0].starts_with("NAME   READY   UP-TO-DATE   AVAILABLE   AGE"),
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with("web    0/2     0            0           "),
+        "{table}"
+    );
+    let wide = success(flotilla(
+        &server,
+        &["get", "deploy", "-n", "shop", "-o", "wide"],
+        None,
+    ));
+    assert!(
+        wide.contains("SELECTOR") && wide.contains("app=web"),
+        "{wide}"
+    );
+    let yaml = success(flotilla(
+        &server,
+        &["get", "deploy", "web", "-n", "shop", "-o", "yaml"],
+        None,
+    ));
+    assert!(
+        yaml.contains("kind: Deployment") && yaml.contains("maxSurge: 1"),
+        "{yaml}"
+    );
+    let all = success(flotilla(&server, &["get", "svc", "-A", "-o", "json"], None));
+    let v: serde_json::Value = serde_json::from_str(&all).unwrap();
+    assert_eq!(v["kind"], "List");
+    assert_eq!(v["items"][0]["metadata"]["name"], "web");
+    assert!(
+        v["items"][0]["spec"]["clusterIP"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.")
+    );
+    let labeled = success(flotilla(
+        &server,
+        &["get", "deploy", "-A", "-l", "app=web", "-o", "name"],
+        None,
+    ));
+    assert_eq!(labeled, "deployment.apps/web\n");
+    let none = flotilla(
+        &server,
+        &["get", "deploy", "-n", "shop", "-l", "app=db"],
+        None,
+    );
+    assert!(none.status.success());
+    assert_eq!(stderr(&none), "No resources found in shop namespace.\n");
+
+    // Scale is a merge patch; the deployment's generation moves on.
+    assert_eq!(
+        success(flotilla(
+            &server,
+            &[
+                "scale",
+                "deployment",
+                "web",
+                "-n",
+                "shop",
+                "--replicas",
+                "5"
+            ],
+            None
+        )),
+        "deployment.apps/web scaled\n"
+    );
+    let scaled = rv("deployment");
+    let desc = success(flotilla(
+        &server,
+        &["describe", "deployment", "web", "-n", "shop"],
+        None,
+    ));
+    assert!(
+        desc.contains("replicas: 5") && desc.contains("Events:"),
+        "{desc}"
+    );
+
+    // Errors a script can rely on: exit 1 and kubectl's wording.
+    let missing = flotilla(&server, &["get", "pod", "nope"], None);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        stderr(&missing),
+        "Error from server (NotFound): pods \"nope\" not found\n"
+    );
+    let bad = flotilla(
+        &server,
+        &["apply", "-f", "-"],
+        Some(&MANIFEST.replace("replicas: 2", "replicas: -2")),
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        stderr(&bad).contains("spec.replicas: must be >= 0"),
+        "{}",
+        stderr(&bad)
+    );
+    let unknown = flotilla(
+        &server,
+        &["apply", "-f", "-"],
+        Some(&MANIFEST.replace("containerPort", "containerPorts")),
+    );
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        stderr(&unknown).contains(
+            "document 2: spec.template.spec.containers[0].ports[0].containerPorts: unknown field"
+        ),
+        "{}",
+        stderr(&unknown)
+    );
+    // Nothing of the bad files was written.
+    assert_ne!(scaled, before);
+    assert_eq!(rv("deployment"), scaled);
+
+    assert_eq!(
+        success(flotilla(&server, &["delete", "-f", path], None)),
+        "namespace \"shop\" deleted\ndeployment.apps \"web\" deleted\nservice \"web\" deleted\n"
+    );
+    let gone = flotilla(&server, &["get", "deployment", "web", "-n", "shop"], None);
+    assert_eq!(gone.status.code(), Some(1));
+}

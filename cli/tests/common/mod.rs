@@ -1,0 +1,182 @@
+//! Real `flotilla server` processes on loopback, and the tools the binary tests drive them
+//! with (etcdctl, the flotilla CLI itself).
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port")
+}
+
+/// A member process; killed with -9 when dropped (also when a test panics).
+pub struct Member {
+    pub name: String,
+    pub client: String,
+    pub peer: String,
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Member {
+    pub fn start(&mut self, initial: &str) {
+        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["server", "--name", &self.name, "--data-dir"])
+            .arg(&self.dir)
+            .args(["--client-addr", &self.client, "--peer-addr", &self.peer])
+            .args(["--initial-cluster", initial])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("flotilla starts");
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub members: Vec<Member>,
+    pub initial: String,
+}
+
+impl Cluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut members: Vec<Member> = (1..=3)
+            .map(|i| Member {
+                name: format!("n{i}"),
+                client: format!("127.0.0.1:{}", free_port()),
+                peer: format!("127.0.0.1:{}", free_port()),
+                dir: dir.path().join(format!("n{i}")),
+                child: None,
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.start(&initial);
+        }
+        let c = Cluster {
+            dir,
+            members,
+            initial,
+        };
+        for m in &c.members {
+            c.wait_healthy(&m.client);
+        }
+        c
+    }
+
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.client.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn wait_healthy(&self, endpoint: &str) {
+        eventually(&format!("{endpoint} serves linearizable reads"), || {
+            etcdctl(endpoint, &["get", "health-probe"]).status.success()
+        });
+    }
+
+    /// The index of the member whose endpoint reports itself leader.
+    pub fn leader(&self) -> usize {
+        let mut found = None;
+        eventually("a leader", || {
+            found = self.members.iter().position(|m| {
+                if m.child.is_none() {
+                    return false;
+                }
+                let out = etcdctl(&m.client, &["endpoint", "status", "-w", "json"]);
+                let v: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+                    Ok(v) => v,
+                    Err(_) => return false,
+                };
+                let s = &v[0]["Status"];
+                s["header"]["member_id"].as_u64().is_some()
+                    && s["header"]["member_id"] == s["leader"]
+            });
+            found.is_some()
+        });
+        found.unwrap()
+    }
+}
+
+pub fn etcdctl(endpoints: &str, args: &[&str]) -> Output {
+    etcdctl_stdin(endpoints, args, None)
+}
+
+pub fn etcdctl_stdin(endpoints: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            endpoints,
+            "--command-timeout=3s",
+            "--dial-timeout=1s",
+        ])
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .expect("etcdctl is installed (scripts/test.sh installs Debian's etcd-client)");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "etcdctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
