@@ -299,10 +299,17 @@ impl Api {
         let ns = object.namespace().to_string();
         let name = object.name().to_string();
         let key = key_of::<K>(&ns, &name);
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             let mut compare = vec![absent(&key)];
             if K::NAMESPACED {
-                match self.read::<Namespace>("", &ns, true).await? {
+                // This member's copy of the namespace is enough: the transaction compares
+                // its revision, so a stale copy fails the write (and the retry reads
+                // through the leader). Only an absence must be confirmed first.
+                let mut namespace = self.read::<Namespace>("", &ns, attempt > 0).await?;
+                if namespace.is_none() && attempt == 0 {
+                    namespace = self.read::<Namespace>("", &ns, true).await?;
+                }
+                match namespace {
                     Some(n)
                         if !n
                             .object

@@ -12,6 +12,7 @@
 //! flotilla-bench --endpoints a:2379,b:2379,c:2379 leader
 //! ```
 
+mod api;
 mod failover;
 mod load;
 mod net;
@@ -157,6 +158,33 @@ enum Command {
         #[arg(long)]
         series: Option<PathBuf>,
     },
+    /// Flotilla API: creates of small pods by concurrent clients.
+    ApiCreate {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 8)]
+        conns: usize,
+        #[arg(long, default_value_t = 10_000)]
+        total: u64,
+    },
+    /// Flotilla API: latency of listing every pod of a namespace holding --pods pods (made
+    /// first if missing).
+    ApiList {
+        #[arg(long, default_value_t = 10_000)]
+        pods: u64,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    /// Flotilla API: delivery latency of changes to one pod to --watchers watches of it.
+    ApiWatch {
+        #[arg(long, default_value_t = 1_000)]
+        watchers: usize,
+        #[arg(long, default_value_t = 100)]
+        changes: u64,
+        /// Changes per second.
+        #[arg(long, default_value_t = 20)]
+        rate: u64,
+    },
     /// Writes --total puts cycling over --keys keys (for disk and memory figures).
     Fill {
         /// Keys bench/00000000 up to this many, written in turn.
@@ -255,6 +283,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             failover::unavailability(&endpoints, opts).await?
         }
+        Command::ApiCreate {
+            clients,
+            conns,
+            total,
+        } => api::create(&endpoints, clients, conns, total).await?,
+        Command::ApiList { pods, runs } => api::list(&endpoints, pods, runs).await?,
+        Command::ApiWatch {
+            watchers,
+            changes,
+            rate,
+        } => api::watch(&endpoints, watchers, changes, rate).await?,
         Command::Fill {
             keys,
             total,

@@ -58,6 +58,9 @@ struct Inner {
     timeout: Duration,
 }
 
+/// The largest message the client sends or accepts (a list of many objects is one message).
+const MAX_MESSAGE: usize = 256 << 20;
+
 /// Codes that mean "this server cannot answer now; another may".
 fn should_fail_over(code: Code) -> bool {
     matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled)
@@ -127,7 +130,9 @@ impl Client {
         let mut last = Status::unavailable("no server reachable");
         for attempt in 0..rounds {
             let (i, channel) = self.channel();
-            let mut grpc = tonic::client::Grpc::new(channel);
+            let mut grpc = tonic::client::Grpc::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE);
             let outcome = async {
                 grpc.ready()
                     .await
@@ -172,7 +177,7 @@ impl Client {
         let mut last = Status::unavailable("no server reachable");
         for attempt in 0..rounds {
             let (i, channel) = self.channel();
-            let mut grpc = tonic::client::Grpc::new(channel);
+            let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE);
             let outcome = async {
                 grpc.ready()
                     .await
