@@ -51,7 +51,7 @@ start_cluster() {
         local client=$((BASE_PORT + 2 * (i - 1)))
         "$bin" server --name "n$i" --data-dir "$work/n$i" \
             --client-addr "127.0.0.1:$client" --peer-addr "127.0.0.1:$((client + 1))" \
-            --initial-cluster "$initial" 2>>"$work/n$i.log" &
+            --initial-cluster "$initial" --disable-scheduler 2>>"$work/n$i.log" &
         PIDS+=($!)
     done
     "$bench" --endpoints "$endpoints" health --wait 30 >&2

@@ -17,6 +17,7 @@ mod failover;
 mod load;
 mod net;
 mod report;
+mod sched;
 mod watch;
 
 use std::path::PathBuf;
@@ -185,6 +186,22 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         rate: u64,
     },
+    /// Scheduler: registers --nodes Nodes (Ready, Leases renewed every --lease-interval
+    /// seconds), creates --pods pods with --clients creators, and measures first create to
+    /// last pod bound and each pod's create-to-bound latency.
+    Sched {
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        #[arg(long, default_value_t = 10_000)]
+        pods: u64,
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        lease_interval: u64,
+        /// Control-plane PIDs (comma-separated) whose CPU time to report.
+        #[arg(long, value_delimiter = ',')]
+        member_pids: Vec<u32>,
+    },
     /// Writes --total puts cycling over --keys keys (for disk and memory figures).
     Fill {
         /// Keys bench/00000000 up to this many, written in turn.
@@ -294,6 +311,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             changes,
             rate,
         } => api::watch(&endpoints, watchers, changes, rate).await?,
+        Command::Sched {
+            nodes,
+            pods,
+            clients,
+            lease_interval,
+            member_pids,
+        } => {
+            let opts = sched::SchedOpts {
+                nodes,
+                pods,
+                clients,
+                lease_interval,
+                member_pids,
+            };
+            sched::run(&endpoints, opts).await?
+        }
         Command::Fill {
             keys,
             total,

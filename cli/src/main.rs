@@ -2,6 +2,7 @@
 //! verbs.
 
 mod cluster;
+mod leader;
 mod server;
 mod table;
 mod verbs;

@@ -59,6 +59,18 @@ pub struct ServerArgs {
     /// Largest client request accepted, in bytes.
     #[arg(long, default_value_t = 1536 * 1024)]
     pub max_request_bytes: usize,
+    /// Share of feasible nodes the scheduler looks for before scoring, in percent (0:
+    /// adaptive, as kube-scheduler: all nodes up to 100, then 50% falling to 5% at 5,625
+    /// nodes; 100: every node).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub percentage_of_nodes_to_score: u32,
+    /// Don't run the scheduler on this member when it leads (for an external scheduler, or
+    /// to measure the API alone).
+    #[arg(long)]
+    pub disable_scheduler: bool,
+    /// Binds the scheduler keeps in flight at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub scheduler_bind_parallelism: u64,
 }
 
 impl ServerArgs {
@@ -104,6 +116,20 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for peers on {}", config.peer_addr))?;
     let node = StoreNode::start(config, peer).await?;
     let serving = tokio::spawn(serve_clients(node.clone(), client));
+    let leader_config = crate::leader::LeaderConfig {
+        run_scheduler: !args.disable_scheduler,
+        scheduler: flotilla_scheduler::Config {
+            percentage_of_nodes_to_score: args.percentage_of_nodes_to_score,
+            bind_parallelism: args.scheduler_bind_parallelism as usize,
+            ..Default::default()
+        },
+    };
+    tokio::spawn(crate::leader::run(
+        node.clone(),
+        args.client_addr.clone(),
+        leader_config,
+        Default::default(),
+    ));
     eprintln!(
         "flotilla member {} ({:x}) of cluster {:x}: clients on {}, peers on {}",
         node.name(),

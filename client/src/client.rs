@@ -279,10 +279,17 @@ impl Client {
     }
 
     pub async fn bind(&self, namespace: &str, pod: &str, node: &str) -> Result<Pod> {
+        self.bind_uid(namespace, pod, "", node).await
+    }
+
+    /// Binds the pod only if it is still the one with this uid (not a namesake created
+    /// since); an empty uid binds whichever pod has the name.
+    pub async fn bind_uid(&self, namespace: &str, pod: &str, uid: &str, node: &str) -> Result<Pod> {
         let binding = Binding {
             metadata: Some(ObjectMeta {
                 name: pod.into(),
                 namespace: namespace.into(),
+                uid: uid.into(),
                 ..Default::default()
             }),
             target: Some(ObjectReference {
