@@ -8,7 +8,7 @@
 #   RUNS=3              rounds per node count (each on a fresh cluster)
 #   NODES="100 1000 5000"
 #   PODS=10000          pods per round, created by 64 clients
-#   LEASE_INTERVAL=10   seconds between renewals of each node's Lease
+#   LEASE_INTERVAL=4    seconds between renewals of each node's Lease (node-monitor-grace is 8 s)
 #   BASE_PORT=24890     members use BASE_PORT..+5 (client, peer pairs)
 #
 # Results: bench/results/sched-<date>/results.jsonl and logs/.
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 NODES=${NODES:-"100 1000 5000"}
 PODS=${PODS:-10000}
-LEASE_INTERVAL=${LEASE_INTERVAL:-10}
+LEASE_INTERVAL=${LEASE_INTERVAL:-4}
 BASE_PORT=${BASE_PORT:-24890}
 
 out="bench/results/sched-$(date +%Y%m%d-%H%M%S)"

@@ -196,7 +196,8 @@ enum Command {
         pods: u64,
         #[arg(long, default_value_t = 64)]
         clients: usize,
-        #[arg(long, default_value_t = 10)]
+        /// Seconds between renewals of each Lease (under the 8 s node-monitor-grace).
+        #[arg(long, default_value_t = 4)]
         lease_interval: u64,
         /// Control-plane PIDs (comma-separated) whose CPU time to report.
         #[arg(long, value_delimiter = ',')]

@@ -15,12 +15,14 @@ use tokio::sync::watch;
 #[derive(Default)]
 pub struct LeaderStats {
     pub scheduler: Arc<flotilla_scheduler::Stats>,
+    pub controllers: Arc<flotilla_controllers::Stats>,
 }
 
 #[derive(Clone, Debug)]
 pub struct LeaderConfig {
     pub run_scheduler: bool,
     pub scheduler: flotilla_scheduler::Config,
+    pub controllers: flotilla_controllers::Config,
 }
 
 /// The address this member's own clients reach: a wildcard listen address becomes
@@ -56,7 +58,10 @@ pub async fn run(
             }
         }
         let term = node.term();
-        tracing::info!(term, "this member leads: starting the scheduler");
+        tracing::info!(
+            term,
+            "this member leads: starting the scheduler and controllers"
+        );
         let client = match Client::new(&[local_address(&client_addr)]) {
             Ok(c) => c,
             Err(e) => {
@@ -67,12 +72,18 @@ pub async fn run(
         let (stop_tx, stop_rx) = watch::channel(false);
         let scheduler = config.run_scheduler.then(|| {
             tokio::spawn(flotilla_scheduler::run(
-                client,
+                client.clone(),
                 config.scheduler.clone(),
                 stats.scheduler.clone(),
-                stop_rx,
+                stop_rx.clone(),
             ))
         });
+        let controllers = tokio::spawn(flotilla_controllers::run(
+            client,
+            config.controllers.clone(),
+            stats.controllers.clone(),
+            stop_rx,
+        ));
         let shutting_down = loop {
             if !leads(&metrics) {
                 break false;
@@ -86,7 +97,8 @@ pub async fn run(
         if let Some(s) = scheduler {
             s.abort();
         }
-        tracing::info!(term, "leadership lost: scheduler stopped");
+        controllers.abort();
+        tracing::info!(term, "leadership lost: scheduler and controllers stopped");
         if shutting_down {
             return;
         }

@@ -3,6 +3,7 @@
 
 mod cluster;
 mod leader;
+mod rollout;
 mod server;
 mod table;
 mod verbs;
@@ -52,6 +53,8 @@ enum Command {
     Delete(Verb<verbs::DeleteArgs>),
     /// Set the replicas of a deployment or replicaset.
     Scale(Verb<verbs::ScaleArgs>),
+    /// Follow, undo, list, pause and resume deployment rollouts.
+    Rollout(Verb<rollout::RolloutArgs>),
 }
 
 fn init_logging() {
@@ -83,6 +86,7 @@ fn main() -> std::process::ExitCode {
             Command::Describe(v) => verbs::describe(&v.server, v.args).await,
             Command::Delete(v) => verbs::delete(&v.server, v.args).await,
             Command::Scale(v) => verbs::scale(&v.server, v.args).await,
+            Command::Rollout(v) => rollout::run(&v.server, v.args).await,
         }
     });
     match result {

@@ -68,6 +68,14 @@ pub struct ServerArgs {
     /// to measure the API alone).
     #[arg(long)]
     pub disable_scheduler: bool,
+    /// A node whose agent has not renewed its Lease for this long is marked unreachable
+    /// (Ready=Unknown, NoExecute taint).
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    pub node_monitor_grace: Duration,
+    /// How long pods that don't tolerate the unreachable taint stay on such a node before
+    /// they are evicted (a pod's own tolerationSeconds overrides it).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub default_toleration: Duration,
     /// Binds the scheduler keeps in flight at once.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub scheduler_bind_parallelism: u64,
@@ -121,6 +129,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         scheduler: flotilla_scheduler::Config {
             percentage_of_nodes_to_score: args.percentage_of_nodes_to_score,
             bind_parallelism: args.scheduler_bind_parallelism as usize,
+            ..Default::default()
+        },
+        controllers: flotilla_controllers::Config {
+            node_monitor_grace: args.node_monitor_grace,
+            default_toleration: args.default_toleration,
             ..Default::default()
         },
     };

@@ -45,7 +45,7 @@ pub struct NamespaceArgs {
 }
 
 impl NamespaceArgs {
-    fn get(&self) -> String {
+    pub fn get(&self) -> String {
         self.namespace.clone().unwrap_or_else(|| "default".into())
     }
 }
@@ -59,7 +59,7 @@ pub enum Output {
 }
 
 /// A server error as kubectl words it: `Error from server (NotFound): pods "x" not found`.
-fn server_error(e: ClientError) -> anyhow::Error {
+pub fn server_error(e: ClientError) -> anyhow::Error {
     use tonic::Code;
     let reason = match e.code() {
         Code::NotFound => "NotFound",
@@ -77,7 +77,7 @@ fn server_error(e: ClientError) -> anyhow::Error {
     anyhow!("Error from server ({reason}): {}", e.status.message())
 }
 
-fn kind_arg(name: &str) -> anyhow::Result<&'static KindInfo> {
+pub fn kind_arg(name: &str) -> anyhow::Result<&'static KindInfo> {
     find_kind(name).ok_or_else(|| {
         let known: Vec<&str> = KINDS.iter().map(|k| k.plural).collect();
         anyhow!(
@@ -88,7 +88,7 @@ fn kind_arg(name: &str) -> anyhow::Result<&'static KindInfo> {
 }
 
 /// `deployment.apps/web`, `pod/web`: how kubectl names an object in messages.
-fn qualified(kind: &KindInfo, name: &str) -> String {
+pub fn qualified(kind: &KindInfo, name: &str) -> String {
     match kind.api_version.split_once('/') {
         Some((group, _)) => format!("{}.{group}/{name}", kind.kind.to_lowercase()),
         None => format!("{}/{name}", kind.kind.to_lowercase()),

@@ -162,12 +162,17 @@ fn the_cli_applies_gets_scales_and_deletes() {
             .to_string()
     };
     let before = rv("deployment");
+    let service_before = rv("service");
     let second = success(flotilla(&server, &["apply", "-f", "-"], Some(MANIFEST)));
     assert_eq!(
         second,
         "namespace/shop unchanged\ndeployment.apps/web unchanged\nservice/web unchanged\n"
     );
-    assert_eq!(rv("deployment"), before);
+    // Nothing wrote the service; the deployment's status is the controllers' to write, but
+    // no write since `before` is the apply's: none leaves spec, metadata and status as they
+    // were.
+    assert_eq!(rv("service"), service_before);
+    assert_no_empty_writes(&c, &before);
 
     // Every get form.
     let table = success(flotilla(
@@ -181,10 +186,13 @@ fn the_cli_applies_gets_scales_and_deletes() {
         lines[0].starts_with("NAME   READY   UP-TO-DATE   AVAILABLE   AGE"),
         "{table}"
     );
-    assert!(
-        lines[1].starts_with("web    0/2     0            0           "),
-        "{table}"
-    );
+    // No agent runs the pods: none ready or available; UP-TO-DATE is the controller's
+    // progress so far.
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(row[..2], ["web", "0/2"], "{table}");
+    assert!(["0", "1", "2"].contains(&row[2]), "{table}");
+    assert_eq!(row[3], "0", "{table}");
+    assert_eq!(lines[1].find("0/2"), lines[0].find("READY"), "{table}");
     let wide = success(flotilla(
         &server,
         &["get", "deploy", "-n", "shop", "-o", "wide"],
@@ -245,6 +253,16 @@ fn the_cli_applies_gets_scales_and_deletes() {
         "deployment.apps/web scaled\n"
     );
     let scaled = rv("deployment");
+    let spec_of = || {
+        let out = success(flotilla(
+            &server,
+            &["get", "deployment", "web", "-n", "shop", "-o", "json"],
+            None,
+        ));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (v["spec"].clone(), v["metadata"]["generation"].clone())
+    };
+    let scaled_spec = spec_of();
     let desc = success(flotilla(
         &server,
         &["describe", "deployment", "web", "-n", "shop"],
@@ -286,9 +304,9 @@ fn the_cli_applies_gets_scales_and_deletes() {
         "{}",
         stderr(&unknown)
     );
-    // Nothing of the bad files was written.
+    // Nothing of the bad files was written (the controllers may have written the status).
     assert_ne!(scaled, before);
-    assert_eq!(rv("deployment"), scaled);
+    assert_eq!(spec_of(), scaled_spec);
 
     assert_eq!(
         success(flotilla(&server, &["delete", "-f", path], None)),
@@ -296,4 +314,63 @@ fn the_cli_applies_gets_scales_and_deletes() {
     );
     let gone = flotilla(&server, &["get", "deployment", "web", "-n", "shop"], None);
     assert_eq!(gone.status.code(), Some(1));
+}
+
+/// Every change to deployment shop/web after revision `since` changed something.
+fn assert_no_empty_writes(c: &Cluster, since: &str) {
+    use flotilla_client::Client;
+    use flotilla_proto::api::{Deployment, WatchRequest};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = Client::new(&[c.members[0].client.clone()]).unwrap();
+        let now = client.get::<Deployment>("shop", "web").await.unwrap();
+        let now_rv: i64 = now
+            .metadata
+            .as_ref()
+            .unwrap()
+            .resource_version
+            .parse()
+            .unwrap();
+        let since: i64 = since.parse().unwrap();
+        if now_rv == since {
+            return;
+        }
+        // The object as it was at `since`, then every change after it.
+        let mut stream = client
+            .watch_once::<Deployment>(&WatchRequest {
+                namespace: "shop".into(),
+                field_selector: "metadata.name=web".into(),
+                resource_version: (since - 1).to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut previous: Option<Deployment> = None;
+        loop {
+            let event = stream.message().await.unwrap().expect("the watch goes on");
+            let mut object = event.object.unwrap();
+            let rv: i64 = object
+                .metadata
+                .as_ref()
+                .unwrap()
+                .resource_version
+                .parse()
+                .unwrap();
+            object.metadata.as_mut().unwrap().resource_version.clear();
+            if let Some(p) = &previous {
+                assert!(
+                    rv <= since || *p != object,
+                    "an empty write at revision {rv}"
+                );
+                assert_eq!(p.spec, object.spec, "the spec changed at revision {rv}");
+            }
+            previous = Some(object);
+            if rv >= now_rv {
+                break;
+            }
+        }
+    });
 }

@@ -218,6 +218,7 @@ fn a_conflicting_restart_is_refused_and_sigterm_stops_cleanly() {
         peer: peer.clone(),
         dir: data.clone(),
         child: Some(child),
+        extra: Vec::new(),
     };
     eventually("the single member serves", || {
         etcdctl(&client, &["put", "k", "v"]).status.success()
@@ -291,6 +292,7 @@ fn membership_changes_through_etcdctl() {
         peer: peer.clone(),
         dir: c.dir.path().join("n4"),
         child: None,
+        extra: Vec::new(),
     };
     let joined = format!("{},n4={peer}", c.initial);
     let log = std::fs::File::create(n4.dir.with_extension("log")).unwrap();

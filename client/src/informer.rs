@@ -96,6 +96,23 @@ impl<K: Resource> Informer<K> {
         cache.values().cloned().collect()
     }
 
+    /// Reads the cache in place (no copies), e.g. to pick a few objects out of many.
+    pub fn with_cache<R>(&self, f: impl FnOnce(&BTreeMap<String, K>) -> R) -> R {
+        f(&self.cache.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The cached objects of one namespace that `keep` selects.
+    pub fn list_namespace(&self, namespace: &str, keep: impl Fn(&K) -> bool) -> Vec<K> {
+        let prefix = format!("{namespace}/");
+        self.with_cache(|c| {
+            c.range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .filter(|(_, o)| keep(o))
+                .map(|(_, o)| o.clone())
+                .collect()
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.cache.read().unwrap_or_else(|p| p.into_inner()).len()
     }

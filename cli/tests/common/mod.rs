@@ -23,6 +23,8 @@ pub struct Member {
     pub peer: String,
     pub dir: PathBuf,
     pub child: Option<Child>,
+    /// Extra `flotilla server` flags.
+    pub extra: Vec<String>,
 }
 
 impl Member {
@@ -33,6 +35,7 @@ impl Member {
             .arg(&self.dir)
             .args(["--client-addr", &self.client, "--peer-addr", &self.peer])
             .args(["--initial-cluster", initial])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -62,6 +65,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A cluster whose members get `extra` flags.
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut members: Vec<Member> = (1..=3)
             .map(|i| Member {
@@ -70,6 +78,7 @@ impl Cluster {
                 peer: format!("127.0.0.1:{}", free_port()),
                 dir: dir.path().join(format!("n{i}")),
                 child: None,
+                extra: extra.iter().map(|s| s.to_string()).collect(),
             })
             .collect();
         let initial = members

@@ -54,7 +54,8 @@ def follow():
     )
     for event in stream:
         events.append(event)
-        if event.type == "MODIFIED":
+        # The patch's event (the controllers also write the deployment's status).
+        if event.type == "MODIFIED" and event.object.spec.replicas == 3:
             seen.set()
             stream.cancel()
             return
@@ -68,7 +69,7 @@ patched = deployments.Patch(
 )
 assert patched.spec.replicas == 3, patched.spec
 assert seen.wait(30), f"no MODIFIED event within 30 s; saw {events}"
-modified = [e for e in events if e.type == "MODIFIED"][0]
+modified = [e for e in events if e.type == "MODIFIED" and e.object.spec.replicas == 3][0]
 assert modified.object.spec.replicas == 3, modified
 assert modified.object.metadata.resource_version == patched.metadata.resource_version
 

@@ -1,0 +1,776 @@
+//! The controllers in a real three-member cluster, with pod statuses written by a stand-in
+//! for the node agent: ReplicaSets scale and adopt, rollouts keep within maxSurge and
+//! maxUnavailable at every observed moment and roll back, deletes cascade in each policy,
+//! endpoints follow ready pods, namespaces empty themselves, dead nodes are drained, and a
+//! rollout survives the death of the leader.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Cluster, DEADLINE};
+use flotilla_client::Client;
+use flotilla_client::api::json::from_value;
+use flotilla_client::api::*;
+use flotilla_client::informer::{Change, Filter, Informer};
+use flotilla_client::watch::{WatchItem, watch};
+use serde_json::{Value, json};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn client(c: &Cluster) -> Client {
+    let addrs: Vec<String> = c.members.iter().map(|m| m.client.clone()).collect();
+    Client::new(&addrs).unwrap()
+}
+
+async fn until<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn obj<K: Resource>(v: Value) -> K {
+    from_value(v).unwrap()
+}
+
+fn template(version: &str) -> Value {
+    json!({
+        "metadata": {"labels": {"app": "web"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "web", "image": format!("web:{version}"),
+                "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}],
+        },
+    })
+}
+
+fn deployment(name: &str, replicas: i32, surge: Value, unavailable: Value) -> Deployment {
+    obj(json!({
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "web"}},
+            "strategy": {"type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable}},
+            "template": template("v1"),
+        },
+    }))
+}
+
+fn replica_set(name: &str, replicas: i32) -> ReplicaSet {
+    obj(json!({
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": template("v1"),
+        },
+    }))
+}
+
+async fn pods(c: &Client) -> Vec<Pod> {
+    c.list::<Pod>(&ListRequest {
+        namespace: "default".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .0
+}
+
+fn is_deleting(p: &Pod) -> bool {
+    p.metadata
+        .as_ref()
+        .is_some_and(|m| !m.deletion_timestamp.is_empty())
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.r#type == "Ready" && c.status == "True")
+    })
+}
+
+fn owner_uid(p: &Pod) -> Option<String> {
+    p.metadata
+        .as_ref()?
+        .owner_references
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.clone())
+}
+
+fn image(p: &Pod) -> String {
+    p.spec.as_ref().unwrap().containers[0].image.clone()
+}
+
+/// Stands in for the node agents: every pod not yet ready is made Running and Ready (with
+/// an address) after `delay`; stops when dropped.
+struct FakeKubelet {
+    _informer: Informer<Pod>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeKubelet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn fake_kubelet(c: Client, delay: Duration) -> FakeKubelet {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let informer = Informer::<Pod>::start(c.clone(), Filter::default(), move |change| {
+        if let Change::Added(p) | Change::Updated { new: p, .. } = change
+            && !is_ready(&p)
+            && !is_deleting(&p)
+        {
+            let _ = tx.send((p.namespace().to_string(), p.name().to_string()));
+        }
+    });
+    let next_ip = Arc::new(AtomicUsize::new(1));
+    let task = tokio::spawn(async move {
+        while let Some((ns, name)) = rx.recv().await {
+            let (c, next_ip) = (c.clone(), next_ip.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                for _ in 0..5 {
+                    let Ok(mut p) = c.get::<Pod>(&ns, &name).await else {
+                        return;
+                    };
+                    if is_ready(&p) || is_deleting(&p) {
+                        return;
+                    }
+                    let n = next_ip.fetch_add(1, Ordering::Relaxed);
+                    let status = p.status.get_or_insert_default();
+                    status.phase = "Running".into();
+                    status.pod_ip = format!("10.1.{}.{}", n / 250, n % 250 + 1);
+                    status.conditions.retain(|c| c.r#type != "Ready");
+                    status.conditions.push(PodCondition {
+                        r#type: "Ready".into(),
+                        status: "True".into(),
+                        last_transition_time: time::now(),
+                        ..Default::default()
+                    });
+                    if c.update_status(&p).await.is_ok() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    FakeKubelet {
+        _informer: informer,
+        task,
+    }
+}
+
+/// Watches every pod of the namespace and checks, at each change, that active pods never
+/// exceed `max_active` and (once `armed`) ready active pods never drop below `min_ready`.
+struct Invariants {
+    violations: Arc<Mutex<Vec<String>>>,
+    armed: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Invariants {
+    fn start(c: Client, max_active: usize, min_ready: usize) -> Self {
+        let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+        let armed = Arc::new(AtomicBool::new(false));
+        let mut events = watch::<Pod>(
+            c,
+            WatchRequest {
+                namespace: "default".into(),
+                resource_version: "0".into(),
+                ..Default::default()
+            },
+        );
+        let (v, a) = (violations.clone(), armed.clone());
+        let task = tokio::spawn(async move {
+            let mut pods: HashMap<String, Pod> = HashMap::new();
+            while let Some(Ok(item)) = events.recv().await {
+                match item {
+                    WatchItem::Added(p) | WatchItem::Modified(p) => {
+                        pods.insert(p.name().to_string(), p);
+                    }
+                    WatchItem::Deleted(p) => {
+                        pods.remove(p.name());
+                    }
+                    _ => continue,
+                }
+                let active = pods.values().filter(|p| !is_deleting(p)).count();
+                let ready = pods
+                    .values()
+                    .filter(|p| !is_deleting(p) && is_ready(p))
+                    .count();
+                if active > max_active {
+                    v.lock()
+                        .unwrap()
+                        .push(format!("{active} active pods > {max_active}"));
+                }
+                if a.load(Ordering::Relaxed) && ready < min_ready {
+                    v.lock()
+                        .unwrap()
+                        .push(format!("{ready} ready pods < {min_ready}"));
+                }
+            }
+        });
+        Self {
+            violations,
+            armed,
+            task,
+        }
+    }
+
+    fn check(&self) {
+        let v = self.violations.lock().unwrap();
+        assert!(v.is_empty(), "invariant broken: {:?}", &v[..v.len().min(5)]);
+    }
+}
+
+impl Drop for Invariants {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn rollout_complete(c: &Client, name: &str, replicas: i32) -> Deployment {
+    until(&format!("deployment {name} complete"), || async {
+        let d = c.get::<Deployment>("default", name).await.ok()?;
+        let s = d.status.clone()?;
+        let meta = d.metadata.as_ref()?;
+        (s.observed_generation >= meta.generation
+            && s.updated_replicas == replicas
+            && s.replicas == replicas
+            && s.available_replicas == replicas
+            && s.conditions
+                .iter()
+                .any(|c| c.r#type == "Progressing" && c.reason == "NewReplicaSetAvailable"))
+        .then_some(d)
+    })
+    .await
+}
+
+async fn active_pods(c: &Client) -> Vec<Pod> {
+    pods(c)
+        .await
+        .into_iter()
+        .filter(|p| !is_deleting(p))
+        .collect()
+}
+
+#[test]
+fn replica_sets_scale_adopt_and_release() {
+    let cluster = Cluster::start();
+    runtime().block_on(async {
+        let c = client(&cluster);
+        let rs = c.create(&replica_set("web", 3)).await.unwrap();
+        let uid = rs.metadata.unwrap().uid;
+        let counted = |n: usize| {
+            let (c, uid) = (c.clone(), uid.clone());
+            async move {
+                let owned: Vec<Pod> = active_pods(&c)
+                    .await
+                    .into_iter()
+                    .filter(|p| owner_uid(p).as_deref() == Some(&uid))
+                    .collect();
+                (owned.len() == n).then_some(owned)
+            }
+        };
+        until("3 pods", || counted(3)).await;
+        let status = until("status counts 3", || async {
+            let rs = c.get::<ReplicaSet>("default", "web").await.ok()?;
+            rs.status.filter(|s| s.replicas == 3)
+        })
+        .await;
+        assert_eq!(status.fully_labeled_replicas, 3);
+        assert_eq!(status.observed_generation, 1);
+
+        c.patch::<ReplicaSet>("default", "web", &json!({"spec": {"replicas": 5}}))
+            .await
+            .unwrap();
+        until("5 pods", || counted(5)).await;
+        c.patch::<ReplicaSet>("default", "web", &json!({"spec": {"replicas": 1}}))
+            .await
+            .unwrap();
+        until("1 pod", || counted(1)).await;
+
+        // An orphan that matches is adopted; the set then has one too many and gives one up.
+        c.create(&obj::<Pod>(json!({
+            "metadata": {"name": "orphan", "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "c", "image": "web:v1"}]},
+        })))
+        .await
+        .unwrap();
+        until("the orphan adopted and the set back at 1", || async {
+            let all = active_pods(&c).await;
+            let adopted = c.get::<Pod>("default", "orphan").await.map_or(true, |p| {
+                owner_uid(&p).as_deref() == Some(&uid) || is_deleting(&p)
+            });
+            (adopted && all.len() == 1).then_some(())
+        })
+        .await;
+
+        // A pod whose labels stop matching is released and replaced.
+        let kept = counted(1).await.unwrap().remove(0);
+        let mut relabeled = kept.clone();
+        relabeled
+            .metadata
+            .as_mut()
+            .unwrap()
+            .labels
+            .insert("app".into(), "debug".into());
+        c.update(&relabeled).await.unwrap();
+        until("the released pod kept and a new one made", || async {
+            let released = c.get::<Pod>("default", kept.name()).await.ok()?;
+            let replaced = counted(1).await?;
+            (owner_uid(&released).is_none() && replaced[0].name() != kept.name()).then_some(())
+        })
+        .await;
+    });
+}
+
+#[test]
+fn a_rolling_update_stays_within_its_bounds_and_rolls_back() {
+    let cluster = Cluster::start();
+    runtime().block_on(async {
+        let c = client(&cluster);
+        let _kubelet = fake_kubelet(c.clone(), Duration::from_millis(150));
+        // 6 replicas, maxSurge 2, maxUnavailable 1: 8 pods at most, 5 ready at least.
+        let inv = Invariants::start(c.clone(), 8, 5);
+        c.create(&deployment("web", 6, json!(2), json!(1)))
+            .await
+            .unwrap();
+        rollout_complete(&c, "web", 6).await;
+        inv.armed.store(true, Ordering::Relaxed);
+
+        c.patch::<Deployment>(
+            "default",
+            "web",
+            &json!({"spec": {"template": template("v2")}}),
+        )
+        .await
+        .unwrap();
+        let d = rollout_complete(&c, "web", 6).await;
+        let active = active_pods(&c).await;
+        assert_eq!(active.len(), 6);
+        assert!(active.iter().all(|p| image(p) == "web:v2"));
+        inv.check();
+        let sets = c
+            .list::<ReplicaSet>(&ListRequest {
+                namespace: "default".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .0;
+        assert_eq!(sets.len(), 2);
+        let revisions: BTreeMap<String, String> = sets
+            .iter()
+            .map(|rs| {
+                let m = rs.metadata.as_ref().unwrap();
+                (
+                    rs.spec
+                        .as_ref()
+                        .unwrap()
+                        .template
+                        .as_ref()
+                        .unwrap()
+                        .spec
+                        .as_ref()
+                        .unwrap()
+                        .containers[0]
+                        .image
+                        .clone(),
+                    m.annotations["deployment.kubernetes.io/revision"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(revisions["web:v1"], "1");
+        assert_eq!(revisions["web:v2"], "2");
+        let available = d.status.unwrap().conditions;
+        assert!(
+            available
+                .iter()
+                .any(|c| c.r#type == "Available" && c.status == "True")
+        );
+
+        // Roll back with the CLI: the v1 template returns as revision 3.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args([
+                "rollout",
+                "undo",
+                "deployment/web",
+                "--server",
+                &cluster.endpoints(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        rollout_complete(&c, "web", 6).await;
+        until("every pod back on v1", || async {
+            let active = active_pods(&c).await;
+            (active.len() == 6 && active.iter().all(|p| image(p) == "web:v1")).then_some(())
+        })
+        .await;
+        let history = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args([
+                "rollout",
+                "history",
+                "deployment/web",
+                "--server",
+                &cluster.endpoints(),
+            ])
+            .output()
+            .unwrap();
+        let history = String::from_utf8_lossy(&history.stdout).to_string();
+        assert!(history.contains("REVISION"), "{history}");
+        assert!(history.lines().any(|l| l.starts_with("2 ")), "{history}");
+        assert!(history.lines().any(|l| l.starts_with("3 ")), "{history}");
+        inv.check();
+    });
+}
+
+#[test]
+fn deletes_cascade_in_each_policy() {
+    let cluster = Cluster::start();
+    runtime().block_on(async {
+        let c = client(&cluster);
+        let gone = |kind_is_rs: bool, name: &'static str| {
+            let c = c.clone();
+            async move {
+                let r = if kind_is_rs {
+                    c.get::<ReplicaSet>("default", name).await.map(|_| ())
+                } else {
+                    c.get::<Deployment>("default", name).await.map(|_| ())
+                };
+                matches!(r, Err(e) if e.is_not_found()).then_some(())
+            }
+        };
+
+        // Background: the deployment goes at once, then its set, then the pods.
+        c.create(&deployment("bg", 2, json!(1), json!(0)))
+            .await
+            .unwrap();
+        until("2 pods", || async {
+            (active_pods(&c).await.len() == 2).then_some(())
+        })
+        .await;
+        c.delete::<Deployment>(&DeleteRequest {
+            namespace: "default".into(),
+            name: "bg".into(),
+            propagation_policy: "Background".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        until("everything of bg gone", || async {
+            let sets = c.list::<ReplicaSet>(&ListRequest::default()).await.ok()?.0;
+            (sets.is_empty() && pods(&c).await.is_empty()).then_some(())
+        })
+        .await;
+
+        // Foreground: the set stays, being deleted, until its pods are gone.
+        c.create(&replica_set("fg", 3)).await.unwrap();
+        until("3 pods", || async {
+            (active_pods(&c).await.len() == 3).then_some(())
+        })
+        .await;
+        let rev = c
+            .delete::<ReplicaSet>(&DeleteRequest {
+                namespace: "default".into(),
+                name: "fg".into(),
+                propagation_policy: "Foreground".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let meta = rev.metadata.unwrap();
+        assert!(!meta.deletion_timestamp.is_empty());
+        assert!(meta.finalizers.contains(&"foregroundDeletion".to_string()));
+        let mut events = watch::<ReplicaSet>(
+            c.clone(),
+            WatchRequest {
+                namespace: "default".into(),
+                resource_version: meta.resource_version.clone(),
+                ..Default::default()
+            },
+        );
+        until("fg gone", || gone(true, "fg")).await;
+        // It went only after its pods.
+        assert!(pods(&c).await.is_empty());
+        loop {
+            if let Some(Ok(WatchItem::Deleted(_))) = events.recv().await {
+                break;
+            }
+        }
+
+        // Orphan: the set goes, its pods stay, without an owner.
+        c.create(&replica_set("or", 2)).await.unwrap();
+        until("2 pods", || async {
+            (active_pods(&c).await.len() == 2).then_some(())
+        })
+        .await;
+        c.delete::<ReplicaSet>(&DeleteRequest {
+            namespace: "default".into(),
+            name: "or".into(),
+            propagation_policy: "Orphan".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        until("or gone", || gone(true, "or")).await;
+        let left = active_pods(&c).await;
+        assert_eq!(left.len(), 2);
+        assert!(left.iter().all(|p| owner_uid(p).is_none()));
+    });
+}
+
+#[test]
+fn endpoints_follow_ready_pods_and_namespaces_empty_themselves() {
+    let cluster = Cluster::start();
+    runtime().block_on(async {
+        let c = client(&cluster);
+        c.create(&obj::<Namespace>(json!({"metadata": {"name": "shop"}})))
+            .await
+            .unwrap();
+        c.create(&obj::<Service>(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+        })))
+        .await
+        .unwrap();
+        let mut d = deployment("web", 3, json!(1), json!(0));
+        d.metadata.as_mut().unwrap().namespace = "shop".into();
+        c.create(&d).await.unwrap();
+        // Pods without an address yet: the Endpoints exist, empty.
+        until("empty endpoints", || async {
+            let e = c.get::<Endpoints>("shop", "web").await.ok()?;
+            e.subsets.is_empty().then_some(())
+        })
+        .await;
+        let kubelet = fake_kubelet(c.clone(), Duration::ZERO);
+        let e = until("3 ready addresses", || async {
+            let e = c.get::<Endpoints>("shop", "web").await.ok()?;
+            let s = e.subsets.first()?;
+            (s.addresses.len() == 3 && s.not_ready_addresses.is_empty()).then_some(e)
+        })
+        .await;
+        assert_eq!(e.subsets[0].ports[0].port, 8080);
+        // One pod stops being ready: its address moves to notReadyAddresses.
+        drop(kubelet);
+        let pod = until("a ready pod", || async {
+            let (pods, _) = c
+                .list::<Pod>(&ListRequest {
+                    namespace: "shop".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            pods.into_iter().find(is_ready)
+        })
+        .await;
+        let mut unready = pod.clone();
+        for cond in &mut unready.status.as_mut().unwrap().conditions {
+            if cond.r#type == "Ready" {
+                cond.status = "False".into();
+            }
+        }
+        c.update_status(&unready).await.unwrap();
+        let ip = pod.status.unwrap().pod_ip;
+        until("the address not ready", || async {
+            let e = c.get::<Endpoints>("shop", "web").await.ok()?;
+            let s = e.subsets.first()?;
+            (s.addresses.len() == 2
+                && s.not_ready_addresses.len() == 1
+                && s.not_ready_addresses[0].ip == ip)
+                .then_some(())
+        })
+        .await;
+
+        c.delete_named::<Namespace>("", "shop").await.unwrap();
+        until("the namespace gone", || async {
+            matches!(c.get::<Namespace>("", "shop").await, Err(e) if e.is_not_found()).then_some(())
+        })
+        .await;
+        let left = c
+            .list::<Pod>(&ListRequest {
+                namespace: "shop".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .0;
+        assert!(left.is_empty());
+    });
+}
+
+fn node(name: &str) -> Node {
+    obj(json!({
+        "metadata": {"name": name},
+        "status": {
+            "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }))
+}
+
+#[test]
+fn a_node_that_stops_renewing_its_lease_is_drained() {
+    let cluster =
+        Cluster::start_with(&["--node-monitor-grace", "2s", "--default-toleration", "1s"]);
+    runtime().block_on(async {
+        let c = client(&cluster);
+        c.create(&obj::<Namespace>(
+            json!({"metadata": {"name": "flotilla-node-lease"}}),
+        ))
+        .await
+        .unwrap();
+        for n in ["n1", "n2"] {
+            c.create(&node(n)).await.unwrap();
+            c.create(&obj::<Lease>(json!({
+                "metadata": {"name": n, "namespace": "flotilla-node-lease"},
+                "spec": {"holderIdentity": n, "renewTime": time::now()},
+            })))
+            .await
+            .unwrap();
+        }
+        // Both agents renew every 300 ms, until n1's "dies".
+        let n1_alive = Arc::new(AtomicBool::new(true));
+        let renewer = {
+            let (c, alive) = (c.clone(), n1_alive.clone());
+            tokio::spawn(async move {
+                loop {
+                    for n in ["n1", "n2"] {
+                        if n == "n1" && !alive.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        let _ = c
+                            .patch::<Lease>(
+                                "flotilla-node-lease",
+                                n,
+                                &json!({"spec": {"renewTime": time::now()}}),
+                            )
+                            .await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            })
+        };
+        let _kubelet = fake_kubelet(c.clone(), Duration::ZERO);
+        c.create(&deployment("web", 6, json!(1), json!(0)))
+            .await
+            .unwrap();
+        rollout_complete(&c, "web", 6).await;
+        let on = |pods: &[Pod], n: &str| {
+            pods.iter()
+                .filter(|p| p.spec.as_ref().unwrap().node_name == n)
+                .count()
+        };
+        let before = active_pods(&c).await;
+        assert!(on(&before, "n1") > 0 && on(&before, "n2") > 0);
+
+        n1_alive.store(false, Ordering::Relaxed);
+        let died = Instant::now();
+        until("n1 unreachable", || async {
+            let n = c.get::<Node>("", "n1").await.ok()?;
+            let tainted = n
+                .spec?
+                .taints
+                .iter()
+                .any(|t| t.key == "node.flotilla.io/unreachable" && t.effect == "NoExecute");
+            let unknown = n
+                .status?
+                .conditions
+                .iter()
+                .any(|c| c.r#type == "Ready" && c.status == "Unknown");
+            (tainted && unknown).then_some(())
+        })
+        .await;
+        until("every pod on n2, 6 ready", || async {
+            let pods = active_pods(&c).await;
+            (pods.len() == 6 && on(&pods, "n1") == 0 && pods.iter().all(is_ready)).then_some(())
+        })
+        .await;
+        eprintln!(
+            "pods of the dead node running elsewhere after {:?}",
+            died.elapsed()
+        );
+
+        // The agent comes back: the taint goes.
+        n1_alive.store(true, Ordering::Relaxed);
+        until("n1 reachable again", || async {
+            let n = c.get::<Node>("", "n1").await.ok()?;
+            let clean = n.spec?.taints.is_empty();
+            let ready = n
+                .status?
+                .conditions
+                .iter()
+                .any(|c| c.r#type == "Ready" && c.status == "True");
+            (clean && ready).then_some(())
+        })
+        .await;
+        renewer.abort();
+    });
+}
+
+#[test]
+fn a_rollout_finishes_under_a_new_leader_without_extra_pods() {
+    let mut cluster = Cluster::start();
+    runtime().block_on(async {
+        let c = client(&cluster);
+        let _kubelet = fake_kubelet(c.clone(), Duration::from_millis(200));
+        let inv = Invariants::start(c.clone(), 8, 5);
+        c.create(&deployment("web", 6, json!(2), json!(1)))
+            .await
+            .unwrap();
+        rollout_complete(&c, "web", 6).await;
+        inv.armed.store(true, Ordering::Relaxed);
+        c.patch::<Deployment>(
+            "default",
+            "web",
+            &json!({"spec": {"template": template("v2")}}),
+        )
+        .await
+        .unwrap();
+        // Mid-rollout: some v2 pods exist, not all.
+        until("the rollout under way", || async {
+            let n = active_pods(&c)
+                .await
+                .iter()
+                .filter(|p| image(p) == "web:v2")
+                .count();
+            (n > 0 && n < 6).then_some(())
+        })
+        .await;
+        let leader = cluster.leader();
+        cluster.members[leader].kill9();
+        rollout_complete(&c, "web", 6).await;
+        let active = active_pods(&c).await;
+        assert_eq!(active.len(), 6, "extra pods after the failover");
+        assert!(active.iter().all(|p| image(p) == "web:v2"));
+        inv.check();
+    });
+}

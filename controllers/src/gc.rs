@@ -1,0 +1,283 @@
+//! The garbage collector: owner references drive cascading deletion.
+//!
+//! - *background* (the default): the owner goes at once; its dependents, whose owners are
+//!   all gone, are then deleted here;
+//! - *foreground*: the owner stays (deletionTimestamp and the `foregroundDeletion`
+//!   finalizer) until every dependent is gone; dependents are deleted in the foreground
+//!   too, so a Deployment waits for its ReplicaSets, which wait for their pods;
+//! - *orphan*: the owner's reference is removed from every dependent, then the owner goes
+//!   (the `orphan` finalizer).
+//!
+//! An owner is judged gone only after the API (not the cache, which may lag) says so.
+
+use std::time::Duration;
+
+use flotilla_client::ClientError;
+use flotilla_client::informer::Change;
+use flotilla_proto::api::{DeleteRequest, Deployment, Pod, ReplicaSet, Resource};
+
+use crate::queue::Requeue;
+use crate::util::{is_deleting, key_of, split_key, uid_of};
+use crate::{Ctx, Informers};
+
+pub const FOREGROUND: &str = "foregroundDeletion";
+pub const ORPHAN: &str = "orphan";
+
+/// The queue key of an object: `Kind|namespace/name`.
+pub fn key(kind: &str, object_key: &str) -> String {
+    format!("{kind}|{object_key}")
+}
+
+/// Kinds the collector follows, as owners and as dependents.
+trait Collected: Resource {
+    fn informer(i: &Informers) -> &flotilla_client::informer::Informer<Self>;
+}
+
+impl Collected for Pod {
+    fn informer(i: &Informers) -> &flotilla_client::informer::Informer<Self> {
+        &i.pods
+    }
+}
+impl Collected for ReplicaSet {
+    fn informer(i: &Informers) -> &flotilla_client::informer::Informer<Self> {
+        &i.replica_sets
+    }
+}
+impl Collected for Deployment {
+    fn informer(i: &Informers) -> &flotilla_client::informer::Informer<Self> {
+        &i.deployments
+    }
+}
+
+fn owner_refs<K: Resource>(o: &K) -> &[flotilla_proto::api::OwnerReference] {
+    o.metadata()
+        .map(|m| m.owner_references.as_slice())
+        .unwrap_or(&[])
+}
+
+fn has_finalizer<K: Resource>(o: &K, f: &str) -> bool {
+    o.metadata()
+        .is_some_and(|m| m.finalizers.iter().any(|x| x == f))
+}
+
+pub fn on_dependent<K: Resource>(ctx: &Ctx, change: &Change<K>) {
+    match change {
+        Change::Added(o) | Change::Updated { new: o, .. } => {
+            let finalizing =
+                is_deleting(o) && (has_finalizer(o, FOREGROUND) || has_finalizer(o, ORPHAN));
+            if !owner_refs(o).is_empty() || finalizing {
+                ctx.gc.add(key(K::KIND, &key_of(o)));
+            }
+        }
+        Change::Deleted(o) => {
+            // An owner in foreground deletion may be waiting for this one.
+            for r in owner_refs(o) {
+                ctx.gc
+                    .add(key(&r.kind, &format!("{}/{}", o.namespace(), r.name)));
+            }
+        }
+    }
+}
+
+pub fn on_owner<K: Resource>(ctx: &Ctx, change: &Change<K>) {
+    match change {
+        Change::Added(o) | Change::Updated { new: o, .. } => {
+            if is_deleting(o) && (has_finalizer(o, FOREGROUND) || has_finalizer(o, ORPHAN)) {
+                ctx.gc.add(key(K::KIND, &key_of(o)));
+            }
+        }
+        Change::Deleted(o) => {
+            let Some(i) = ctx.try_informers() else {
+                return;
+            };
+            let uid = uid_of(o).to_string();
+            for k in dependents_keys(i, o.namespace(), &uid) {
+                ctx.gc.add(k);
+            }
+        }
+    }
+}
+
+fn refers_to<K: Resource>(o: &K, uid: &str) -> bool {
+    owner_refs(o).iter().any(|r| r.uid == uid)
+}
+
+/// Queue keys of every object that names `uid` as an owner.
+fn dependents_keys(i: &Informers, namespace: &str, uid: &str) -> Vec<String> {
+    let mut keys: Vec<String> = i
+        .pods
+        .list_namespace(namespace, |p| refers_to(p, uid))
+        .iter()
+        .map(|p| key(Pod::KIND, &key_of(p)))
+        .collect();
+    keys.extend(
+        i.replica_sets
+            .list_namespace(namespace, |r| refers_to(r, uid))
+            .iter()
+            .map(|r| key(ReplicaSet::KIND, &key_of(r))),
+    );
+    keys
+}
+
+pub async fn reconcile(ctx: &Ctx, queue_key: &str) -> Result<Requeue, ClientError> {
+    let Some((kind, object_key)) = queue_key.split_once('|') else {
+        return Ok(None);
+    };
+    let (ns, name) = split_key(object_key);
+    match kind {
+        "Pod" => collect::<Pod>(ctx, ns, name).await,
+        "ReplicaSet" => collect::<ReplicaSet>(ctx, ns, name).await,
+        "Deployment" => collect::<Deployment>(ctx, ns, name).await,
+        _ => Ok(None),
+    }
+}
+
+async fn collect<K: Collected>(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, ClientError> {
+    let Some(o) = K::informer(ctx.informers()).get(ns, name) else {
+        return Ok(None);
+    };
+    if is_deleting(&o) && has_finalizer(&o, ORPHAN) {
+        return orphan_dependents(ctx, &o).await;
+    }
+    if is_deleting(&o) && has_finalizer(&o, FOREGROUND) {
+        return delete_dependents_first(ctx, &o).await;
+    }
+    if !is_deleting(&o) && !owner_refs(&o).is_empty() {
+        let mut all_gone = true;
+        for r in owner_refs(&o) {
+            if !owner_gone(ctx, ns, r).await? {
+                all_gone = false;
+                break;
+            }
+        }
+        if all_gone {
+            let req = DeleteRequest {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                preconditions: Some(flotilla_proto::api::Preconditions {
+                    uid: uid_of(&o).to_string(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            match ctx.client.delete::<K>(&req).await {
+                Ok(_) => tracing::debug!("collected {} {ns}/{name}: its owners are gone", K::KIND),
+                Err(e) if e.is_not_found() || e.is_conflict() => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Whether the owner a reference names no longer exists (checked through the API).
+async fn owner_gone(
+    ctx: &Ctx,
+    ns: &str,
+    r: &flotilla_proto::api::OwnerReference,
+) -> Result<bool, ClientError> {
+    async fn check<K: Collected>(
+        ctx: &Ctx,
+        ns: &str,
+        r: &flotilla_proto::api::OwnerReference,
+    ) -> Result<bool, ClientError> {
+        if let Some(o) = K::informer(ctx.informers()).get(ns, &r.name)
+            && uid_of(&o) == r.uid
+        {
+            return Ok(false);
+        }
+        match ctx.client.get::<K>(ns, &r.name).await {
+            Ok(o) => Ok(uid_of(&o) != r.uid),
+            Err(e) if e.is_not_found() => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+    match r.kind.as_str() {
+        "Pod" => check::<Pod>(ctx, ns, r).await,
+        "ReplicaSet" => check::<ReplicaSet>(ctx, ns, r).await,
+        "Deployment" => check::<Deployment>(ctx, ns, r).await,
+        // A kind we don't follow: never collect on its account.
+        _ => Ok(false),
+    }
+}
+
+/// Dependents of `uid` in `ns`, as the API has them now.
+async fn live_dependents(
+    ctx: &Ctx,
+    ns: &str,
+    uid: &str,
+) -> Result<(Vec<Pod>, Vec<ReplicaSet>), ClientError> {
+    let req = flotilla_proto::api::ListRequest {
+        namespace: ns.to_string(),
+        ..Default::default()
+    };
+    let (pods, _) = ctx.client.list::<Pod>(&req).await?;
+    let (sets, _) = ctx.client.list::<ReplicaSet>(&req).await?;
+    Ok((
+        pods.into_iter().filter(|p| refers_to(p, uid)).collect(),
+        sets.into_iter().filter(|r| refers_to(r, uid)).collect(),
+    ))
+}
+
+async fn remove_finalizer<K: Collected>(ctx: &Ctx, o: &K, f: &str) -> Result<(), ClientError> {
+    let mut updated = o.clone();
+    updated.metadata_mut().finalizers.retain(|x| x != f);
+    match ctx.client.update(&updated).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn orphan_dependents<K: Collected>(ctx: &Ctx, owner: &K) -> Result<Requeue, ClientError> {
+    let uid = uid_of(owner).to_string();
+    let (pods, sets) = live_dependents(ctx, owner.namespace(), &uid).await?;
+    for mut p in pods {
+        p.metadata_mut().owner_references.retain(|r| r.uid != uid);
+        ctx.client.update(&p).await?;
+    }
+    for mut r in sets {
+        r.metadata_mut().owner_references.retain(|r| r.uid != uid);
+        ctx.client.update(&r).await?;
+    }
+    remove_finalizer(ctx, owner, ORPHAN).await?;
+    Ok(None)
+}
+
+async fn delete_dependents_first<K: Collected>(
+    ctx: &Ctx,
+    owner: &K,
+) -> Result<Requeue, ClientError> {
+    let uid = uid_of(owner).to_string();
+    let ns = owner.namespace().to_string();
+    let (pods, sets) = live_dependents(ctx, &ns, &uid).await?;
+    if pods.is_empty() && sets.is_empty() {
+        remove_finalizer(ctx, owner, FOREGROUND).await?;
+        return Ok(None);
+    }
+    let foreground = |name: &str| DeleteRequest {
+        namespace: ns.clone(),
+        name: name.to_string(),
+        propagation_policy: "Foreground".into(),
+        ..Default::default()
+    };
+    for p in pods.iter().filter(|p| !is_deleting(*p)) {
+        // Pods own nothing: no need to hold them for dependents.
+        let mut req = foreground(p.name());
+        req.propagation_policy.clear();
+        match ctx.client.delete::<Pod>(&req).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for r in sets.iter().filter(|r| !is_deleting(*r)) {
+        match ctx.client.delete::<ReplicaSet>(&foreground(r.name())).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // Each dependent's deletion queues the owner again; look again anyway in a while.
+    Ok(Some(Duration::from_secs(2)))
+}
