@@ -13,6 +13,7 @@
 //! ```
 
 mod api;
+mod ctrl;
 mod failover;
 mod load;
 mod net;
@@ -203,6 +204,30 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         member_pids: Vec<u32>,
     },
+    /// Controllers: a Deployment scaled 0 → --replicas on --nodes simulated nodes until all
+    /// are available, then rolled to a new template (maxSurge 25%) until complete.
+    CtrlScale {
+        #[arg(long, default_value_t = 500)]
+        nodes: usize,
+        #[arg(long, default_value_t = 5_000)]
+        replicas: i32,
+        /// Seconds between renewals of each Lease.
+        #[arg(long, default_value_t = 4)]
+        lease_interval: u64,
+    },
+    /// Controllers: kill -9 the leader, delete a replica; time until it is replaced.
+    CtrlFailover {
+        /// The members' PIDs, in the order of --endpoints.
+        #[arg(long, value_delimiter = ',', required = true)]
+        member_pids: Vec<u32>,
+    },
+    /// Controllers: one simulated node's agent dies; time until its pods run elsewhere.
+    CtrlNodeLoss {
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        #[arg(long, default_value_t = 50)]
+        replicas: i32,
+    },
     /// Writes --total puts cycling over --keys keys (for disk and memory figures).
     Fill {
         /// Keys bench/00000000 up to this many, written in turn.
@@ -312,6 +337,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             changes,
             rate,
         } => api::watch(&endpoints, watchers, changes, rate).await?,
+        Command::CtrlScale {
+            nodes,
+            replicas,
+            lease_interval,
+        } => {
+            ctrl::scale(
+                &endpoints,
+                nodes,
+                replicas,
+                Duration::from_secs(lease_interval),
+            )
+            .await?
+        }
+        Command::CtrlFailover { member_pids } => ctrl::failover(&endpoints, &member_pids).await?,
+        Command::CtrlNodeLoss { nodes, replicas } => {
+            ctrl::node_loss(&endpoints, nodes, replicas).await?
+        }
         Command::Sched {
             nodes,
             pods,
