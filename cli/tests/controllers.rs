@@ -774,3 +774,130 @@ fn a_rollout_finishes_under_a_new_leader_without_extra_pods() {
         inv.check();
     });
 }
+
+#[test]
+fn recreate_replaces_all_at_once_and_pause_holds_a_rollout() {
+    let cluster = Cluster::start();
+    runtime().block_on(async {
+        let c = client(&cluster);
+        let _kubelet = fake_kubelet(c.clone(), Duration::from_millis(50));
+        let mut d = deployment("web", 3, json!(1), json!(0));
+        let spec = d.spec.as_mut().unwrap();
+        spec.strategy.as_mut().unwrap().r#type = "Recreate".into();
+        spec.strategy.as_mut().unwrap().rolling_update = None;
+        c.create(&d).await.unwrap();
+        rollout_complete(&c, "web", 3).await;
+
+        // Recreate: from the first v2 pod on, no v1 pod exists any more.
+        let mixed = Arc::new(AtomicBool::new(false));
+        let mut events = watch::<Pod>(
+            c.clone(),
+            WatchRequest {
+                namespace: "default".into(),
+                resource_version: "0".into(),
+                ..Default::default()
+            },
+        );
+        let checker = {
+            let mixed = mixed.clone();
+            tokio::spawn(async move {
+                let mut pods: HashMap<String, Pod> = HashMap::new();
+                while let Some(Ok(item)) = events.recv().await {
+                    match item {
+                        WatchItem::Added(p) | WatchItem::Modified(p) => {
+                            pods.insert(p.name().to_string(), p);
+                        }
+                        WatchItem::Deleted(p) => {
+                            pods.remove(p.name());
+                        }
+                        _ => continue,
+                    }
+                    let v1 = pods.values().any(|p| image(p) == "web:v1");
+                    let v2 = pods.values().any(|p| image(p) == "web:v2");
+                    if v1 && v2 {
+                        mixed.store(true, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        c.patch::<Deployment>(
+            "default",
+            "web",
+            &json!({"spec": {"template": template("v2")}}),
+        )
+        .await
+        .unwrap();
+        // `rollout status` follows it to the end.
+        let out = tokio::task::spawn_blocking({
+            let endpoints = cluster.endpoints();
+            move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+                    .args(["rollout", "status", "deployment/web", "--timeout", "30s"])
+                    .args(["--server", &endpoints])
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.ends_with("deployment \"web\" successfully rolled out\n"),
+            "{stdout}"
+        );
+        let active = active_pods(&c).await;
+        assert_eq!(active.len(), 3);
+        assert!(active.iter().all(|p| image(p) == "web:v2"));
+        checker.abort();
+        assert!(
+            !mixed.load(Ordering::Relaxed),
+            "v1 and v2 pods existed together"
+        );
+
+        // Paused: a new template waits until resumed.
+        let flotilla = |args: &[&str]| {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+                .args(args)
+                .args(["--server", &cluster.endpoints()])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        assert_eq!(
+            flotilla(&["rollout", "pause", "deployment/web"]),
+            "deployment.apps/web paused\n"
+        );
+        c.patch::<Deployment>(
+            "default",
+            "web",
+            &json!({"spec": {"template": template("v3")}}),
+        )
+        .await
+        .unwrap();
+        until("the paused deployment to observe the change", || async {
+            let d = c.get::<Deployment>("default", "web").await.ok()?;
+            let s = d.status?;
+            (s.observed_generation == d.metadata?.generation).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(active_pods(&c).await.iter().all(|p| image(p) == "web:v2"));
+        flotilla(&["rollout", "resume", "deployment/web"]);
+        rollout_complete(&c, "web", 3).await;
+        until("every pod on v3", || async {
+            let active = active_pods(&c).await;
+            (active.len() == 3 && active.iter().all(|p| image(p) == "web:v3")).then_some(())
+        })
+        .await;
+    });
+}
