@@ -8,7 +8,9 @@
 #   RUNS=3              rounds per node count (each on a fresh cluster)
 #   NODES="100 1000 5000"
 #   PODS=10000          pods per round, created by 64 clients
-#   LEASE_INTERVAL=4    seconds between renewals of each node's Lease (node-monitor-grace is 8 s)
+#   LEASE_INTERVAL=10   seconds between renewals of each node's Lease
+#   GRACE=40s           the members' --node-monitor-grace (with LEASE_INTERVAL: Kubernetes'
+#                       defaults for node leases; Flotilla's own are 2 s and 8 s)
 #   BASE_PORT=24890     members use BASE_PORT..+5 (client, peer pairs)
 #
 # Results: bench/results/sched-<date>/results.jsonl and logs/.
@@ -18,7 +20,8 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 NODES=${NODES:-"100 1000 5000"}
 PODS=${PODS:-10000}
-LEASE_INTERVAL=${LEASE_INTERVAL:-4}
+LEASE_INTERVAL=${LEASE_INTERVAL:-10}
+GRACE=${GRACE:-40s}
 BASE_PORT=${BASE_PORT:-24890}
 
 out="bench/results/sched-$(date +%Y%m%d-%H%M%S)"
@@ -57,7 +60,7 @@ start_cluster() {
         local client=$((BASE_PORT + 2 * (i - 1)))
         "$bin" server --name "n$i" --data-dir "$work/n$i" \
             --client-addr "127.0.0.1:$client" --peer-addr "127.0.0.1:$((client + 1))" \
-            --initial-cluster "$initial" 2>>"$work/n$i.log" &
+            --initial-cluster "$initial" --node-monitor-grace "$GRACE" 2>>"$work/n$i.log" &
         PIDS+=($!)
     done
     "$bench" --endpoints "$endpoints" health --wait 30 >&2
