@@ -1,6 +1,7 @@
 //! `flotilla`: the one binary — control-plane server, cluster tools, and the kubectl-like
 //! verbs.
 
+mod agent;
 mod cluster;
 mod leader;
 mod rollout;
@@ -41,6 +42,8 @@ struct Verb<A: clap::Args> {
 enum Command {
     /// Run a control-plane member.
     Server(server::ServerArgs),
+    /// Run a worker node: register it and run the pods bound to it.
+    Agent(agent::AgentArgs),
     /// Inspect and change the control plane's membership.
     Cluster(cluster::ClusterArgs),
     /// Create or update the objects of a manifest (YAML or JSON; `-f -` reads stdin).
@@ -68,6 +71,12 @@ fn init_logging() {
 }
 
 fn main() -> std::process::ExitCode {
+    // The process runtime's shim: a small supervisor per container, not a user command.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("agent-shim") {
+        let code = flotilla_node_agent::process::shim_main(&argv[2..]);
+        return std::process::ExitCode::from(code.clamp(0, 255) as u8);
+    }
     let cli = Cli::parse();
     init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -80,6 +89,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Server(args) => server::run(args).await,
+            Command::Agent(args) => agent::run(args).await,
             Command::Cluster(args) => cluster::run(args).await,
             Command::Apply(v) => verbs::apply(&v.server, v.args).await,
             Command::Get(v) => verbs::get(&v.server, v.args).await,

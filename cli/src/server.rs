@@ -190,7 +190,7 @@ pub async fn serve_clients(
         .context("the client server failed")
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+pub async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {

@@ -1,0 +1,139 @@
+//! `flotilla agent`: a worker node.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use flotilla_node_agent::process::ProcessRuntime;
+use flotilla_node_agent::runtime::FakeRuntime;
+use flotilla_node_agent::{Config, machine_capacity};
+use flotilla_proto::api::quantity::{parse_bytes, parse_cpu_millis};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeKind {
+    /// Each container is a child process (`command` + `args`).
+    Process,
+    /// Pods go Running at once and stay so until deleted; nothing runs.
+    Fake,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Control-plane client addresses (any of them; the agent fails over).
+    #[arg(long, env = "FLOTILLA_SERVER", default_value = crate::DEFAULT_SERVERS)]
+    pub servers: String,
+    /// This node's name [default: the host name].
+    #[arg(long, env = "FLOTILLA_NODE_NAME")]
+    pub node_name: Option<String>,
+    #[arg(long, value_enum, default_value = "process")]
+    pub runtime: RuntimeKind,
+    /// Where the agent keeps its containers' state and logs.
+    #[arg(
+        long,
+        env = "FLOTILLA_AGENT_DATA_DIR",
+        default_value = "./flotilla-agent"
+    )]
+    pub data_dir: PathBuf,
+    /// How often the node's Lease is renewed.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub lease_interval: Duration,
+    /// Labels of the node: KEY=VALUE,...
+    #[arg(long, default_value = "")]
+    pub labels: String,
+    /// The address pods of the node get (the process runtime shares the host's network).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub node_ip: String,
+    /// cpu the node offers, as a quantity (`4`, `3500m`) [default: the machine's cores].
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// memory the node offers (`8Gi`) [default: the machine's memory].
+    #[arg(long)]
+    pub memory: Option<String>,
+    #[arg(long, default_value_t = 110)]
+    pub max_pods: i64,
+    /// Register and keep this many nodes (NAME-0000, …) from this one process; needs
+    /// --runtime fake.
+    #[arg(long, default_value_t = 0)]
+    pub simulate_nodes: usize,
+}
+
+fn parse_labels(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((k, v)) = part.split_once('=') else {
+            bail!("--labels: {part:?} is not KEY=VALUE");
+        };
+        flotilla_proto::api::selector::validate_label_key(k)
+            .map_err(|e| anyhow::anyhow!("--labels: key {k:?}: {e}"))?;
+        flotilla_proto::api::selector::validate_label_value(v)
+            .map_err(|e| anyhow::anyhow!("--labels: value {v:?}: {e}"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(labels)
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    if args.simulate_nodes > 0 && args.runtime != RuntimeKind::Fake {
+        bail!("--simulate-nodes needs --runtime fake");
+    }
+    let (machine_cpu, machine_memory) = machine_capacity();
+    let cpu_milli = match &args.cpu {
+        Some(q) => parse_cpu_millis(q).map_err(|e| anyhow::anyhow!("--cpu: {e}"))?,
+        None => machine_cpu,
+    };
+    let memory = match &args.memory {
+        Some(q) => parse_bytes(q).map_err(|e| anyhow::anyhow!("--memory: {e}"))?,
+        None => machine_memory,
+    };
+    let node_name = match args.node_name.clone() {
+        Some(n) => n,
+        None => std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_lowercase())
+            .unwrap_or_else(|_| "node".into()),
+    };
+    flotilla_proto::api::selector::validate_dns1123_subdomain(&node_name)
+        .map_err(|e| anyhow::anyhow!("--node-name {node_name:?}: {e}"))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
+    let config = Config {
+        servers: args
+            .servers
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        node_name: node_name.clone(),
+        node_ip: args.node_ip.clone(),
+        labels: parse_labels(&args.labels)?,
+        data_dir: args.data_dir.clone(),
+        lease_interval: args.lease_interval,
+        cpu_milli,
+        memory,
+        max_pods: args.max_pods,
+        simulate_nodes: args.simulate_nodes,
+    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        crate::server::wait_for_signal().await.ok();
+        eprintln!(
+            "flotilla agent: stopping (the containers keep running; a restarted agent adopts them)"
+        );
+        let _ = stop_tx.send(true);
+    });
+    match args.runtime {
+        RuntimeKind::Process => {
+            let exe =
+                std::env::current_exe().context("finding the flotilla binary for the shim")?;
+            let rt = ProcessRuntime::new(&args.data_dir, exe, &node_name)
+                .with_context(|| format!("preparing {}", args.data_dir.display()))?;
+            flotilla_node_agent::run(config, Arc::new(rt), stop).await?;
+        }
+        RuntimeKind::Fake => {
+            flotilla_node_agent::run(config, Arc::new(FakeRuntime::new()), stop).await?;
+        }
+    }
+    Ok(())
+}

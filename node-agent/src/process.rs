@@ -1,0 +1,536 @@
+//! The process runtime: each container is a child process (`command` + `args`, `env`,
+//! `workingDir`), watched over by a small *shim* (`flotilla agent-shim`) that outlives the
+//! agent.
+//!
+//! The shim runs in its own process group, writes the container's output to its log file,
+//! waits for it and records its exit status in a file. So the agent can die and come back:
+//! it finds every container from its directory (`DATA/containers/ID/`), sees which still
+//! run, and learns the exit codes of those that ended meanwhile. Stopping a container
+//! signals its process group (the shim ignores SIGTERM; SIGKILL takes both).
+//!
+//! cpu and memory limits go through cgroup v2 when the agent may create cgroups under
+//! `/sys/fs/cgroup`; otherwise it says so once at start-up and runs without limits.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::runtime::{ContainerRecord, ContainerSpec, ContainerState, Runtime, RuntimeError};
+
+/// Logs of a container are rotated past this size (one older file is kept).
+pub const LOG_LIMIT: u64 = 10 * 1024 * 1024;
+
+/// What the agent records about a container it started.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Meta {
+    pod_uid: String,
+    pod_namespace: String,
+    pod_name: String,
+    container: String,
+    restart_count: i32,
+    /// The shim's pid, which is also the container's process group.
+    pid: i32,
+    /// The shim's start time in clock ticks since boot (tells a reused pid apart).
+    pid_start: u64,
+    started_at_ms: u64,
+}
+
+pub struct ProcessRuntime {
+    dir: PathBuf,
+    exe: PathBuf,
+    cgroup: Option<PathBuf>,
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn from_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// A process's start time (field 22 of /proc/PID/stat), if it exists.
+fn process_start(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A zombie (exited, not yet reaped) counts as gone.
+fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .unwrap_or(true)
+}
+
+impl ProcessRuntime {
+    /// `dir` holds the containers' files; `exe` is the `flotilla` binary (for the shim).
+    pub fn new(dir: &Path, exe: PathBuf, node: &str) -> std::io::Result<Self> {
+        let dir = dir.join("containers");
+        fs::create_dir_all(&dir)?;
+        let cgroup = match setup_cgroup(node) {
+            Ok(path) => {
+                tracing::info!(
+                    "cpu and memory limits enforced through cgroup v2 at {}",
+                    path.display()
+                );
+                Some(path)
+            }
+            Err(why) => {
+                eprintln!("flotilla agent: cpu and memory limits are NOT enforced: {why}");
+                None
+            }
+        };
+        Ok(Self { dir, exe, cgroup })
+    }
+
+    fn container_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    fn meta(&self, id: &str) -> Option<Meta> {
+        let text = fs::read_to_string(self.container_dir(id).join("meta.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn state_of(&self, id: &str, meta: &Meta) -> ContainerState {
+        let dir = self.container_dir(id);
+        let started_at = from_millis(meta.started_at_ms);
+        if let Ok(text) = fs::read_to_string(dir.join("exit")) {
+            // "CODE SIGNAL FINISHED_MS"
+            let mut parts = text
+                .split_whitespace()
+                .map(|p| p.parse::<i64>().unwrap_or(0));
+            let code = parts.next().unwrap_or(0) as i32;
+            let signal = parts.next().unwrap_or(0) as i32;
+            let finished = parts.next().unwrap_or(0) as u64;
+            return ContainerState::Exited {
+                exit_code: if signal > 0 { 128 + signal } else { code },
+                signal,
+                reason: exit_reason(code, signal, self.oom_killed(id)),
+                started_at,
+                finished_at: from_millis(finished),
+            };
+        }
+        let alive = process_start(meta.pid) == Some(meta.pid_start) && !is_zombie(meta.pid);
+        if alive {
+            return ContainerState::Running { started_at };
+        }
+        // The shim died without a word: it was killed (SIGKILL takes the shim too).
+        let finished = fs::metadata(dir.join("log"))
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|_| SystemTime::now());
+        ContainerState::Exited {
+            exit_code: 137,
+            signal: libc::SIGKILL,
+            reason: if self.oom_killed(id) {
+                "OOMKilled"
+            } else {
+                "Killed"
+            }
+            .into(),
+            started_at,
+            finished_at: finished,
+        }
+    }
+
+    fn oom_killed(&self, id: &str) -> bool {
+        let Some(cg) = &self.cgroup else {
+            return false;
+        };
+        fs::read_to_string(cg.join(id).join("memory.events"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill ").map(|n| n.trim() != "0"))
+            })
+            .unwrap_or(false)
+    }
+
+    /// A cgroup for the container with its limits; `None` without cgroups or limits.
+    fn container_cgroup(&self, id: &str, spec: &ContainerSpec) -> Option<PathBuf> {
+        let base = self.cgroup.as_ref()?;
+        let cg = base.join(id);
+        let result: std::io::Result<()> = (|| {
+            fs::create_dir_all(&cg)?;
+            if spec.memory_limit > 0 {
+                fs::write(cg.join("memory.max"), spec.memory_limit.to_string())?;
+            }
+            if spec.cpu_limit_milli > 0 {
+                // Quota per 100 ms period.
+                let quota = (spec.cpu_limit_milli * 100).max(1000);
+                fs::write(cg.join("cpu.max"), format!("{quota} 100000"))?;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Some(cg),
+            Err(e) => {
+                tracing::warn!("cgroup for {id}: {e}; running it without limits");
+                None
+            }
+        }
+    }
+}
+
+fn exit_reason(code: i32, signal: i32, oom: bool) -> String {
+    if oom {
+        "OOMKilled".into()
+    } else if signal > 0 {
+        "Killed".into()
+    } else if code == 0 {
+        "Completed".into()
+    } else {
+        "Error".into()
+    }
+}
+
+/// Creates `/sys/fs/cgroup/flotilla-NODE` with the cpu and memory controllers enabled for
+/// its children.
+fn setup_cgroup(node: &str) -> Result<PathBuf, String> {
+    let root = Path::new("/sys/fs/cgroup");
+    let controllers = fs::read_to_string(root.join("cgroup.controllers"))
+        .map_err(|_| "no cgroup v2 hierarchy at /sys/fs/cgroup".to_string())?;
+    for c in ["cpu", "memory"] {
+        if !controllers.split_whitespace().any(|x| x == c) {
+            return Err(format!("the cgroup v2 {c} controller is not available"));
+        }
+    }
+    let dir = root.join(format!("flotilla-{node}"));
+    fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let enable = |path: &Path| fs::write(path.join("cgroup.subtree_control"), "+cpu +memory");
+    enable(root).and_then(|_| enable(&dir)).map_err(|e| {
+        format!(
+            "cannot enable the cpu and memory controllers under {}: {e}",
+            dir.display()
+        )
+    })?;
+    Ok(dir)
+}
+
+impl Runtime for ProcessRuntime {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let id = format!("{}-{}-{}", spec.pod_uid, spec.name, spec.restart_count);
+        let dir = self.container_dir(&id);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let argv: Vec<String> = spec
+            .command
+            .iter()
+            .chain(spec.args.iter())
+            .cloned()
+            .collect();
+        if argv.is_empty() {
+            return Err(RuntimeError::Start {
+                container: spec.name.clone(),
+                message: "no command: the process runtime needs `command` (and `args`)".into(),
+            });
+        }
+        let workdir = if spec.working_dir.is_empty() {
+            dir.clone()
+        } else {
+            PathBuf::from(&spec.working_dir)
+        };
+        if !workdir.is_dir() {
+            return Err(RuntimeError::Start {
+                container: spec.name.clone(),
+                message: format!("workingDir {} is not a directory", workdir.display()),
+            });
+        }
+        let mut cmd = std::process::Command::new(&self.exe);
+        cmd.arg("agent-shim").arg("--dir").arg(&dir);
+        if let Some(cg) = self.container_cgroup(&id, spec) {
+            cmd.arg("--cgroup").arg(cg);
+        }
+        cmd.arg("--")
+            .args(&argv)
+            .current_dir(&workdir)
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let started = SystemTime::now();
+        let mut child = cmd.spawn().map_err(|e| RuntimeError::Start {
+            container: spec.name.clone(),
+            message: format!("cannot start the shim: {e}"),
+        })?;
+        let pid = child.id() as i32;
+        let meta = Meta {
+            pod_uid: spec.pod_uid.clone(),
+            pod_namespace: spec.pod_namespace.clone(),
+            pod_name: spec.pod_name.clone(),
+            container: spec.name.clone(),
+            restart_count: spec.restart_count,
+            pid,
+            pid_start: process_start(pid).unwrap_or(0),
+            started_at_ms: millis(started),
+        };
+        let tmp = dir.join("meta.json.tmp");
+        fs::write(
+            &tmp,
+            serde_json::to_vec(&meta).map_err(|e| RuntimeError::Other(e.to_string()))?,
+        )?;
+        fs::rename(tmp, dir.join("meta.json"))?;
+        // Reap the shim when it ends (an adopted shim, after a restart, is init's to reap).
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        Ok(id)
+    }
+
+    async fn state(&self, id: &str) -> ContainerState {
+        match self.meta(id) {
+            Some(meta) => self.state_of(id, &meta),
+            None => ContainerState::Missing,
+        }
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) {
+        let Some(meta) = self.meta(id) else {
+            return;
+        };
+        if !matches!(self.state_of(id, &meta), ContainerState::Running { .. }) {
+            return;
+        }
+        // SAFETY: kill(2) with a negative pid signals the process group; no memory is shared.
+        unsafe {
+            libc::kill(-meta.pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !matches!(self.state_of(id, &meta), ContainerState::Running { .. }) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(-meta.pid, libc::SIGKILL);
+        }
+        for _ in 0..100 {
+            if !matches!(self.state_of(id, &meta), ContainerState::Running { .. }) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn remove(&self, id: &str) {
+        let _ = fs::remove_dir_all(self.container_dir(id));
+        if let Some(cg) = &self.cgroup {
+            let _ = fs::remove_dir(cg.join(id));
+        }
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        spec: &ContainerSpec,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<i32, RuntimeError> {
+        let Some((program, args)) = command.split_first() else {
+            return Err(RuntimeError::Other("exec: empty command".into()));
+        };
+        let workdir = if spec.working_dir.is_empty() {
+            self.container_dir(id)
+        } else {
+            PathBuf::from(&spec.working_dir)
+        };
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .current_dir(workdir)
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => Ok(status?.code().unwrap_or(128)),
+            Err(_) => Err(RuntimeError::Other(format!(
+                "exec {program:?} timed out after {timeout:?}"
+            ))),
+        }
+    }
+
+    async fn list(&self) -> Vec<ContainerRecord> {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().to_string();
+            if let Some(meta) = self.meta(&id) {
+                let state = self.state_of(&id, &meta);
+                out.push(ContainerRecord {
+                    id,
+                    pod_uid: meta.pod_uid,
+                    pod_namespace: meta.pod_namespace,
+                    pod_name: meta.pod_name,
+                    container: meta.container,
+                    restart_count: meta.restart_count,
+                    state,
+                });
+            }
+        }
+        out
+    }
+
+    fn log_files(&self, id: &str) -> Vec<PathBuf> {
+        let dir = self.container_dir(id);
+        vec![dir.join("log"), dir.join("log.1")]
+    }
+}
+
+/// `flotilla agent-shim --dir DIR [--cgroup CG] -- COMMAND ARGS...`: runs one container and
+/// records how it ended. Returns the process exit code.
+pub fn shim_main(args: &[String]) -> i32 {
+    let mut dir = None;
+    let mut cgroup = None;
+    let mut it = args.iter();
+    let mut argv = Vec::new();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--dir" => dir = it.next().map(PathBuf::from),
+            "--cgroup" => cgroup = it.next().map(PathBuf::from),
+            "--" => {
+                argv = it.by_ref().cloned().collect();
+                break;
+            }
+            other => {
+                eprintln!("agent-shim: unexpected argument {other:?}");
+                return 2;
+            }
+        }
+    }
+    let (Some(dir), Some((program, rest))) = (dir, argv.split_first()) else {
+        eprintln!("usage: flotilla agent-shim --dir DIR [--cgroup CG] -- COMMAND ARGS...");
+        return 2;
+    };
+    if let Some(cg) = cgroup {
+        // Joining the cgroup first: the container inherits it.
+        if let Err(e) = fs::write(cg.join("cgroup.procs"), std::process::id().to_string()) {
+            let _ = append(
+                &dir.join("log"),
+                format!("flotilla: not limited (cgroup: {e})\n").as_bytes(),
+            );
+        }
+    }
+    // The shim outlives SIGTERM to the group: only the container should act on it.
+    // SAFETY: setting a signal disposition to SIG_IGN has no memory effects.
+    unsafe {
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    let (code, signal) = match run_logged(&dir, program, rest) {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            (status.code().unwrap_or(0), status.signal().unwrap_or(0))
+        }
+        Err(e) => {
+            let _ = append(
+                &dir.join("log"),
+                format!("flotilla: cannot run {program:?}: {e}\n").as_bytes(),
+            );
+            (127, 0)
+        }
+    };
+    let finished = millis(SystemTime::now());
+    let tmp = dir.join("exit.tmp");
+    if fs::write(&tmp, format!("{code} {signal} {finished}\n")).is_ok() {
+        let _ = fs::rename(&tmp, dir.join("exit"));
+    }
+    0
+}
+
+fn append(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(bytes)
+}
+
+/// Runs the container with its output copied into `DIR/log`, rotated at [`LOG_LIMIT`].
+fn run_logged(
+    dir: &Path,
+    program: &str,
+    args: &[String],
+) -> std::io::Result<std::process::ExitStatus> {
+    use std::io::Read;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // The shim ignores SIGTERM, SIGINT and SIGHUP; ignored signals survive exec, so the
+    // container gets the default dispositions back before it starts.
+    // SAFETY: between fork and exec the closure only calls signal(2), which touches no
+    // memory of the parent and takes no locks.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let log = dir.join("log");
+    let copy = |mut from: Box<dyn Read + Send>, log: PathBuf| {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let _ = rotate_if_full(&log);
+                let _ = append(&log, &buf[..n]);
+            }
+        })
+    };
+    let mut threads = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        threads.push(copy(Box::new(out), log.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        threads.push(copy(Box::new(err), log.clone()));
+    }
+    let status = child.wait()?;
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(status)
+}
+
+fn rotate_if_full(log: &Path) -> std::io::Result<()> {
+    if fs::metadata(log).map(|m| m.len()).unwrap_or(0) >= LOG_LIMIT {
+        fs::rename(log, log.with_extension("1"))?;
+    }
+    Ok(())
+}
+
+/// Container directories whose pods the agent no longer runs, by pod uid.
+pub fn group_by_pod(records: Vec<ContainerRecord>) -> HashMap<String, Vec<ContainerRecord>> {
+    let mut by: HashMap<String, Vec<ContainerRecord>> = HashMap::new();
+    for r in records {
+        by.entry(r.pod_uid.clone()).or_default().push(r);
+    }
+    by
+}
