@@ -39,6 +39,9 @@ pub enum ApiError {
     /// Stored data that does not decode, or another broken invariant.
     #[error("internal error: {0}")]
     Internal(String),
+    /// Something the request needs (a node's agent) cannot be reached now.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -69,6 +72,7 @@ impl ApiError {
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Expired(_) => Code::OutOfRange,
             ApiError::Internal(_) => Code::Internal,
+            ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Store(e) => match e {
                 StoreError::Mvcc(MvccError::Compacted { .. }) => Code::OutOfRange,
                 StoreError::Mvcc(MvccError::FutureRevision { .. }) => Code::OutOfRange,

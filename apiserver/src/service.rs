@@ -67,6 +67,10 @@ service!(pods_server::Pods, Pod, PodList, status {
     async fn bind(&self, r: Request<Binding>) -> Reply<Pod> {
         Ok(Response::new(Api::bind(self, r.into_inner()).await?))
     }
+    type LogsStream = crate::logs::LogStream;
+    async fn logs(&self, r: Request<PodLogsRequest>) -> Reply<Self::LogsStream> {
+        Ok(Response::new(Api::logs(self, r.into_inner()).await?))
+    }
 });
 service!(
     replica_sets_server::ReplicaSets,

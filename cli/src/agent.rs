@@ -58,6 +58,10 @@ pub struct AgentArgs {
     /// --runtime fake.
     #[arg(long, default_value_t = 0)]
     pub simulate_nodes: usize,
+    /// Where to serve container logs to the control plane [default: NODE-IP:0, any free
+    /// port; the address is published on the Node].
+    #[arg(long)]
+    pub logs_addr: Option<String>,
 }
 
 fn parse_labels(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
@@ -114,6 +118,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         memory,
         max_pods: args.max_pods,
         simulate_nodes: args.simulate_nodes,
+        logs_addr: args
+            .logs_addr
+            .clone()
+            .unwrap_or_else(|| format!("{}:0", args.node_ip)),
     };
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

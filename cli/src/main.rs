@@ -56,6 +56,8 @@ enum Command {
     Delete(Verb<verbs::DeleteArgs>),
     /// Set the replicas of a deployment or replicaset.
     Scale(Verb<verbs::ScaleArgs>),
+    /// Print a container's output (`-f` to follow it).
+    Logs(Verb<verbs::LogsArgs>),
     /// Follow, undo, list, pause and resume deployment rollouts.
     Rollout(Verb<rollout::RolloutArgs>),
 }
@@ -97,6 +99,7 @@ fn main() -> std::process::ExitCode {
             Command::Delete(v) => verbs::delete(&v.server, v.args).await,
             Command::Scale(v) => verbs::scale(&v.server, v.args).await,
             Command::Rollout(v) => rollout::run(&v.server, v.args).await,
+            Command::Logs(v) => verbs::logs(&v.server, v.args).await,
         }
     });
     match result {

@@ -645,3 +645,57 @@ pub async fn scale(server: &ServerArg, args: ScaleArgs) -> anyhow::Result<()> {
     println!("{} scaled", qualified(kind, &name));
     Ok(())
 }
+
+#[derive(Args)]
+pub struct LogsArgs {
+    /// The pod.
+    pub pod: String,
+    /// The container (needed when the pod has several).
+    #[arg(short = 'c', long)]
+    pub container: Option<String>,
+    /// Keep printing output as it comes, until the container ends (Ctrl-C to stop).
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// The output of the container's previous run.
+    #[arg(short = 'p', long)]
+    pub previous: bool,
+    /// Only the last N lines.
+    #[arg(long)]
+    pub tail: Option<i64>,
+    #[command(flatten)]
+    pub ns: NamespaceArgs,
+}
+
+pub async fn logs(server: &ServerArg, args: LogsArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    if let Some(n) = args.tail
+        && n < 0
+    {
+        bail!("--tail must be >= 0, got {n}");
+    }
+    let pod = args
+        .pod
+        .strip_prefix("pod/")
+        .or_else(|| args.pod.strip_prefix("pods/"))
+        .unwrap_or(&args.pod);
+    let client = server.client()?;
+    let req = PodLogsRequest {
+        namespace: args.ns.get(),
+        name: pod.to_string(),
+        container: args.container.clone().unwrap_or_default(),
+        follow: args.follow,
+        previous: args.previous,
+        tail_lines: args.tail.unwrap_or(0),
+        uid: String::new(),
+    };
+    let mut stream = client
+        .server_stream::<PodLogsRequest, LogChunk>("/flotilla.api.v1.Pods/Logs", req)
+        .await
+        .map_err(server_error)?;
+    let mut out = std::io::stdout().lock();
+    while let Some(chunk) = stream.message().await.map_err(|s| server_error(s.into()))? {
+        out.write_all(&chunk.data)?;
+        out.flush()?;
+    }
+    Ok(())
+}

@@ -459,3 +459,99 @@ fn agent_restarts_and_leader_deaths_neither_lose_nor_duplicate_pods() {
         .await;
     });
 }
+
+fn flotilla(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(args)
+        .args(["--server", &cluster.endpoints()])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn logs_are_served_through_the_api() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = Agent::start(&cluster, &dir.path().join("a1"), "a1");
+    runtime().block_on(async {
+        let c = client(&cluster);
+        let talker = "echo hello; echo oops >&2; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.1; done";
+        c.create(&pod("talker", talker, json!({}), json!({})))
+            .await
+            .unwrap();
+        c.create(&pod("crasher", "echo run-$$; exit 1", json!({}), json!({})))
+            .await
+            .unwrap();
+        running(&c, "talker").await;
+        until("a few ticks", || async {
+            let out = flotilla(&cluster, &["logs", "talker"]);
+            String::from_utf8_lossy(&out.stdout).contains("tick 3").then_some(())
+        })
+        .await;
+        let out = flotilla(&cluster, &["logs", "talker"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(text.starts_with("hello\n") || text.starts_with("oops\n"), "{text}");
+        assert!(text.contains("oops\n") && text.contains("tick 1\ntick 2\n"), "{text}");
+        let out = flotilla(&cluster, &["logs", "pod/talker", "--tail", "1"]);
+        let last = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(last.starts_with("tick ") && last.lines().count() == 1, "{last:?}");
+
+        // Following: new lines keep coming.
+        let mut follow = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["logs", "talker", "-f", "--tail", "1", "--server", &cluster.endpoints()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = follow.stdout.take().unwrap();
+        let lines = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stdout)
+                .lines()
+                .take(4)
+                .map(|l| l.unwrap())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        let _ = follow.kill();
+        let _ = follow.wait();
+        let n: Vec<u64> = lines
+            .iter()
+            .map(|l| l.trim_start_matches("tick ").parse().unwrap())
+            .collect();
+        assert!(n.windows(2).all(|w| w[1] == w[0] + 1), "{lines:?}");
+
+        // The previous run of a crashing container.
+        until("the crasher restarted", || async {
+            let p = c.get::<Pod>("default", "crasher").await.ok()?;
+            (status(&p).restart_count >= 1).then_some(())
+        })
+        .await;
+        let out = flotilla(&cluster, &["logs", "crasher", "--previous"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("run-"));
+
+        // Errors a person can act on.
+        c.create(&from_value::<Pod>(json!({
+            "metadata": {"name": "two"},
+            "spec": {"containers": [
+                {"name": "a", "image": "sh", "command": ["sleep", "1000"]},
+                {"name": "b", "image": "sh", "command": ["sleep", "1000"]},
+            ]},
+        })).unwrap())
+        .await
+        .unwrap();
+        let out = flotilla(&cluster, &["logs", "two"]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(err.contains("name one of a, b"), "{err}");
+        c.create(&pod("nowhere", "true", json!({}), json!({"nodeSelector": {"disk": "none"}})))
+            .await
+            .unwrap();
+        let out = flotilla(&cluster, &["logs", "nowhere"]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(err.contains("not on a node yet"), "{err}");
+    });
+}

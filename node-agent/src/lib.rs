@@ -10,6 +10,7 @@
 //!
 //! With `--simulate-nodes N` (fake runtime) one agent registers and keeps N nodes.
 
+pub mod logs;
 pub mod probe;
 pub mod process;
 pub mod runtime;
@@ -32,6 +33,8 @@ use crate::runtime::{ContainerRecord, Runtime};
 use crate::worker::{Msg, NodeInfo, Worker};
 
 pub const LEASE_NAMESPACE: &str = "flotilla-node-lease";
+/// The Node annotation with the agent's log service address (as the API server reads it).
+pub const AGENT_ENDPOINT: &str = "flotilla.io/agent-endpoint";
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -47,6 +50,8 @@ pub struct Config {
     pub max_pods: i64,
     /// Nodes this agent keeps (fake runtime): `NAME-0000`, `NAME-0001`, …; 0: just NAME.
     pub simulate_nodes: usize,
+    /// Where the agent serves container logs to the control plane (port 0: any free port).
+    pub logs_addr: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +92,7 @@ impl Config {
         }
     }
 
-    fn node_object(&self, name: &str, runtime: &str) -> Node {
+    fn node_object(&self, name: &str, runtime: &str, endpoint: &str) -> Node {
         let mut labels = self.labels.clone();
         labels.insert("kubernetes.io/hostname".into(), name.into());
         labels.insert("kubernetes.io/os".into(), "linux".into());
@@ -102,6 +107,7 @@ impl Config {
             metadata: Some(ObjectMeta {
                 name: name.into(),
                 labels,
+                annotations: [(AGENT_ENDPOINT.to_string(), endpoint.to_string())].into(),
                 ..Default::default()
             }),
             spec: Some(Default::default()),
@@ -147,8 +153,9 @@ async fn register(client: &Client, node: Node) -> Result<(), ClientError> {
             for _ in 0..5 {
                 let mut current = client.get::<Node>("", node.name()).await?;
                 let meta = current.metadata.get_or_insert_default();
-                meta.labels
-                    .extend(node.metadata.clone().unwrap_or_default().labels);
+                let wanted = node.metadata.clone().unwrap_or_default();
+                meta.labels.extend(wanted.labels);
+                meta.annotations.extend(wanted.annotations);
                 let current = client.update(&current).await?;
                 let mut with_status = current.clone();
                 with_status.status = node.status.clone();
@@ -227,13 +234,48 @@ pub async fn run<R: Runtime>(
             Err(e) => return Err(AgentError::Unreachable(config.servers.join(","), e)),
         }
     }
+    // The log service, whose address goes on the Node.
+    let listener = tokio::net::TcpListener::bind(&config.logs_addr)
+        .await
+        .map_err(|e| {
+            AgentError::Setup(format!(
+                "cannot listen on --logs-addr {}: {e}",
+                config.logs_addr
+            ))
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| AgentError::Setup(e.to_string()))?;
+    let endpoint = if bound.ip().is_unspecified() {
+        format!("{}:{}", config.node_ip, bound.port())
+    } else {
+        bound.to_string()
+    };
+    let logs_server = {
+        let service =
+            flotilla_proto::flotilla_agent_v1::agent_server::AgentServer::new(logs::LogService {
+                rt: rt.clone(),
+            });
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                )
+                .await;
+        })
+    };
     let names = config.node_names();
     let sem = Arc::new(Semaphore::new(32));
     let mut regs = tokio::task::JoinSet::new();
     for name in &names {
         let (client, node, sem) = (
             client.clone(),
-            config.node_object(name, rt.name()),
+            config.node_object(name, rt.name(), &endpoint),
             sem.clone(),
         );
         let interval = config.lease_interval;
@@ -380,6 +422,7 @@ pub async fn run<R: Runtime>(
         }
     }
     renewer.abort();
+    logs_server.abort();
     drop(informer);
     Ok(())
 }

@@ -340,8 +340,10 @@ impl<R: Runtime> Worker<R> {
                 s.next_startup = probe_delay(&s.c.startup_probe);
                 s.id = Some(id);
                 s.running_since = Some(SystemTime::now());
+                // Keep the run that just ended (for `logs --previous`), not the one before.
+                let mut older = None;
                 if let Some(t) = s.terminated.take() {
-                    s.last = Some(t);
+                    older = s.last.replace(t);
                 }
                 s.waiting = None;
                 s.next_start = None;
@@ -351,6 +353,11 @@ impl<R: Runtime> Worker<R> {
                 s.ready_ok = 0;
                 s.ready_fail = 0;
                 s.start_fail = 0;
+                if let Some(t) = older
+                    && !t.id.is_empty()
+                {
+                    self.rt.remove(&t.id).await;
+                }
             }
             Err(e) => {
                 tracing::warn!(

@@ -26,10 +26,25 @@ pub mod raft {
     tonic::include_proto!("flotilla.raft.v1");
 }
 
-/// The API objects and services (`flotilla.api.v1`), as generated.
-pub mod flotilla_api_v1 {
-    tonic::include_proto!("flotilla.api.v1");
+/// The generated packages, nested as prost expects (the agent package refers to the API's
+/// messages by relative path).
+pub mod flotilla {
+    pub mod api {
+        /// The API objects and services (`flotilla.api.v1`), as generated.
+        pub mod v1 {
+            tonic::include_proto!("flotilla.api.v1");
+        }
+    }
+    pub mod agent {
+        /// The node agent's service (`flotilla.agent.v1`), as generated.
+        pub mod v1 {
+            tonic::include_proto!("flotilla.agent.v1");
+        }
+    }
 }
+
+pub use flotilla::agent::v1 as flotilla_agent_v1;
+pub use flotilla::api::v1 as flotilla_api_v1;
 
 pub mod api;
 
