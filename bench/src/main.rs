@@ -12,6 +12,7 @@
 //! flotilla-bench --endpoints a:2379,b:2379,c:2379 leader
 //! ```
 
+mod agent;
 mod api;
 mod ctrl;
 mod failover;
@@ -228,6 +229,28 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         replicas: i32,
     },
+    /// Agent: pods created for --node (a running agent), each timed from create to Running
+    /// seen in a watch; deleted at the end.
+    PodStartup {
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+    },
+    /// Agent: CPU and RSS of an agent keeping --nodes simulated nodes (names starting with
+    /// --prefix), measured over --duration seconds once all are Ready.
+    AgentSim {
+        #[arg(long)]
+        agent_pid: u32,
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value = "sim-")]
+        prefix: String,
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+    },
     /// Writes --total puts cycling over --keys keys (for disk and memory figures).
     Fill {
         /// Keys bench/00000000 up to this many, written in turn.
@@ -353,6 +376,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CtrlFailover { member_pids } => ctrl::failover(&endpoints, &member_pids).await?,
         Command::CtrlNodeLoss { nodes, replicas } => {
             ctrl::node_loss(&endpoints, nodes, replicas).await?
+        }
+        Command::PodStartup {
+            node,
+            pods,
+            clients,
+        } => agent::pod_startup(&endpoints, &node, pods, clients).await?,
+        Command::AgentSim {
+            agent_pid,
+            nodes,
+            prefix,
+            duration,
+        } => {
+            agent::agent_sim(
+                &endpoints,
+                agent_pid,
+                nodes,
+                &prefix,
+                Duration::from_secs(duration),
+            )
+            .await?
         }
         Command::Sched {
             nodes,

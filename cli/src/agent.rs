@@ -62,6 +62,10 @@ pub struct AgentArgs {
     /// port; the address is published on the Node].
     #[arg(long)]
     pub logs_addr: Option<String>,
+    /// On SIGTERM or Ctrl-C, stop the containers too (by default they keep running and a
+    /// restarted agent adopts them).
+    #[arg(long)]
+    pub stop_containers_on_exit: bool,
 }
 
 fn parse_labels(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
@@ -122,6 +126,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .logs_addr
             .clone()
             .unwrap_or_else(|| format!("{}:0", args.node_ip)),
+        stop_containers_on_exit: args.stop_containers_on_exit,
     };
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -7,6 +7,7 @@ mod leader;
 mod rollout;
 mod server;
 mod table;
+mod up;
 mod verbs;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,8 @@ struct Verb<A: clap::Args> {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a three-member control plane and an agent on this machine, in the foreground.
+    Up(up::UpArgs),
     /// Run a control-plane member.
     Server(server::ServerArgs),
     /// Run a worker node: register it and run the pods bound to it.
@@ -90,6 +93,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Up(args) => up::run(args).await,
             Command::Server(args) => server::run(args).await,
             Command::Agent(args) => agent::run(args).await,
             Command::Cluster(args) => cluster::run(args).await,

@@ -356,9 +356,11 @@ fn liveness_failures_restart_and_readiness_gates_ready() {
         ))
         .await
         .unwrap();
+        // Restarted, and running again with the ended run as its last state.
         let p = until("the liveness restarts", || async {
             let p = c.get::<Pod>("default", "unhealthy").await.ok()?;
-            (status(&p).restart_count >= 1).then_some(p)
+            let s = status(&p);
+            (s.restart_count >= 1 && s.last_state.is_some()).then_some(p)
         })
         .await;
         let last = status(&p).last_state.unwrap().terminated.unwrap();

@@ -30,7 +30,7 @@ use flotilla_proto::api::{
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::runtime::{ContainerRecord, Runtime};
-use crate::worker::{Msg, NodeInfo, Worker};
+use crate::worker::{Msg, NodeInfo, Worker, futures_join};
 
 pub const LEASE_NAMESPACE: &str = "flotilla-node-lease";
 /// The Node annotation with the agent's log service address (as the API server reads it).
@@ -52,6 +52,9 @@ pub struct Config {
     pub simulate_nodes: usize,
     /// Where the agent serves container logs to the control plane (port 0: any free port).
     pub logs_addr: String,
+    /// Stop every container when the agent stops (otherwise they keep running and a
+    /// restarted agent adopts them).
+    pub stop_containers_on_exit: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -304,17 +307,24 @@ pub async fn run<R: Runtime>(
     let renewer = {
         let (client, names, interval) = (client.clone(), names.clone(), config.lease_interval);
         tokio::spawn(async move {
-            let gap = interval / names.len().max(1) as u32;
-            let mut tick = tokio::time::interval(gap.max(Duration::from_micros(500)));
+            // Spread over the interval in batches, one batch per 100 ms (or per interval, if
+            // shorter): one timer wake-up per batch, not per lease.
+            let step = Duration::from_millis(100).min(interval);
+            let batches = (interval.as_millis() / step.as_millis().max(1)).max(1) as usize;
+            let per_batch = names.len().div_ceil(batches);
+            let mut tick = tokio::time::interval(step);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            for name in names.iter().cycle() {
+            for batch in names.chunks(per_batch.max(1)).cycle() {
                 tick.tick().await;
-                let (client, name) = (client.clone(), name.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = renew(&client, &name, interval).await {
-                        tracing::debug!(node = name, "renewing the lease: {e}");
+                let renewals = batch.iter().map(|name| {
+                    let client = client.clone();
+                    async move {
+                        if let Err(e) = renew(&client, name, interval).await {
+                            tracing::debug!(node = name, "renewing the lease: {e}");
+                        }
                     }
                 });
+                futures_join(renewals).await;
             }
         })
     };
@@ -424,5 +434,24 @@ pub async fn run<R: Runtime>(
     renewer.abort();
     logs_server.abort();
     drop(informer);
+    if config.stop_containers_on_exit {
+        let running: Vec<ContainerRecord> = rt
+            .list()
+            .await
+            .into_iter()
+            .filter(|r| matches!(r.state, runtime::ContainerState::Running { .. }))
+            .collect();
+        eprintln!("flotilla agent: stopping {} container(s)", running.len());
+        let mut stops = tokio::task::JoinSet::new();
+        for r in running {
+            let rt = rt.clone();
+            stops.spawn(async move { rt.stop(&r.id, Duration::from_secs(10)).await });
+        }
+        while stops.join_next().await.is_some() {}
+    } else {
+        eprintln!(
+            "flotilla agent: stopped; the containers keep running (a restarted agent adopts them)"
+        );
+    }
     Ok(())
 }

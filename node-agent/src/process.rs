@@ -474,11 +474,13 @@ fn run_logged(
     args: &[String],
 ) -> std::io::Result<std::process::ExitStatus> {
     use std::io::Read;
+    // One pipe for stdout and stderr: the log keeps the order in which they were written.
+    let (mut reader, writer) = std::io::pipe()?;
     let mut cmd = std::process::Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdout(writer.try_clone()?)
+        .stderr(writer);
     // The shim ignores SIGTERM, SIGINT and SIGHUP; ignored signals survive exec, so the
     // container gets the default dispositions back before it starts.
     // SAFETY: between fork and exec the closure only calls signal(2), which touches no
@@ -492,29 +494,26 @@ fn run_logged(
         });
     }
     let mut child = cmd.spawn()?;
+    // The command holds the pipe's write end until dropped: drop it, so that the read ends
+    // when the container (and whatever it left running with the pipe) is done.
+    drop(cmd);
     let log = dir.join("log");
-    let copy = |mut from: Box<dyn Read + Send>, log: PathBuf| {
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = from.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let _ = rotate_if_full(&log);
-                let _ = append(&log, &buf[..n]);
+    let copier = std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
             }
-        })
-    };
-    let mut threads = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        threads.push(copy(Box::new(out), log.clone()));
-    }
-    if let Some(err) = child.stderr.take() {
-        threads.push(copy(Box::new(err), log.clone()));
-    }
+            let _ = rotate_if_full(&log);
+            let _ = append(&log, &buf[..n]);
+        }
+    });
     let status = child.wait()?;
-    for t in threads {
-        let _ = t.join();
+    // Output written just before the exit is copied before the exit is recorded; a
+    // background process still holding the pipe must not hold the shim up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while !copier.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
     Ok(status)
 }

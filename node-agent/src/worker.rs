@@ -298,6 +298,11 @@ impl<R: Runtime> Worker<R> {
 
     /// Runs until the pod is gone.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        // Act at once on a new pod, then on every change or tick.
+        if !is_deleting(&self.pod) {
+            self.step().await;
+            self.report().await;
+        }
         loop {
             let mut gone = false;
             tokio::select! {
@@ -806,7 +811,8 @@ fn container_status(s: &Slot, runtime: &str) -> ContainerStatus {
     }
 }
 
-async fn futures_join<F: Future<Output = ()>>(futures: impl Iterator<Item = F>) {
+/// Runs the futures together until all are done.
+pub async fn futures_join<F: Future<Output = ()>>(futures: impl Iterator<Item = F>) {
     let all: Vec<F> = futures.collect();
     let mut pinned: Vec<std::pin::Pin<Box<F>>> = all.into_iter().map(Box::pin).collect();
     // Poll them together: stops run their grace periods at the same time.
