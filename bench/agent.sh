@@ -62,6 +62,11 @@ record() { tee -a "$out/results.jsonl"; }
 "$bin" agent --servers "$endpoints" --node-name bench-node --data-dir "$work/agent" \
     2>>"$work/agent.log" &
 PIDS+=($!)
+# Rounds start once the node is registered (agent start-up is not pod start-up).
+for _ in $(seq 1 300); do
+    "$bin" get node bench-node --server "$endpoints" >/dev/null 2>&1 && break
+    sleep 0.1
+done
 for round in $(seq 1 "$RUNS"); do
     log "round $round: pod-startup, $PODS pods on one agent (process runtime)"
     "$bench" --endpoints "$endpoints" --json pod-startup --node bench-node --pods "$PODS" | record
