@@ -76,6 +76,7 @@ impl ApiError {
             ApiError::Store(e) => match e {
                 StoreError::Mvcc(MvccError::Compacted { .. }) => Code::OutOfRange,
                 StoreError::Mvcc(MvccError::FutureRevision { .. }) => Code::OutOfRange,
+                StoreError::Mvcc(MvccError::Fenced { .. }) => Code::FailedPrecondition,
                 StoreError::Mvcc(_) | StoreError::Invalid(_) => Code::InvalidArgument,
                 StoreError::RequestTooLarge { .. } => Code::ResourceExhausted,
                 StoreError::TooManyRequests => Code::Unavailable,

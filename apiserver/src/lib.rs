@@ -12,6 +12,7 @@
 //! proposal path, which carries them to the leader.
 
 pub mod errors;
+pub mod fence;
 pub mod logs;
 pub mod registry;
 pub mod service;

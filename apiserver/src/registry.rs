@@ -226,7 +226,14 @@ impl Api {
     }
 
     async fn txn(&self, txn: TxnRequest) -> ApiResult<TxnResponse> {
-        match self.node.propose(Command::Txn(txn)).await? {
+        let cmd = match crate::fence::current() {
+            Some(term) => Command::Fenced {
+                term,
+                cmd: Box::new(Command::Txn(txn)),
+            },
+            None => Command::Txn(txn),
+        };
+        match self.node.propose(cmd).await? {
             CommandResponse::Txn(r) => Ok(r),
             CommandResponse::Rejected(e) => Err(ApiError::Store(e.into())),
             other => Err(ApiError::Internal(format!(

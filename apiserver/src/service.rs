@@ -19,7 +19,9 @@ macro_rules! service {
         #[tonic::async_trait]
         impl $module::$trait for Api {
             async fn create(&self, r: Request<$kind>) -> Reply<$kind> {
-                Ok(Response::new(Api::create(self, r.into_inner()).await?))
+                let fence = crate::fence::from_metadata(r.metadata())?;
+                let out = crate::fence::scope(fence, Api::create(self, r.into_inner())).await?;
+                Ok(Response::new(out))
             }
             async fn get(&self, r: Request<GetRequest>) -> Reply<$kind> {
                 let r = r.into_inner();
@@ -30,13 +32,21 @@ macro_rules! service {
                 Ok(Response::new(<$kind>::make_list(items, meta)))
             }
             async fn update(&self, r: Request<$kind>) -> Reply<$kind> {
-                Ok(Response::new(Api::update(self, r.into_inner()).await?))
+                let fence = crate::fence::from_metadata(r.metadata())?;
+                let out = crate::fence::scope(fence, Api::update(self, r.into_inner())).await?;
+                Ok(Response::new(out))
             }
             async fn delete(&self, r: Request<DeleteRequest>) -> Reply<$kind> {
-                Ok(Response::new(Api::delete::<$kind>(self, r.into_inner()).await?))
+                let fence = crate::fence::from_metadata(r.metadata())?;
+                let out =
+                    crate::fence::scope(fence, Api::delete::<$kind>(self, r.into_inner())).await?;
+                Ok(Response::new(out))
             }
             async fn patch(&self, r: Request<PatchRequest>) -> Reply<$kind> {
-                Ok(Response::new(Api::patch::<$kind>(self, r.into_inner()).await?))
+                let fence = crate::fence::from_metadata(r.metadata())?;
+                let out =
+                    crate::fence::scope(fence, Api::patch::<$kind>(self, r.into_inner())).await?;
+                Ok(Response::new(out))
             }
             type WatchStream = EventStream<$kind>;
             async fn watch(&self, r: Request<WatchRequest>) -> Reply<Self::WatchStream> {
@@ -49,7 +59,10 @@ macro_rules! service {
     ($module:ident :: $trait:ident, $kind:ty, $list:ty, status { $($extra:tt)* }) => {
         service!($module::$trait, $kind, $list, {
             async fn update_status(&self, r: Request<$kind>) -> Reply<$kind> {
-                Ok(Response::new(Api::update_status(self, r.into_inner()).await?))
+                let fence = crate::fence::from_metadata(r.metadata())?;
+                let out =
+                    crate::fence::scope(fence, Api::update_status(self, r.into_inner())).await?;
+                Ok(Response::new(out))
             }
             $($extra)*
         });
@@ -65,7 +78,9 @@ service!(
 service!(nodes_server::Nodes, Node, NodeList, status {});
 service!(pods_server::Pods, Pod, PodList, status {
     async fn bind(&self, r: Request<Binding>) -> Reply<Pod> {
-        Ok(Response::new(Api::bind(self, r.into_inner()).await?))
+        let fence = crate::fence::from_metadata(r.metadata())?;
+        let out = crate::fence::scope(fence, Api::bind(self, r.into_inner())).await?;
+        Ok(Response::new(out))
     }
     type LogsStream = crate::logs::LogStream;
     async fn logs(&self, r: Request<PodLogsRequest>) -> Reply<Self::LogsStream> {

@@ -1,8 +1,10 @@
 //! Work that runs on the Raft leader only: the scheduler (and the controllers).
 //!
 //! Each member follows its Raft metrics; when it becomes leader it starts the work as a
-//! client of its own API, and stops it the moment it sees leadership move elsewhere. Binds
-//! are compare-and-set writes, so a deposed leader's late bind cannot bind a pod twice.
+//! client of its own API, and stops it the moment it sees leadership move elsewhere. Every
+//! write that work makes is fenced to the term it started in (`flotilla-fence-term`): the
+//! store applies it only if that term's leader appended it, so a deposed leader's late
+//! writes (a bind, a pod created by a ReplicaSet) fail instead of landing under the next.
 
 use std::sync::Arc;
 
@@ -50,6 +52,7 @@ pub async fn run(
         let m = m.borrow();
         m.current_leader == Some(id) && m.state.is_leader()
     };
+    let term_of = |m: &watch::Receiver<RaftMetrics>| m.borrow().current_term;
     loop {
         while !leads(&metrics) {
             tokio::select! {
@@ -57,13 +60,15 @@ pub async fn run(
                 _ = shutdown.wait_for(|s| *s) => return,
             }
         }
-        let term = node.term();
+        let term = term_of(&metrics);
         tracing::info!(
             term,
             "this member leads: starting the scheduler and controllers"
         );
+        // Every write of this leadership is fenced to its term: once another leader is
+        // elected, nothing still in flight from here can land.
         let client = match Client::new(&[local_address(&client_addr)]) {
-            Ok(c) => c,
+            Ok(c) => c.fenced(term),
             Err(e) => {
                 tracing::error!("cannot reach this member's own API at {client_addr}: {e}");
                 return;
@@ -85,7 +90,8 @@ pub async fn run(
             stop_rx,
         ));
         let shutting_down = loop {
-            if !leads(&metrics) {
+            // Re-elected in a later term counts as a new leadership (a new fence).
+            if !leads(&metrics) || term_of(&metrics) != term {
                 break false;
             }
             tokio::select! {

@@ -166,7 +166,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     println!(
-        "\nFlotilla is up ({:.1} s). Servers: {}\n\nTry:\n  flotilla cluster status\n  flotilla get nodes\n  flotilla apply -f examples/web.yaml\n  flotilla get pods -w\n  flotilla logs POD\n\nLogs in {}. Ctrl-C stops everything.",
+        "\nFlotilla is up ({:.1} s). Servers: {}\n\nTry:\n  flotilla cluster status\n  flotilla get nodes\n  flotilla apply -f examples/ticker.yaml\n  flotilla get pods -w\n  flotilla logs POD\n\nLogs in {}. Ctrl-C stops everything.",
         started.elapsed().as_secs_f64(),
         endpoints.join(","),
         logs.display()

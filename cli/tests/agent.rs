@@ -394,9 +394,10 @@ fn agent_restarts_and_leader_deaths_neither_lose_nor_duplicate_pods() {
     runtime().block_on(async {
         let c = client(&cluster);
         let marker = format!("adopt-{}", std::process::id());
+        // (`; true` keeps sh from exec'ing sleep, so the marker stays on its command line.)
         c.create(&pod(
             "long",
-            &format!("sleep 1000 # {marker}"),
+            &format!("sleep 1000; true # {marker}"),
             json!({}),
             json!({}),
         ))

@@ -142,7 +142,7 @@ fn up_runs_pods_stops_cleanly_and_resumes() {
         .join(",");
     let marker = format!("up-test-{}", std::process::id());
     let manifest = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\nspec:\n  containers:\n  - name: main\n    image: sh\n    command: [sh, -c, \"echo hi; sleep 1000 # {marker}\"]\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\nspec:\n  containers:\n  - name: main\n    image: sh\n    command: [sh, -c, \"echo hi; sleep 1000; true # {marker}\"]\n"
     );
 
     let up = Up::start(&data, base);

@@ -56,6 +56,9 @@ struct Inner {
     channels: Vec<Channel>,
     current: AtomicUsize,
     timeout: Duration,
+    /// Sent as `flotilla-fence-term` with every call: writes apply only under that term's
+    /// leader.
+    fence_term: Option<u64>,
 }
 
 /// The largest message the client sends or accepts (a list of many objects is one message).
@@ -96,8 +99,34 @@ impl Client {
                 channels,
                 current: AtomicUsize::new(0),
                 timeout: Duration::from_secs(30),
+                fence_term: None,
             }),
         })
+    }
+
+    /// The same servers, with every write fenced to the leader of Raft term `term`: the
+    /// server applies it only if that leader appends it (for work that must stop the moment
+    /// its member stops leading, such as the scheduler and the controllers).
+    pub fn fenced(&self, term: u64) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                addrs: self.inner.addrs.clone(),
+                channels: self.inner.channels.clone(),
+                current: AtomicUsize::new(self.inner.current.load(Ordering::Relaxed)),
+                timeout: self.inner.timeout,
+                fence_term: Some(term),
+            }),
+        }
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(msg);
+        if let Some(term) = self.inner.fence_term
+            && let Ok(v) = term.to_string().parse()
+        {
+            request.metadata_mut().insert("flotilla-fence-term", v);
+        }
+        request
     }
 
     /// The addresses this client uses, in order.
@@ -137,7 +166,7 @@ impl Client {
                 grpc.ready()
                     .await
                     .map_err(|e| Status::unavailable(format!("{}: {e}", self.inner.addrs[i])))?;
-                let mut request = tonic::Request::new(req.clone());
+                let mut request = self.request(req.clone());
                 request.set_timeout(self.inner.timeout);
                 grpc.unary(
                     request,
@@ -183,7 +212,7 @@ impl Client {
                     .await
                     .map_err(|e| Status::unavailable(format!("{}: {e}", self.inner.addrs[i])))?;
                 grpc.server_streaming(
-                    tonic::Request::new(req.clone()),
+                    self.request(req.clone()),
                     PathAndQuery::from_static(path),
                     ProstCodec::<Req, Resp>::default(),
                 )

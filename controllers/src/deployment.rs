@@ -249,8 +249,8 @@ pub async fn reconcile(ctx: &Ctx, key: &str) -> Result<Requeue, ClientError> {
                 }
             };
             match create_new_set(ctx, &d, &template, start, max_revision + 1).await? {
-                Some(rs) => {
-                    if start > 0 {
+                Some((rs, created)) => {
+                    if created && start > 0 {
                         scaled_event(ctx, &d, &rs, 0, start);
                     }
                     sets.push(rs);
@@ -281,15 +281,16 @@ fn copy_change_cause(d: &Deployment, meta: &mut ObjectMeta) {
     }
 }
 
-/// Creates the set for the current template; `None` when its name is taken by a set with
-/// another template (the collision count is bumped so the next hash differs).
+/// Creates the set for the current template (with whether this call created it); `None`
+/// when its name is taken by a set with another template (the collision count is bumped so
+/// the next hash differs).
 async fn create_new_set(
     ctx: &Ctx,
     d: &Deployment,
     template: &PodTemplateSpec,
     replicas: i32,
     revision: i64,
-) -> Result<Option<ReplicaSet>, ClientError> {
+) -> Result<Option<(ReplicaSet, bool)>, ClientError> {
     let spec = d.spec.clone().unwrap_or_default();
     let collisions = d
         .status
@@ -336,7 +337,7 @@ async fn create_new_set(
         ..Default::default()
     };
     match ctx.client.create(&rs).await {
-        Ok(rs) => Ok(Some(rs)),
+        Ok(rs) => Ok(Some((rs, true))),
         Err(e) if e.is_already_exists() => {
             let existing = ctx
                 .client
@@ -351,7 +352,7 @@ async fn create_new_set(
                 controller_of(existing.metadata.as_ref()).is_some_and(|o| o.uid == uid_of(d));
             if same && ours {
                 // Our own, not yet in the cache.
-                return Ok(Some(existing));
+                return Ok(Some((existing, false)));
             }
             let mut bumped = d.clone();
             bumped.status.get_or_insert_default().collision_count = Some(collisions + 1);

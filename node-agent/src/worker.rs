@@ -328,7 +328,11 @@ impl<R: Runtime> Worker<R> {
     }
 
     async fn start(&mut self, i: usize) {
-        let spec = self.container_spec(&self.slots[i]);
+        let mut spec = self.container_spec(&self.slots[i]);
+        // A run after one that ended is a restart: it counts once it has started.
+        if self.slots[i].terminated.is_some() {
+            spec.restart_count += 1;
+        }
         let now = Instant::now();
         match self.rt.start(&spec).await {
             Ok(id) => {
@@ -340,6 +344,7 @@ impl<R: Runtime> Worker<R> {
                     )
                 };
                 let s = &mut self.slots[i];
+                s.restarts = spec.restart_count;
                 s.next_live = probe_delay(&s.c.liveness_probe);
                 s.next_ready = probe_delay(&s.c.readiness_probe);
                 s.next_startup = probe_delay(&s.c.startup_probe);
@@ -432,7 +437,6 @@ impl<R: Runtime> Worker<R> {
                 s.backoff = Duration::ZERO;
             }
             let wait = next_backoff(&mut s.backoff);
-            s.restarts += 1;
             s.next_start = Some(Instant::now() + wait);
             if !wait.is_zero() {
                 s.waiting = Some((

@@ -26,6 +26,11 @@ pub enum MvccError {
     /// A command that cannot be applied as it stands (a batch inside a batch).
     #[error("invalid command: {0}")]
     InvalidCommand(String),
+    /// A fenced write reached the log under another leader than the one it was made for.
+    #[error(
+        "write fenced: made for leadership term {required}, appended in term {actual} (the writer no longer leads)"
+    )]
+    Fenced { required: u64, actual: u64 },
 }
 
 /// A request that is malformed, found before anything is proposed.

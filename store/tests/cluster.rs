@@ -361,3 +361,42 @@ async fn automatic_compaction_keeps_the_configured_window() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_writes_apply_only_under_their_leaders_term() {
+    use flotilla_store::errors::MvccError;
+    use flotilla_store::mvcc::Command;
+    let mut c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    let term = c.node(l).term();
+    let fenced = |term: u64, key: &str| Command::Fenced {
+        term,
+        cmd: Box::new(common::put_cmd(key, "v")),
+    };
+    // Under the leader of its term (proposed here or forwarded from a follower): applied.
+    for i in 0..3 {
+        let r = c
+            .node(i)
+            .propose(fenced(term, &format!("ok-{i}")))
+            .await
+            .unwrap();
+        assert!(matches!(r, CommandResponse::Put(_)), "{r:?}");
+    }
+    // Made for an earlier term: refused, nothing written.
+    let r = c.node(l).propose(fenced(term - 1, "stale")).await;
+    assert!(
+        matches!(r, Err(StoreError::Mvcc(MvccError::Fenced { required, actual })) if required == term - 1 && actual == term),
+        "{r:?}"
+    );
+    assert_eq!(get(c.node(l), "stale").await.unwrap(), None);
+    // After the leader dies, a write fenced to its term is refused by the next leader.
+    let other = (l + 1) % 3;
+    c.stop(l).await;
+    let r = c.node(other).propose(fenced(term, "late")).await;
+    assert!(
+        matches!(r, Err(StoreError::Mvcc(MvccError::Fenced { .. }))),
+        "{r:?}"
+    );
+    assert_eq!(get(c.node(other), "late").await.unwrap(), None);
+    c.shutdown().await;
+}

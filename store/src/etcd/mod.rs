@@ -78,6 +78,7 @@ pub fn to_status(e: StoreError) -> Status {
                 Code::FailedPrecondition,
                 "etcdserver: lease already exists".into(),
             ),
+            MvccError::Fenced { .. } => (Code::FailedPrecondition, format!("etcdserver: {m}")),
             MvccError::KeyNotFound => (Code::InvalidArgument, "etcdserver: key not found".into()),
             MvccError::InvalidCommand(m) => (Code::InvalidArgument, format!("etcdserver: {m}")),
         },

@@ -77,6 +77,14 @@ pub enum Command {
     /// Several commands proposed together as one log entry, applied one after another, each
     /// with its own revision(s), exactly as if they had been separate entries.
     Batch(Vec<Command>),
+    /// `cmd`, applied only if the log entry carrying it was appended by the leader of `term`
+    /// (otherwise rejected with [`MvccError::Fenced`], changing nothing). Work that runs on
+    /// the leader (scheduler, controllers) fences its writes with the term it was started
+    /// in, so that a deposed leader's late writes cannot land under its successor.
+    Fenced {
+        term: u64,
+        cmd: Box<Command>,
+    },
 }
 
 impl Command {
@@ -87,6 +95,7 @@ impl Command {
             Command::Txn(t) => prost::Message::encoded_len(t) + 32,
             Command::DeleteRange(d) => d.key.len() + d.range_end.len() + 32,
             Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum::<usize>() + 16,
+            Command::Fenced { cmd, .. } => cmd.approx_size() + 8,
             _ => 32,
         }
     }

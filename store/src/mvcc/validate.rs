@@ -29,6 +29,15 @@ pub fn validate_command(cmd: &Command) -> Result<(), InvalidRequest> {
             }
             Ok(())
         }
+        Command::Fenced { cmd, .. } => {
+            if matches!(**cmd, Command::Batch(_) | Command::Fenced { .. }) {
+                return Err(InvalidRequest::field(
+                    "fenced",
+                    "must hold a single command",
+                ));
+            }
+            validate_command(cmd)
+        }
         Command::Put(p) => validate_put(p),
         Command::DeleteRange(d) => validate_delete(d),
         Command::Txn(t) => validate_txn(t),

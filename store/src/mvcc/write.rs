@@ -107,6 +107,10 @@ pub(super) fn apply(
         Command::Batch(_) => {
             CommandResponse::Rejected(MvccError::InvalidCommand("a batch inside a batch".into()))
         }
+        // Fences are checked (and removed) by the state machine, which knows the entry's term.
+        Command::Fenced { .. } => CommandResponse::Rejected(MvccError::InvalidCommand(
+            "a fenced command outside the state machine".into(),
+        )),
         Command::Put(req) => match check_put(mvcc, &w, req)? {
             Err(e) => CommandResponse::Rejected(e),
             Ok(()) => CommandResponse::Put(put(mvcc, &mut w, req)?),

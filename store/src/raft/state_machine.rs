@@ -206,6 +206,13 @@ impl StateMachine {
                         };
                         let mut replies = Vec::with_capacity(cmds.len());
                         for cmd in &cmds {
+                            let cmd = match unfence(cmd, log_id.leader_id.term) {
+                                Ok(cmd) => cmd,
+                                Err(e) => {
+                                    replies.push(CommandResponse::Rejected(e));
+                                    continue;
+                                }
+                            };
                             let applied = mvcc
                                 .apply(&overlay, cmd)
                                 .map_err(|e| sm_err(ErrorVerb::Write, e))?;
@@ -216,14 +223,17 @@ impl StateMachine {
                         }
                         (CommandResponse::Batch(replies), overlay.pending)
                     }
-                    EntryPayload::Normal(cmd) => {
-                        let applied = mvcc
-                            .apply(self.kv.backend(), &cmd)
-                            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
-                        events.extend(applied.events);
-                        compactions.extend(applied.compaction);
-                        (applied.response, applied.batch)
-                    }
+                    EntryPayload::Normal(cmd) => match unfence(&cmd, log_id.leader_id.term) {
+                        Err(e) => (CommandResponse::Rejected(e), Batch::default()),
+                        Ok(cmd) => {
+                            let applied = mvcc
+                                .apply(self.kv.backend(), cmd)
+                                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+                            events.extend(applied.events);
+                            compactions.extend(applied.compaction);
+                            (applied.response, applied.batch)
+                        }
+                    },
                     EntryPayload::Membership(m) => {
                         self.membership = StoredMembership::new(Some(log_id), m);
                         let mut batch = Batch::default();
@@ -455,5 +465,21 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         );
         let snapshot = open_current(&self.dir).await?;
         snapshot.ok_or_else(|| snap_err(ErrorVerb::Read, "the snapshot just built is missing"))
+    }
+}
+
+/// The command a log entry of leadership `term` applies: a fenced command's own, if it was
+/// made for that term.
+fn unfence(cmd: &Command, term: u64) -> Result<&Command, crate::errors::MvccError> {
+    match cmd {
+        Command::Fenced {
+            term: required,
+            cmd,
+        } if *required == term => Ok(cmd),
+        Command::Fenced { term: required, .. } => Err(crate::errors::MvccError::Fenced {
+            required: *required,
+            actual: term,
+        }),
+        other => Ok(other),
     }
 }
