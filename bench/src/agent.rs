@@ -18,16 +18,8 @@ use flotilla_client::api::*;
 use flotilla_client::watch::{WatchItem, watch};
 use serde_json::json;
 
+use crate::api::ensure_namespace;
 use crate::report::{Progress, Report, histogram, record};
-
-async fn ensure_namespace(c: &Client, name: &str) -> anyhow::Result<()> {
-    let ns: Namespace = from_value(json!({"metadata": {"name": name}}))?;
-    match c.create(&ns).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.is_already_exists() => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("creating namespace {name}")),
-    }
-}
 
 pub async fn pod_startup(
     endpoints: &[String],

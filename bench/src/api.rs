@@ -37,7 +37,8 @@ fn small_pod(namespace: &str, name: &str) -> Pod {
     .expect("a valid pod")
 }
 
-async fn ensure_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
+/// Creates the namespace unless it exists.
+pub async fn ensure_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
     let ns: Namespace = from_value(json!({"metadata": {"name": name}}))?;
     match client.create(&ns).await {
         Ok(_) => Ok(()),

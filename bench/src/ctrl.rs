@@ -22,6 +22,7 @@ use flotilla_client::informer::{Change, Filter, Informer};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+use crate::api::ensure_namespace;
 use crate::report::{Progress, Report};
 use crate::sched::LEASE_NAMESPACE;
 
@@ -29,15 +30,6 @@ fn client(endpoints: &[String], i: usize) -> anyhow::Result<Client> {
     let mut rotated = endpoints.to_vec();
     rotated.rotate_left(i % endpoints.len());
     Client::new(&rotated).map_err(anyhow::Error::msg)
-}
-
-async fn ensure_namespace(c: &Client, name: &str) -> anyhow::Result<()> {
-    let ns: Namespace = from_value(json!({"metadata": {"name": name}}))?;
-    match c.create(&ns).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.is_already_exists() => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("creating namespace {name}")),
-    }
 }
 
 /// Simulated nodes: Node objects, Leases renewed every `interval` while alive, and a

@@ -15,6 +15,7 @@ use flotilla_client::api::*;
 use flotilla_client::watch::{WatchItem, watch};
 use serde_json::json;
 
+use crate::api::ensure_namespace;
 use crate::report::{Progress, Report, histogram, record};
 
 pub struct SchedOpts {
@@ -55,15 +56,6 @@ fn pod(name: &str) -> anyhow::Result<Pod> {
             "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
         }]},
     }))?)
-}
-
-async fn ensure_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
-    let ns: Namespace = from_value(json!({"metadata": {"name": name}}))?;
-    match client.create(&ns).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.is_already_exists() => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("creating namespace {name}")),
-    }
 }
 
 /// User plus system CPU seconds of a process, from /proc.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, DEADLINE};
+use common::{Cluster, DEADLINE, processes_with};
 use flotilla_client::Client;
 use flotilla_client::api::json::from_value;
 use flotilla_client::api::*;
@@ -102,27 +102,6 @@ fn shims_of(dir: &str) -> Vec<i32> {
         };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains("agent-shim") && cmd.contains(dir) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// Pids of processes whose command line contains `marker`.
-fn processes_with(marker: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rfind(')').is_some_and(|i| s[i + 2..].starts_with('Z')))
-            .unwrap_or(true);
-        if cmd.contains(marker) && !zombie && !cmd.contains("agent-shim") {
             out.push(pid);
         }
     }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::eventually;
+use common::{eventually, processes_with};
 
 /// A base port whose next five ports are free too.
 fn free_base() -> u16 {
@@ -115,22 +115,6 @@ fn flotilla(servers: &str, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn processes_with(marker: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            let pid = e.file_name().to_string_lossy().to_string();
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| s.rfind(')').is_some_and(|i| s[i + 2..].starts_with('Z')))
-                .unwrap_or(true);
-            cmd.contains(marker) && !zombie && !cmd.contains("agent-shim")
-        })
-        .count()
-}
-
 #[test]
 fn up_runs_pods_stops_cleanly_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,12 +148,16 @@ fn up_runs_pods_stops_cleanly_and_resumes() {
         let out = flotilla(&servers, &["get", "pod", "hello"], None);
         String::from_utf8_lossy(&out.stdout).contains("Running")
     });
-    assert_eq!(processes_with(&marker), 1);
+    assert_eq!(processes_with(&marker).len(), 1);
 
     // Ctrl-C: everything stops, the pod's process too.
     let status = up.interrupt_and_wait();
     assert!(status.success(), "{status}");
-    assert_eq!(processes_with(&marker), 0, "the pod outlived flotilla up");
+    assert_eq!(
+        processes_with(&marker).len(),
+        0,
+        "the pod outlived flotilla up"
+    );
     for port in 0..6 {
         assert!(
             std::net::TcpListener::bind(("127.0.0.1", base + port)).is_ok(),
@@ -184,10 +172,11 @@ fn up_runs_pods_stops_cleanly_and_resumes() {
     assert!(said[0].starts_with("Resuming"), "{said:#?}");
     eventually("the pod running again", || {
         let out = flotilla(&servers, &["get", "pod", "hello"], None);
-        String::from_utf8_lossy(&out.stdout).contains("Running") && processes_with(&marker) == 1
+        String::from_utf8_lossy(&out.stdout).contains("Running")
+            && processes_with(&marker).len() == 1
     });
     let out = flotilla(&servers, &["logs", "hello"], None);
     assert!(String::from_utf8_lossy(&out.stdout).contains("hi"));
     assert!(up.interrupt_and_wait().success());
-    assert_eq!(processes_with(&marker), 0);
+    assert_eq!(processes_with(&marker).len(), 0);
 }
