@@ -159,3 +159,43 @@ pub fn record_event<K: Resource>(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::api::{PodCondition, PodStatus};
+
+    fn ready_pod(since: SystemTime) -> Pod {
+        Pod {
+            status: Some(PodStatus {
+                conditions: vec![PodCondition {
+                    r#type: "Ready".into(),
+                    status: "True".into(),
+                    last_transition_time: time::format(since),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn available_after_min_ready_seconds() {
+        let now = SystemTime::now();
+        let min = Duration::from_secs(10);
+        // Ready 4 s ago: available in 6 s.
+        let (ok, wait) = availability(&ready_pod(now - Duration::from_secs(4)), min, now);
+        assert!(!ok);
+        let wait = wait.unwrap();
+        assert!(wait <= Duration::from_secs(6) && wait > Duration::from_secs(5), "{wait:?}");
+        assert_eq!(
+            availability(&ready_pod(now - Duration::from_secs(11)), min, now),
+            (true, None)
+        );
+        // Without minReadySeconds, ready is available.
+        assert_eq!(availability(&ready_pod(now), Duration::ZERO, now), (true, None));
+        // Not ready: neither.
+        assert_eq!(availability(&Pod::default(), min, now), (false, None));
+    }
+}
