@@ -4,6 +4,7 @@
 mod agent;
 mod cluster;
 mod leader;
+mod metrics;
 mod rollout;
 mod server;
 mod table;

@@ -123,7 +123,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for peers on {}", config.peer_addr))?;
     let node = StoreNode::start(config, peer).await?;
-    let serving = tokio::spawn(serve_clients(node.clone(), client));
+    let leader_stats = std::sync::Arc::new(crate::leader::LeaderStats::default());
+    let serving = tokio::spawn(serve_clients(node.clone(), client, leader_stats.clone()));
     let leader_config = crate::leader::LeaderConfig {
         run_scheduler: !args.disable_scheduler,
         scheduler: flotilla_scheduler::Config {
@@ -141,7 +142,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         node.clone(),
         args.client_addr.clone(),
         leader_config,
-        Default::default(),
+        leader_stats,
     ));
     eprintln!(
         "flotilla member {} ({:x}) of cluster {:x}: clients on {}, peers on {}",
@@ -165,6 +166,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 pub async fn serve_clients(
     node: StoreNode,
     listener: tokio::net::TcpListener,
+    leader_stats: std::sync::Arc<crate::leader::LeaderStats>,
 ) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -177,8 +179,19 @@ pub async fn serve_clients(
     let routes = tonic::service::Routes::new(health).add_service(reflection);
     let routes = flotilla_store::etcd::add_routes(routes, &node);
     let routes = flotilla_apiserver::add_routes(routes, flotilla_apiserver::start(node.clone()));
+    let requests = std::sync::Arc::new(crate::metrics::RequestStats::default());
+    let sources = std::sync::Arc::new(crate::metrics::Sources {
+        node: node.clone(),
+        leader: leader_stats,
+        requests: requests.clone(),
+        leader_changes: crate::metrics::count_leader_changes(&node),
+    });
+    let routes = crate::metrics::add_routes(routes, sources);
     let mut stop = node.shutdown_signal();
     tonic::transport::Server::builder()
+        // HTTP/1.1 too, for /metrics, /healthz and /readyz.
+        .accept_http1(true)
+        .layer(crate::metrics::layer(requests))
         .serve_with_incoming_shutdown(
             routes,
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

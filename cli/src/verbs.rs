@@ -550,6 +550,9 @@ pub async fn delete(server: &ServerArg, args: DeleteArgs) -> anyhow::Result<()> 
             targets.push((doc.kind, ns, doc.name().to_string()));
         }
     }
+    // The reverse of the files' order: what lives in a namespace goes before the namespace
+    // (whose own deletion would take it away mid-way).
+    targets.reverse();
     if let Some(kind) = &args.kind {
         let kind = kind_arg(kind)?;
         if args.names.is_empty() {

@@ -223,8 +223,12 @@ fn pods_run_and_stop_within_their_grace_period() {
         })
         .await;
         assert!(status(&p).ready);
-        assert_eq!(processes_with(&format!("{marker}-polite")).len(), 1);
-        assert_eq!(processes_with(&format!("{marker}-stubborn")).len(), 1);
+        until("both containers' processes", || async {
+            (processes_with(&format!("{marker}-polite")).len() == 1
+                && processes_with(&format!("{marker}-stubborn")).len() == 1)
+                .then_some(())
+        })
+        .await;
 
         c.delete_named::<Pod>("default", "polite").await.unwrap();
         let took = gone(&c, "polite").await;
@@ -384,7 +388,11 @@ fn agent_restarts_and_leader_deaths_neither_lose_nor_duplicate_pods() {
         .unwrap();
         let before = running(&c, "long").await;
         let started = status(&before).state.unwrap().running.unwrap().started_at;
-        assert_eq!(processes_with(&marker).len(), 1);
+        // Running is reported once the shim runs; its container follows within moments.
+        until("the container's process", || async {
+            (processes_with(&marker).len() == 1).then_some(())
+        })
+        .await;
 
         // The agent dies and comes back: it adopts the container.
         agent.kill9();

@@ -310,7 +310,7 @@ fn the_cli_applies_gets_scales_and_deletes() {
 
     assert_eq!(
         success(flotilla(&server, &["delete", "-f", path], None)),
-        "namespace \"shop\" deleted\ndeployment.apps \"web\" deleted\nservice \"web\" deleted\n"
+        "service \"web\" deleted\ndeployment.apps \"web\" deleted\nnamespace \"shop\" deleted\n"
     );
     let gone = flotilla(&server, &["get", "deployment", "web", "-n", "shop"], None);
     assert_eq!(gone.status.code(), Some(1));

@@ -188,13 +188,19 @@ mod tests {
         let (ok, wait) = availability(&ready_pod(now - Duration::from_secs(4)), min, now);
         assert!(!ok);
         let wait = wait.unwrap();
-        assert!(wait <= Duration::from_secs(6) && wait > Duration::from_secs(5), "{wait:?}");
+        assert!(
+            wait <= Duration::from_secs(6) && wait > Duration::from_secs(5),
+            "{wait:?}"
+        );
         assert_eq!(
             availability(&ready_pod(now - Duration::from_secs(11)), min, now),
             (true, None)
         );
         // Without minReadySeconds, ready is available.
-        assert_eq!(availability(&ready_pod(now), Duration::ZERO, now), (true, None));
+        assert_eq!(
+            availability(&ready_pod(now), Duration::ZERO, now),
+            (true, None)
+        );
         // Not ready: neither.
         assert_eq!(availability(&Pod::default(), min, now), (false, None));
     }

@@ -77,6 +77,8 @@ pub(crate) struct Inner {
     shutdown: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     peer_server: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Proposals made through this member: (applied, failed).
+    proposed: (AtomicU64, AtomicU64),
 }
 
 /// A member's view of the cluster, for `cluster status` and etcd's `Status`.
@@ -158,6 +160,7 @@ impl StoreNode {
             shutdown,
             tasks: std::sync::Mutex::new(Vec::new()),
             peer_server: std::sync::Mutex::new(None),
+            proposed: (AtomicU64::new(0), AtomicU64::new(0)),
         });
         let node = StoreNode { inner };
         node.push_task(batcher);
@@ -321,6 +324,15 @@ impl StoreNode {
             is_learner,
             watchers: self.inner.kv.hub().watcher_count(),
         }
+    }
+
+    /// Proposals made through this member so far: (committed and applied, failed or of
+    /// unknown outcome).
+    pub fn proposal_counts(&self) -> (u64, u64) {
+        (
+            self.inner.proposed.0.load(Ordering::Relaxed),
+            self.inner.proposed.1.load(Ordering::Relaxed),
+        )
     }
 
     /// A receiver that turns true when the member begins shutting down.

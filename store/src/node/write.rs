@@ -25,7 +25,13 @@ impl StoreNode {
     pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, StoreError> {
         validate_command(&cmd)?;
         let deadline = Instant::now() + self.inner.config.request_timeout;
-        self.inner.propose_until(cmd, deadline).await
+        let r = self.inner.propose_until(cmd, deadline).await;
+        let counter = match &r {
+            Ok(_) | Err(StoreError::Mvcc(_)) => &self.inner.proposed.0,
+            Err(_) => &self.inner.proposed.1,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        r
     }
 }
 
