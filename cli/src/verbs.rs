@@ -189,6 +189,15 @@ async fn apply_one<K: Resource>(
                     meta.remove(owned);
                 }
             }
+            // Nothing to send when the file's fields already have their values (decided
+            // here, so a controller writing the status meanwhile does not make it look
+            // changed).
+            let current = to_value(&existing);
+            let mut patched = current.clone();
+            flotilla_proto::api::json::merge_patch(&mut patched, &patch);
+            if patched == current {
+                return Ok("unchanged");
+            }
             let after: K = client
                 .patch(&ns, doc.name(), &patch)
                 .await
