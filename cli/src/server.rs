@@ -29,6 +29,13 @@ pub struct ServerArgs {
     /// Address other members connect to.
     #[arg(long, env = "FLOTILLA_PEER_ADDR", default_value = "127.0.0.1:7380")]
     pub peer_addr: String,
+    /// Address to listen on for other members [default: --peer-addr]. Differs from --peer-addr
+    /// when members reach this one through NAT, a port mapping or a proxy.
+    #[arg(long, env = "FLOTILLA_LISTEN_PEER_ADDR")]
+    pub listen_peer_addr: Option<String>,
+    /// Source IP of this member's connections to other members [default: chosen by the OS].
+    #[arg(long, env = "FLOTILLA_PEER_SOURCE_IP")]
+    pub peer_source_ip: Option<std::net::IpAddr>,
     /// Founding members, NAME=HOST:PEERPORT,... [default: this member alone]. Not needed when
     /// restarting from an existing data dir.
     #[arg(long, env = "FLOTILLA_INITIAL_CLUSTER")]
@@ -90,6 +97,7 @@ impl ServerArgs {
         let mut c = StoreConfig::new(&self.name, data_dir);
         c.client_addr = self.client_addr.clone();
         c.peer_addr = self.peer_addr.clone();
+        c.peer_source_ip = self.peer_source_ip;
         c.initial_cluster = match &self.initial_cluster {
             Some(s) => parse_initial_cluster(s).map_err(anyhow::Error::msg)?,
             None => vec![(self.name.clone(), self.peer_addr.clone())],
@@ -119,9 +127,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let client = tokio::net::TcpListener::bind(&config.client_addr)
         .await
         .with_context(|| format!("cannot listen for clients on {}", config.client_addr))?;
-    let peer = tokio::net::TcpListener::bind(&config.peer_addr)
+    let listen_peer = args.listen_peer_addr.as_ref().unwrap_or(&config.peer_addr);
+    let peer = tokio::net::TcpListener::bind(listen_peer)
         .await
-        .with_context(|| format!("cannot listen for peers on {}", config.peer_addr))?;
+        .with_context(|| format!("cannot listen for peers on {listen_peer}"))?;
     let node = StoreNode::start(config, peer).await?;
     let leader_stats = std::sync::Arc::new(crate::leader::LeaderStats::default());
     let serving = tokio::spawn(serve_clients(node.clone(), client, leader_stats.clone()));

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod codec;
 pub mod errors;
 pub mod etcd;
+pub mod fault;
 pub mod kv;
 pub mod mvcc;
 pub mod node;

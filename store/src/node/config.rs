@@ -54,6 +54,8 @@ pub struct StoreConfig {
     pub watch: WatchConfig,
     /// sled's page cache size.
     pub cache_bytes: u64,
+    /// Source address of this member's connections to other members (`--peer-source-ip`).
+    pub peer_source_ip: Option<std::net::IpAddr>,
     /// Test hook: drops peer traffic the filter refuses.
     pub peer_filter: Option<Arc<dyn PeerFilter>>,
 }
@@ -71,6 +73,7 @@ impl StoreConfig {
             client_addr: format!("127.0.0.1:{DEFAULT_CLIENT_PORT}"),
             peer_addr: format!("127.0.0.1:{DEFAULT_PEER_PORT}"),
             initial_cluster: Vec::new(),
+            peer_source_ip: None,
             initial_cluster_state: ClusterState::New,
             cluster_token: "flotilla".into(),
             heartbeat: Duration::from_millis(100),

@@ -134,7 +134,8 @@ impl StoreNode {
             identity.member_id,
             identity.cluster_id,
             config.peer_filter.clone(),
-        );
+        )
+        .with_source_ip(config.peer_source_ip);
         let raft_config = raft_config(&config)?;
         let raft = Raft::new(identity.member_id, raft_config, peers.clone(), log, sm)
             .await
@@ -473,7 +474,7 @@ async fn resolve_identity(config: &StoreConfig) -> Result<(Identity, bool), Star
 /// A member joining a running cluster learns its id (assigned by `member add`) and the
 /// cluster id from any running member that already lists its peer address.
 async fn discover_identity(config: &StoreConfig) -> Result<Identity, StartError> {
-    let peers = Peers::new(0, 0, None);
+    let peers = Peers::new(0, 0, None).with_source_ip(config.peer_source_ip);
     let hello = Hello {
         peer_addr: config.peer_addr.clone(),
     };
@@ -520,7 +521,7 @@ async fn discover_identity(config: &StoreConfig) -> Result<Identity, StartError>
 /// Refuses to start when a reachable peer belongs to another cluster: its data dir and ours
 /// disagree, and acting on either would mix two clusters' state.
 async fn probe_peers(config: &StoreConfig, identity: &Identity) -> Result<(), StartError> {
-    let peers = Peers::new(0, 0, None);
+    let peers = Peers::new(0, 0, None).with_source_ip(config.peer_source_ip);
     let hello = Hello {
         peer_addr: config.peer_addr.clone(),
     };

@@ -32,6 +32,11 @@ struct BatchState {
 impl StoreNode {
     /// Waits until this member can serve a linearizable read.
     pub async fn read_barrier(&self) -> Result<(), StoreError> {
+        if crate::fault::enabled("stale-reads")
+            && self.inner.raft.metrics().borrow().current_leader != Some(self.inner.id)
+        {
+            return Ok(());
+        }
         let deadline = Instant::now() + self.inner.config.request_timeout;
         let (tx, rx) = oneshot::channel();
         let start_round = {

@@ -5,6 +5,7 @@
 //! answers with an error instead of acting on anything.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +50,28 @@ pub enum PeerCallError {
     Remote { addr: String, reason: String },
 }
 
+/// Opens a TCP connection to `uri`'s host and port from the local address `ip`.
+async fn connect_from(
+    ip: IpAddr,
+    uri: tonic::codegen::http::Uri,
+) -> std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>> {
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
+    let host = uri.host().ok_or_else(|| invalid("peer address has no host"))?;
+    let port = uri.port_u16().ok_or_else(|| invalid("peer address has no port"))?;
+    let target = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
+        .await?
+        .find(|a| a.is_ipv4() == ip.is_ipv4())
+        .ok_or_else(|| invalid("peer address does not resolve to the source IP's family"))?;
+    let socket = match ip {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    let stream = socket.connect(target).await?;
+    stream.set_nodelay(true)?;
+    Ok(hyper_util::rt::TokioIo::new(stream))
+}
+
 /// Connections to peers, shared by Raft replication and leader calls.
 #[derive(Clone)]
 pub struct Peers {
@@ -56,6 +79,8 @@ pub struct Peers {
     cluster_id: Arc<std::sync::atomic::AtomicU64>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     filter: Option<Arc<dyn PeerFilter>>,
+    /// Source address of outgoing connections (`--peer-source-ip`); the OS picks when unset.
+    source_ip: Option<IpAddr>,
 }
 
 impl Peers {
@@ -65,7 +90,15 @@ impl Peers {
             cluster_id: Arc::new(cluster_id.into()),
             channels: Arc::new(Mutex::new(HashMap::new())),
             filter,
+            source_ip: None,
         }
+    }
+
+    /// Connects to peers from `ip` (a multi-homed host, or a test harness telling members
+    /// apart by the address their traffic comes from).
+    pub fn with_source_ip(mut self, ip: Option<IpAddr>) -> Self {
+        self.source_ip = ip;
+        self
     }
 
     pub fn cluster_id(&self) -> u64 {
@@ -87,7 +120,12 @@ impl Peers {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        let ch = endpoint.connect_lazy();
+        let ch = match self.source_ip {
+            None => endpoint.connect_lazy(),
+            Some(ip) => endpoint.connect_with_connector_lazy(tower::service_fn(move |uri| {
+                connect_from(ip, uri)
+            })),
+        };
         channels.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
