@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: format and lint checks, then every test in the workspace.
+# The test command: format and lint checks, every test in the workspace, then the chaos
+# suite's fixed set of seeds.
 #
 # Installs what the tests need when it is missing: etcdctl (Debian's etcd-client) for the
 # tests that drive the real binary with a third-party etcd client, and a Python venv with
@@ -32,3 +33,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast
 fi
+# The chaos suite's fixed set: real clusters under every fault, histories checked
+# (docs/CHAOS.md). Reports land in target/chaos-reports.
+cargo run --locked -q -p flotilla-chaos -- --ci

@@ -19,7 +19,10 @@ pub fn enabled(name: &str) -> bool {
                 .filter(|f| !f.is_empty())
                 .collect();
             if !faults.is_empty() {
-                tracing::warn!(?faults, "test faults switched on: this member is deliberately broken");
+                tracing::warn!(
+                    ?faults,
+                    "test faults switched on: this member is deliberately broken"
+                );
             }
             faults
         })

@@ -55,9 +55,14 @@ async fn connect_from(
     ip: IpAddr,
     uri: tonic::codegen::http::Uri,
 ) -> std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>> {
-    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
-    let host = uri.host().ok_or_else(|| invalid("peer address has no host"))?;
-    let port = uri.port_u16().ok_or_else(|| invalid("peer address has no port"))?;
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
+    let host = uri
+        .host()
+        .ok_or_else(|| invalid("peer address has no host"))?;
+    let port = uri
+        .port_u16()
+        .ok_or_else(|| invalid("peer address has no port"))?;
     let target = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
         .await?
         .find(|a| a.is_ipv4() == ip.is_ipv4())
@@ -122,9 +127,8 @@ impl Peers {
             .keep_alive_while_idle(true);
         let ch = match self.source_ip {
             None => endpoint.connect_lazy(),
-            Some(ip) => endpoint.connect_with_connector_lazy(tower::service_fn(move |uri| {
-                connect_from(ip, uri)
-            })),
+            Some(ip) => endpoint
+                .connect_with_connector_lazy(tower::service_fn(move |uri| connect_from(ip, uri))),
         };
         channels.insert(addr.to_string(), ch.clone());
         Ok(ch)
