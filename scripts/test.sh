@@ -36,3 +36,6 @@ fi
 # The chaos suite's fixed set: real clusters under every fault, histories checked
 # (docs/CHAOS.md). Reports land in target/chaos-reports.
 cargo run --locked -q -p flotilla-chaos -- --ci
+# The compose deployment (deploy/): three members and two workers in containers, the
+# leader's container killed. Skipped where no Docker engine answers.
+FLOTILLA_BIN=target/debug/flotilla deploy/test.sh

@@ -395,13 +395,15 @@ pub fn check_pods(
                 }),
             }
         }
+        // A replacement is a pod of the same Deployment created after the worker died and
+        // bound elsewhere before it came back: the ReplicaSet's answer to the eviction, or,
+        // when a rollout was under way, the new ReplicaSet's pods that made the evicted one
+        // unnecessary (a rollout creates before it deletes).
         for (app, evictions) in evicted_by_app {
-            let first = evictions.iter().copied().min().unwrap_or(0);
             let replacements: Vec<&(String, String, i64)> = created_since[o]
                 .iter()
-                .filter(|(uid, a, at)| {
+                .filter(|(uid, a, _)| {
                     *a == app
-                        && *at > first
                         && bound_to.get(uid).is_some_and(|(n, rev)| {
                             *n != outage.worker && *rev <= outage.restarted_at_revision
                         })

@@ -14,6 +14,9 @@ use tokio::process::Command;
 pub const CLIENT_PORT: u16 = 7379;
 pub const PEER_PORT: u16 = 7380;
 
+/// Marks the images the harness builds, so the ones it replaces can be pruned.
+const IMAGE_LABEL: &str = "org.flotilla.chaos";
+
 /// Whether a Docker engine answers.
 pub async fn available() -> bool {
     Command::new("docker")
@@ -71,12 +74,16 @@ pub async fn build_image(binary: &Path, dir: &Path, tag: &str) -> anyhow::Result
     std::fs::create_dir_all(ctx.join("tmp"))?;
     std::fs::write(
         ctx.join("Dockerfile"),
-        "FROM scratch\nCOPY . /\nENTRYPOINT [\"/flotilla\"]\n",
+        format!("FROM scratch\nLABEL {IMAGE_LABEL}=1\nCOPY . /\nENTRYPOINT [\"/flotilla\"]\n"),
     )?;
     let ctx_str = ctx.to_string_lossy().to_string();
     let built = docker(&["build", "-q", "-t", tag, &ctx_str]).await;
     let _ = std::fs::remove_dir_all(&ctx);
-    built.map(|_| ())
+    built?;
+    // The image this tag named before, if any, is left dangling: remove it.
+    let filter = format!("label={IMAGE_LABEL}");
+    let _ = docker(&["image", "prune", "-f", "--filter", &filter]).await;
+    Ok(())
 }
 
 /// A run's networks and containers.

@@ -26,6 +26,11 @@ pub struct ServerArgs {
     /// Address clients connect to (etcd v3 API and Flotilla's API).
     #[arg(long, env = "FLOTILLA_CLIENT_ADDR", default_value = "127.0.0.1:7379")]
     pub client_addr: String,
+    /// Client address other members and `cluster status` give out for this member
+    /// [default: --client-addr]. Set it when clients reach the member at another address
+    /// (a published container port, NAT, a listen address of 0.0.0.0).
+    #[arg(long, env = "FLOTILLA_ADVERTISE_CLIENT_ADDR")]
+    pub advertise_client_addr: Option<String>,
     /// Address other members connect to.
     #[arg(long, env = "FLOTILLA_PEER_ADDR", default_value = "127.0.0.1:7380")]
     pub peer_addr: String,
@@ -95,7 +100,10 @@ impl ServerArgs {
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("{}.flotilla", self.name)));
         let mut c = StoreConfig::new(&self.name, data_dir);
-        c.client_addr = self.client_addr.clone();
+        c.client_addr = self
+            .advertise_client_addr
+            .clone()
+            .unwrap_or_else(|| self.client_addr.clone());
         c.peer_addr = self.peer_addr.clone();
         c.peer_source_ip = self.peer_source_ip;
         c.initial_cluster = match &self.initial_cluster {
@@ -124,9 +132,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         // Restarting from the data dir alone: it knows the cluster.
         config.initial_cluster.clear();
     }
-    let client = tokio::net::TcpListener::bind(&config.client_addr)
+    let client = tokio::net::TcpListener::bind(&args.client_addr)
         .await
-        .with_context(|| format!("cannot listen for clients on {}", config.client_addr))?;
+        .with_context(|| format!("cannot listen for clients on {}", args.client_addr))?;
     let listen_peer = args.listen_peer_addr.as_ref().unwrap_or(&config.peer_addr);
     let peer = tokio::net::TcpListener::bind(listen_peer)
         .await

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The compose deployment, end to end: build the image, bring up three members and two
+# workers, apply a Deployment, kill the leader's container, and see writes and the workload
+# recover; everything is torn down on exit, pass or fail.
+#
+# FLOTILLA_BIN: the binary for the image and the CLI (default: the release build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! docker version >/dev/null 2>&1; then
+    echo "deploy test: no Docker engine answers; skipped" >&2
+    exit 0
+fi
+if ! command -v docker-compose >/dev/null 2>&1; then
+    echo "installing docker-compose ..." >&2
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq docker-compose >/dev/null
+fi
+if [ -z "${FLOTILLA_BIN:-}" ]; then
+    cargo build --release --locked -p flotilla-cli
+    FLOTILLA_BIN=target/release/flotilla
+fi
+export FLOTILLA_BIN
+FLOTILLA=$(realpath "$FLOTILLA_BIN")
+
+PROJECT=flotilla-deploy-test-$$
+export FLOTILLA_IMAGE=flotilla:deploy-test-$$
+IMAGE=$FLOTILLA_IMAGE deploy/build-image.sh
+
+# Published ports below the ephemeral range, free now.
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 12000))
+        if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo $p; return; fi
+    done
+}
+export N1_PORT=$(free_port) N2_PORT=$(free_port) N3_PORT=$(free_port)
+export FLOTILLA_SERVER=127.0.0.1:$N1_PORT,127.0.0.1:$N2_PORT,127.0.0.1:$N3_PORT
+compose() { docker-compose -p "$PROJECT" -f deploy/compose.yaml "$@"; }
+cleanup() {
+    local rc=$?
+    if [ $rc != 0 ]; then
+        echo "deploy test failed; the members' logs:" >&2
+        compose logs --no-color --tail 40 >&2 || true
+    fi
+    compose down -v --remove-orphans >/dev/null 2>&1 || true
+    docker rmi "$FLOTILLA_IMAGE" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+# until DESCRIPTION SECONDS COMMAND...: polls COMMAND until it succeeds.
+until_ok() {
+    local what=$1 secs=$2
+    shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        if [ $SECONDS -ge $deadline ]; then
+            echo "deploy test: timed out after ${secs}s waiting for $what" >&2
+            "$@" >&2 || true
+            return 1
+        fi
+        sleep 0.5
+    done
+    echo "deploy test: $what"
+}
+
+compose up -d --quiet-pull 2>/dev/null || compose up -d
+has_leader() { "$FLOTILLA" cluster status | grep -q '^leader: n'; }
+until_ok "a leader" 60 has_leader
+nodes_ready() { [ "$("$FLOTILLA" get nodes | grep -c ' Ready')" = 2 ]; }
+until_ok "both workers Ready" 60 nodes_ready
+
+"$FLOTILLA" apply -f - <<'YAML'
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: default}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: web
+        image: web:1
+        resources: {requests: {cpu: 100m, memory: 32Mi}}
+YAML
+available() {
+    "$FLOTILLA" get deployment web -o json | grep -q "\"availableReplicas\": $1\b"
+}
+until_ok "3 replicas available" 60 available 3
+
+LEADER=$("$FLOTILLA" cluster status | sed -n 's/^leader: \(n[0-9]\).*/\1/p')
+echo "deploy test: killing the leader's container ($LEADER)"
+compose kill "$LEADER" >/dev/null 2>&1
+new_leader() { "$FLOTILLA" cluster status | grep '^leader: n' | grep -vq "^leader: $LEADER "; }
+until_ok "a new leader" 30 new_leader
+until_ok "a write through the new leader (scale to 5)" 30 "$FLOTILLA" scale deployment web --replicas 5
+until_ok "5 replicas available with the old leader down" 60 available 5
+
+compose start "$LEADER" >/dev/null 2>&1
+all_three() { [ "$("$FLOTILLA" cluster status | grep -cE ' (leader|follower) ')" = 3 ]; }
+until_ok "the old leader back as a member" 60 all_three
+echo "deploy test: passed"
