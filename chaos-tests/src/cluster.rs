@@ -324,21 +324,7 @@ impl Cluster {
             return Ok(());
         }
         let m = &mut self.members[i];
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&m.log)
-            .with_context(|| format!("opening {}", m.log.display()))?;
-        let child = Command::new(&self.spec.binary)
-            .args(&args)
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", self.spec.binary.display()))?;
-        m.child = Some(child);
+        m.child = Some(spawn_logged(&self.spec.binary, &args, env, &m.log)?);
         m.running = true;
         m.paused = false;
         Ok(())
@@ -403,21 +389,7 @@ impl Cluster {
             return Ok(());
         }
         let w = &mut self.workers[i];
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&w.log)
-            .with_context(|| format!("opening {}", w.log.display()))?;
-        let child = Command::new(&self.spec.binary)
-            .args(&args)
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting the agent {}", w.name))?;
-        w.child = Some(child);
+        w.child = Some(spawn_logged(&self.spec.binary, &args, env, &w.log)?);
         w.running = true;
         Ok(())
     }
@@ -814,6 +786,29 @@ impl Cluster {
     pub fn dir(&self) -> &Path {
         &self.spec.dir
     }
+}
+
+/// Starts `binary ARGS` with its output appended to `log`; killed if the handle is dropped.
+fn spawn_logged(
+    binary: &Path,
+    args: &[String],
+    env: Vec<(String, String)>,
+    log: &Path,
+) -> anyhow::Result<Child> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    Command::new(binary)
+        .args(args)
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file.try_clone()?))
+        .stderr(Stdio::from(file))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} {}", binary.display(), args.join(" ")))
 }
 
 fn signal(child: &Child, sig: libc::c_int) {

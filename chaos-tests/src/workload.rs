@@ -132,6 +132,19 @@ pub struct ClientCtx {
     pub pace: Duration,
 }
 
+impl ClientCtx {
+    /// Waits before a client's next operation: longer after a failure, so a client of a
+    /// member that is down does not spin.
+    async fn pause(&self, failed: bool) {
+        let pause = if failed {
+            Duration::from_millis(100)
+        } else {
+            self.pace
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
 /// One register client: reads, writes and compare-and-sets on a few keys, through one member.
 pub async fn register_client(
     client: usize,
@@ -255,12 +268,7 @@ pub async fn register_client(
             }
         }
         out.push(rec);
-        let pause = if failed {
-            Duration::from_millis(100)
-        } else {
-            ctx.pace
-        };
-        tokio::time::sleep(pause).await;
+        ctx.pause(failed).await;
     }
     out
 }
@@ -323,12 +331,7 @@ pub async fn append_client(
                 .err()
                 .map(|s| format!("{:?}: {}", s.code(), s.message())),
         });
-        let pause = if failed {
-            Duration::from_millis(100)
-        } else {
-            ctx.pace
-        };
-        tokio::time::sleep(pause).await;
+        ctx.pause(failed).await;
     }
     out
 }
