@@ -20,6 +20,9 @@ for lib in $(ldd "$BIN" | grep -o '/[^ ]*'); do
     mkdir -p "$ROOT$(dirname "$lib")"
     cp -L "$lib" "$ROOT$lib"
 done
-docker build -q -t "$IMAGE" -f deploy/Dockerfile "$ROOT" >/dev/null
+if ! out=$(docker build -q -t "$IMAGE" -f deploy/Dockerfile "$ROOT" 2>&1); then
+    echo "$out" >&2
+    exit 1
+fi
 rm -rf "$ROOT"
 echo "built $IMAGE from $BIN"
