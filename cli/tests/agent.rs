@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, DEADLINE, processes_with};
+use common::{Cluster, DEADLINE, http_get, processes_with};
 use flotilla_client::Client;
 use flotilla_client::api::json::from_value;
 use flotilla_client::api::*;
+use flotilla_node_agent::AGENT_ENDPOINT;
 use serde_json::{Value, json};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -521,6 +522,28 @@ fn logs_are_served_through_the_api() {
         let out = flotilla(&cluster, &["logs", "crasher", "--previous"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stdout).starts_with("run-"));
+
+        // The agent's own metrics and health, on the endpoint it publishes on its Node.
+        let node = c.get::<Node>("", "a1").await.unwrap();
+        let endpoint = node.metadata.unwrap().annotations[AGENT_ENDPOINT].clone();
+        assert_eq!(http_get(&endpoint, "/healthz"), (200, "ok\n".to_string()));
+        let (code, ready) = http_get(&endpoint, "/readyz");
+        assert_eq!(code, 200, "{ready}");
+        let (code, metrics) = http_get(&endpoint, "/metrics");
+        assert_eq!(code, 200);
+        let value = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing from\n{metrics}"))
+        };
+        assert_eq!(value("flotilla_agent_pods"), 2.0, "{metrics}");
+        // talker once, crasher at least twice (it restarted).
+        assert!(value("flotilla_agent_container_starts_total") >= 3.0, "{metrics}");
+        assert!(value("flotilla_agent_container_exits_total") >= 1.0, "{metrics}");
+        assert!(value("flotilla_agent_lease_renewals_total") >= 1.0, "{metrics}");
+        assert!(value("flotilla_agent_status_updates_total") >= 1.0, "{metrics}");
+        assert!(value("flotilla_agent_containers{state=\"running\"}") >= 1.0, "{metrics}");
 
         // Errors a person can act on.
         c.create(&from_value::<Pod>(json!({

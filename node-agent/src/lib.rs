@@ -11,6 +11,7 @@
 //! With `--simulate-nodes N` (fake runtime) one agent registers and keeps N nodes.
 
 pub mod logs;
+pub mod metrics;
 pub mod probe;
 pub mod process;
 pub mod runtime;
@@ -259,10 +260,17 @@ pub async fn run<R: Runtime>(
             flotilla_proto::flotilla_agent_v1::agent_server::AgentServer::new(logs::LogService {
                 rt: rt.clone(),
             });
+        let routes = metrics::add_routes(
+            tonic::service::Routes::new(service),
+            rt.clone(),
+            config.lease_interval,
+        );
         let mut stop = stop.clone();
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
-                .add_service(service)
+                // HTTP/1.1 too, for /metrics, /healthz and /readyz.
+                .accept_http1(true)
+                .add_routes(routes)
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener),
                     async move {
@@ -286,7 +294,9 @@ pub async fn run<R: Runtime>(
         regs.spawn(async move {
             let _permit = sem.acquire().await;
             register(&client, node).await?;
-            renew(&client, &name, interval).await
+            let renewal = renew(&client, &name, interval).await;
+            metrics::renewed(renewal.is_ok());
+            renewal
         });
     }
     while let Some(r) = regs.join_next().await {
@@ -319,7 +329,9 @@ pub async fn run<R: Runtime>(
                 let renewals = batch.iter().map(|name| {
                     let client = client.clone();
                     async move {
-                        if let Err(e) = renew(&client, name, interval).await {
+                        let renewal = renew(&client, name, interval).await;
+                        metrics::renewed(renewal.is_ok());
+                        if let Err(e) = renewal {
                             tracing::debug!(node = name, "renewing the lease: {e}");
                         }
                     }
@@ -381,6 +393,9 @@ pub async fn run<R: Runtime>(
     let ip = config.node_ip.clone();
     let mut workers: HashMap<String, mpsc::Sender<Msg>> = HashMap::new();
     loop {
+        metrics::STATS
+            .pods
+            .store(workers.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let change = tokio::select! {
             c = rx.recv() => match c { Some(c) => c, None => break },
             _ = stop.wait_for(|s| *s) => break,

@@ -14,6 +14,7 @@
 //! (adopted, not started again), and the pod's status has the restart counts and which
 //! containers finished, so a pod that completed is never run again.
 
+use crate::metrics::STATS;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -336,6 +337,7 @@ impl<R: Runtime> Worker<R> {
         let now = Instant::now();
         match self.rt.start(&spec).await {
             Ok(id) => {
+                count(&STATS.container_starts);
                 let probe_delay = |p: &Option<Probe>| {
                     now + Duration::from_secs(
                         p.as_ref()
@@ -370,6 +372,7 @@ impl<R: Runtime> Worker<R> {
                 }
             }
             Err(e) => {
+                count(&STATS.container_start_failures);
                 tracing::warn!(
                     pod = self.pod.name(),
                     container = spec.name,
@@ -385,6 +388,7 @@ impl<R: Runtime> Worker<R> {
 
     /// The container's run ended: note how, and when (or whether) it starts again.
     fn ended(&mut self, i: usize, state: ContainerState) {
+        count(&STATS.container_exits);
         let policy = policy(&self.pod).to_string();
         let pod_name = self.pod.name().to_string();
         let s = &mut self.slots[i];
@@ -711,6 +715,7 @@ impl<R: Runtime> Worker<R> {
             pod.status = Some(status.clone());
             match self.client.update_status(&pod).await {
                 Ok(p) => {
+                    count(&STATS.status_updates);
                     self.pod = p;
                     self.written = Some(status);
                     return;
@@ -729,12 +734,17 @@ impl<R: Runtime> Worker<R> {
                     }
                 }
                 Err(e) => {
+                    count(&STATS.status_update_failures);
                     tracing::debug!(pod = self.pod.name(), "writing the status: {e}");
                     return;
                 }
             }
         }
     }
+}
+
+fn count(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn next_backoff(current: &mut Duration) -> Duration {
