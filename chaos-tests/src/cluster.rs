@@ -513,28 +513,15 @@ impl Cluster {
     /// nemesis).
     pub async fn crashed(&mut self) -> Vec<String> {
         let mut out = Vec::new();
+        let docker = self.docker.as_ref();
         for m in &mut self.members {
-            let exited = match (&self.docker, &mut m.child) {
-                (Some(d), _) => m.running && d.running(&m.name).await == Some(false),
-                (None, Some(child)) => matches!(child.try_wait(), Ok(Some(_))),
-                (None, None) => false,
-            };
-            if exited {
+            if exited(docker, &m.name, &mut m.running, &mut m.child).await {
                 out.push(format!("{} exited by itself", m.name));
-                m.child = None;
-                m.running = false;
             }
         }
         for w in &mut self.workers {
-            let exited = match (&self.docker, &mut w.child) {
-                (Some(d), _) => w.running && d.running(&w.name).await == Some(false),
-                (None, Some(child)) => matches!(child.try_wait(), Ok(Some(_))),
-                (None, None) => false,
-            };
-            if exited {
+            if exited(docker, &w.name, &mut w.running, &mut w.child).await {
                 out.push(format!("agent {} exited by itself", w.name));
-                w.child = None;
-                w.running = false;
             }
         }
         out
@@ -786,6 +773,25 @@ impl Cluster {
     pub fn dir(&self) -> &Path {
         &self.spec.dir
     }
+}
+
+/// Whether a process the harness believes running has exited; if so, it no longer is.
+async fn exited(
+    docker: Option<&DockerEnv>,
+    name: &str,
+    running: &mut bool,
+    child: &mut Option<Child>,
+) -> bool {
+    let gone = match (docker, child.as_mut()) {
+        (Some(d), _) => *running && d.running(name).await == Some(false),
+        (None, Some(c)) => matches!(c.try_wait(), Ok(Some(_))),
+        (None, None) => false,
+    };
+    if gone {
+        *child = None;
+        *running = false;
+    }
+    gone
 }
 
 /// Starts `binary ARGS` with its output appended to `log`; killed if the handle is dropped.
