@@ -7,6 +7,7 @@ mod leader;
 mod metrics;
 mod rollout;
 mod server;
+mod snapshot;
 mod table;
 mod up;
 mod verbs;
@@ -50,6 +51,8 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Inspect and change the control plane's membership.
     Cluster(cluster::ClusterArgs),
+    /// Save a backup of the key space, check one, or restore one into a new data dir.
+    Snapshot(snapshot::SnapshotArgs),
     /// Create or update the objects of a manifest (YAML or JSON; `-f -` reads stdin).
     Apply(Verb<verbs::ApplyArgs>),
     /// List objects, or show some by name, as a table, YAML or JSON; `-w` watches.
@@ -100,6 +103,7 @@ fn main() -> std::process::ExitCode {
             Command::Server(args) => server::run(args).await,
             Command::Agent(args) => agent::run(args).await,
             Command::Cluster(args) => cluster::run(args).await,
+            Command::Snapshot(args) => snapshot::run(args).await,
             Command::Apply(v) => verbs::apply(&v.server, v.args).await,
             Command::Get(v) => verbs::get(&v.server, v.args).await,
             Command::Describe(v) => verbs::describe(&v.server, v.args).await,

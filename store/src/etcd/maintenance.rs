@@ -1,4 +1,5 @@
-//! etcd's Maintenance service: status, hashes; alarms and defragmentation are no-ops here.
+//! etcd's Maintenance service: status, hashes, snapshots (Flotilla's format); alarms and
+//! defragmentation are no-ops here.
 
 use std::pin::Pin;
 
@@ -15,6 +16,9 @@ use super::{EtcdFace, to_status};
 
 /// The etcd API version this face implements (clients use it to pick features).
 pub const ETCD_API_VERSION: &str = "3.4.0";
+
+/// Bytes per message of a snapshot stream.
+const SNAPSHOT_CHUNK: usize = 1024 * 1024;
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
@@ -87,13 +91,56 @@ impl Maintenance for EtcdFace {
 
     type SnapshotStream = SnapshotStream;
 
+    /// Streams a consistent snapshot of the key space in Flotilla's snapshot format (not
+    /// etcd's bbolt file: `flotilla snapshot save` writes and checks it, `flotilla snapshot
+    /// restore` founds a cluster from it).
     async fn snapshot(
         &self,
         _request: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: snapshots in etcd's bbolt format are not available; use `flotilla snapshot save`",
-        ))
+        let (header, file) = self.node.export_snapshot().await.map_err(to_status)?;
+        let size = file
+            .metadata()
+            .map_err(|e| Status::internal(format!("reading the snapshot: {e}")))?
+            .len();
+        let response_header = self.node.header(header.revision);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<SnapshotResponse, Status>>(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut file = file;
+            let mut remaining = size;
+            let mut first = true;
+            loop {
+                let mut chunk = vec![0u8; SNAPSHOT_CHUNK.min(remaining as usize).max(1)];
+                let n = match file.read(&mut chunk) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!(
+                            "reading the snapshot: {e}"
+                        ))));
+                        return;
+                    }
+                };
+                if n == 0 && !first {
+                    return;
+                }
+                chunk.truncate(n);
+                remaining = remaining.saturating_sub(n as u64);
+                let response = SnapshotResponse {
+                    header: first.then_some(response_header),
+                    remaining_bytes: remaining,
+                    blob: chunk,
+                    version: ETCD_API_VERSION.into(),
+                };
+                first = false;
+                if tx.blocking_send(Ok(response)).is_err() || n == 0 || remaining == 0 {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn move_leader(

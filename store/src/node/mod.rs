@@ -6,6 +6,7 @@
 //! has applied the leader's read index. Leases are timed by the leader alone; their expiry is
 //! a replicated revoke, so it survives failover.
 
+mod backup;
 mod config;
 mod identity;
 mod lessor;
@@ -24,6 +25,7 @@ use flotilla_proto::raft::raft_peer_server::RaftPeerServer;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
+pub use backup::{restore_snapshot, verify_snapshot};
 pub use config::{
     ClusterState, DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT, StoreConfig, parse_initial_cluster,
 };

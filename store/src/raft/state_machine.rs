@@ -129,11 +129,33 @@ fn load_snapshot_file(
     backend: &SledBackend,
     path: &Path,
 ) -> Result<SnapshotHeader, BackendError> {
-    let io = |e: io::Error| BackendError::Io(format!("snapshot {}: {e}", path.display()));
     let flags = db.open_tree("raft/install")?;
     flags.insert(INSTALLING, &[1u8])?;
     db.flush()?;
     backend.clear()?;
+    let (header, mut batch) = load_key_space(backend, path)?;
+    batch.put_meta(
+        APPLIED,
+        codec::encode(&header.meta.last_log_id).map_err(BackendError::Corrupt)?,
+    );
+    batch.put_meta(
+        MEMBERSHIP,
+        codec::encode(&header.meta.last_membership).map_err(BackendError::Corrupt)?,
+    );
+    backend.write(batch)?;
+    db.flush()?;
+    flags.remove(INSTALLING)?;
+    db.flush()?;
+    Ok(header)
+}
+
+/// Writes a snapshot file's records and metadata into `backend`, all but the last batch,
+/// which it returns for the caller to complete.
+fn load_key_space(
+    backend: &SledBackend,
+    path: &Path,
+) -> Result<(SnapshotHeader, Batch), BackendError> {
+    let io = |e: io::Error| BackendError::Io(format!("snapshot {}: {e}", path.display()));
     let mut reader = SnapshotReader::open(path).map_err(io)?;
     let header = reader.header().clone();
     let mut batch = Batch::default();
@@ -150,17 +172,19 @@ fn load_snapshot_file(
             backend.write(std::mem::take(&mut batch))?;
         }
     }
-    batch.put_meta(
-        APPLIED,
-        codec::encode(&header.meta.last_log_id).map_err(BackendError::Corrupt)?,
-    );
-    batch.put_meta(
-        MEMBERSHIP,
-        codec::encode(&header.meta.last_membership).map_err(BackendError::Corrupt)?,
-    );
+    Ok((header, batch))
+}
+
+/// Restores a saved snapshot's key space into an empty database: its records and metadata
+/// (leases, revision counters), not the Raft state of the cluster it came from, so the
+/// members restored from it found a new cluster holding exactly that state.
+pub fn restore_key_space(
+    db: &sled::Db,
+    backend: &SledBackend,
+    path: &Path,
+) -> Result<SnapshotHeader, BackendError> {
+    let (header, batch) = load_key_space(backend, path)?;
     backend.write(batch)?;
-    db.flush()?;
-    flags.remove(INSTALLING)?;
     db.flush()?;
     Ok(header)
 }
