@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use flotilla_proto::etcdserverpb::cluster_client::ClusterClient;
 use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
@@ -25,11 +25,13 @@ pub struct ClusterArgs {
 pub enum ClusterCommand {
     /// Each member, who leads, the term, commit and applied index.
     Status,
-    /// Add a member that will listen for peers at PEER_ADDR; then start it with
-    /// `--initial-cluster-state existing`.
+    /// Add a member that will listen for peers at PEER_ADDR (`add [NAME] PEER_ADDR`); then
+    /// start it, as the command printed says, with `--initial-cluster-state existing`.
     Add {
-        /// The new member's --peer-addr (HOST:PORT).
-        peer_addr: String,
+        /// The new member's --name (used in the start command printed), then its
+        /// --peer-addr (HOST:PORT); the name may be left out.
+        #[arg(num_args = 1..=2, required = true, value_names = ["NAME", "PEER_ADDR"])]
+        args: Vec<String>,
         /// Add it as a non-voting learner (promote it once caught up).
         #[arg(long)]
         learner: bool,
@@ -65,7 +67,12 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
         .members;
     match args.command {
         ClusterCommand::Status => status(&members).await,
-        ClusterCommand::Add { peer_addr, learner } => {
+        ClusterCommand::Add { args, learner } => {
+            let (name, peer_addr) = match args.as_slice() {
+                [peer] => ("NAME".to_string(), peer.clone()),
+                [name, peer] => (name.clone(), peer.clone()),
+                _ => bail!("cluster add takes [NAME] PEER_ADDR"),
+            };
             let r = cluster
                 .member_add(MemberAddRequest {
                     peer_ur_ls: vec![format!("http://{peer_addr}")],
@@ -80,15 +87,17 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 if learner { ", learner" } else { "" }
             );
             println!(
-                "start it with: flotilla server --name NAME --peer-addr {peer_addr} --client-addr HOST:PORT \
+                "start it with: flotilla server --name {name} --peer-addr {peer_addr} --client-addr HOST:PORT \
                  --initial-cluster-state existing --initial-cluster {}",
                 members
                     .iter()
+                    .filter(|m| !m.name.is_empty() && m.name != name)
                     .filter_map(|m| Some(format!(
                         "{}={}",
                         m.name,
                         m.peer_ur_ls.first()?.trim_start_matches("http://")
                     )))
+                    .chain([format!("{name}={peer_addr}")])
                     .collect::<Vec<_>>()
                     .join(",")
             );
