@@ -159,6 +159,20 @@ fn render(s: &Sources) -> String {
         "Changes of leader seen by this member.",
         s.leader_changes.load(Ordering::Relaxed).to_string(),
     );
+    if let Some((bytes, index)) = s.node.snapshot_info() {
+        metric(
+            "flotilla_snapshot_bytes",
+            "gauge",
+            "Size of this member's newest snapshot.",
+            bytes.to_string(),
+        );
+        metric(
+            "flotilla_snapshot_index",
+            "gauge",
+            "Log index the newest snapshot covers (the log is purged behind it).",
+            index.to_string(),
+        );
+    }
     metric(
         "flotilla_raft_commit_index",
         "gauge",

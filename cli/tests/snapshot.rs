@@ -6,7 +6,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{Cluster, Member, etcdctl, free_port, ok};
+use common::{Cluster, Member, etcdctl, free_port, http_get, ok};
 use serde_json::Value;
 
 fn flotilla(args: &[&str]) -> Output {
@@ -94,6 +94,13 @@ fn a_saved_snapshot_founds_a_cluster_holding_exactly_that_state() {
     );
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(said.starts_with("saved revision "), "{said}");
+    // The member that served it built a snapshot for it, and says so in its metrics.
+    let (_, metrics) = http_get(&cluster.members[0].client, "/metrics");
+    let bytes: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flotilla_snapshot_bytes ")?.parse().ok())
+        .unwrap_or_else(|| panic!("no flotilla_snapshot_bytes in\n{metrics}"));
+    assert!(bytes > 0);
     // Writes after the save are not in it.
     ok(etcdctl(&ep, &["put", "after", "save"]));
     let out = flotilla(&["snapshot", "status", f]);

@@ -62,6 +62,25 @@ impl StoreNode {
     }
 }
 
+impl StoreNode {
+    /// The newest snapshot's size in bytes and the log index it covers, if there is one.
+    pub fn snapshot_info(&self) -> Option<(u64, u64)> {
+        let index = self
+            .inner
+            .raft
+            .metrics()
+            .borrow()
+            .snapshot
+            .map(|s| s.index)?;
+        let path = self.inner.config.data_dir.join("snapshots");
+        let size = SnapshotDir::new(path)
+            .ok()
+            .and_then(|d| std::fs::metadata(d.current()).ok())?
+            .len();
+        Some((size, index))
+    }
+}
+
 /// The same open file, positioned at its start again.
 fn reopen_at_start(mut file: std::fs::File) -> std::io::Result<std::fs::File> {
     use std::io::Seek;
