@@ -6,7 +6,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{Cluster, Member, etcdctl, free_port, http_get, ok};
+use common::{Cluster, Member, etcdctl, http_get, ok};
 use serde_json::Value;
 
 fn flotilla(args: &[&str]) -> Output {
@@ -150,14 +150,7 @@ fn a_saved_snapshot_founds_a_cluster_holding_exactly_that_state() {
 
     // Three members restored from the file found a new cluster with that key space.
     let mut members: Vec<Member> = (1..=3)
-        .map(|i| Member {
-            name: format!("r{i}"),
-            client: format!("127.0.0.1:{}", free_port()),
-            peer: format!("127.0.0.1:{}", free_port()),
-            dir: dir.path().join(format!("r{i}")),
-            child: None,
-            extra: Vec::new(),
-        })
+        .map(|i| Member::new(&format!("r{i}"), dir.path().join(format!("r{i}"))))
         .collect();
     let initial = members
         .iter()

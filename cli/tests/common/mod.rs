@@ -28,6 +28,18 @@ pub struct Member {
 }
 
 impl Member {
+    /// A member named `name` with fresh ports and its data in `dir`, not started.
+    pub fn new(name: &str, dir: PathBuf) -> Self {
+        Member {
+            name: name.to_string(),
+            client: format!("127.0.0.1:{}", free_port()),
+            peer: format!("127.0.0.1:{}", free_port()),
+            dir,
+            child: None,
+            extra: Vec::new(),
+        }
+    }
+
     pub fn start(&mut self, initial: &str) {
         let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
@@ -72,13 +84,10 @@ impl Cluster {
     pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut members: Vec<Member> = (1..=3)
-            .map(|i| Member {
-                name: format!("n{i}"),
-                client: format!("127.0.0.1:{}", free_port()),
-                peer: format!("127.0.0.1:{}", free_port()),
-                dir: dir.path().join(format!("n{i}")),
-                child: None,
-                extra: extra.iter().map(|s| s.to_string()).collect(),
+            .map(|i| {
+                let mut m = Member::new(&format!("n{i}"), dir.path().join(format!("n{i}")));
+                m.extra = extra.iter().map(|s| s.to_string()).collect();
+                m
             })
             .collect();
         let initial = members
