@@ -593,6 +593,20 @@ impl Cluster {
         None
     }
 
+    /// [`Cluster::revision`], retried until some member answers or `within` passes.
+    pub async fn revision_within(&self, within: Duration) -> anyhow::Result<i64> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(r) = self.revision().await {
+                return Ok(r);
+            }
+            if Instant::now() >= deadline {
+                bail!("no member answered a read within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until every running member answers a linearizable read.
     pub async fn wait_all_serving(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
@@ -639,17 +653,7 @@ impl Cluster {
         let old_id = self
             .retry(deadline, "listing members", |mut c| {
                 let url = url.clone();
-                async move {
-                    let list = c
-                        .member_list(MemberListRequest { linearizable: true })
-                        .await?;
-                    Ok(list
-                        .into_inner()
-                        .members
-                        .into_iter()
-                        .find(|m| m.peer_ur_ls.contains(&url))
-                        .map(|m| m.id))
-                }
+                async move { member_at(&mut c, &url).await }
             })
             .await?;
         if let Some(id) = old_id {
@@ -680,15 +684,7 @@ impl Cluster {
                                 || s.code() == tonic::Code::FailedPrecondition =>
                         {
                             // Added by an earlier attempt whose answer was lost.
-                            let list = c
-                                .member_list(MemberListRequest { linearizable: true })
-                                .await?;
-                            Ok(list
-                                .into_inner()
-                                .members
-                                .into_iter()
-                                .find(|m| m.peer_ur_ls.contains(&url))
-                                .map_or(0, |m| m.id))
+                            Ok(member_at(&mut c, &url).await?.unwrap_or(0))
                         }
                         Err(s) => Err(s),
                     }
@@ -773,6 +769,22 @@ impl Cluster {
     pub fn dir(&self) -> &Path {
         &self.spec.dir
     }
+}
+
+/// The id of the member whose peer URL is `url`, if the cluster lists one.
+async fn member_at(
+    c: &mut ClusterClient<Channel>,
+    url: &str,
+) -> Result<Option<u64>, tonic::Status> {
+    let list = c
+        .member_list(MemberListRequest { linearizable: true })
+        .await?;
+    Ok(list
+        .into_inner()
+        .members
+        .into_iter()
+        .find(|m| m.peer_ur_ls.iter().any(|u| u == url))
+        .map(|m| m.id))
 }
 
 /// Whether a process the harness believes running has exited; if so, it no longer is.

@@ -12,9 +12,6 @@ use flotilla_client::Client;
 use flotilla_client::api::json::from_value;
 use flotilla_client::api::quantity::parse_cpu_millis;
 use flotilla_client::api::{Deployment, ListRequest, Pod};
-use flotilla_proto::etcdserverpb::watch_client::WatchClient;
-use flotilla_proto::etcdserverpb::watch_request::RequestUnion;
-use flotilla_proto::etcdserverpb::{WatchCreateRequest, WatchProgressRequest, WatchRequest};
 use flotilla_proto::mvccpb::event::EventType;
 use prost::Message as _;
 use rand::rngs::StdRng;
@@ -25,7 +22,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::check::Finding;
-use crate::workload::{ClientCtx, prefix_end};
+use crate::workload::ClientCtx;
 
 pub const NAMESPACE: &str = "default";
 /// Replicas a Deployment is scaled between.
@@ -173,64 +170,29 @@ pub struct RawEvent {
     pub value: Option<Vec<u8>>,
 }
 
-/// Reads the committed history of keys under `prefix` from `start` through revision `until`
-/// with one watch, using progress requests to know when it has all of it.
-pub async fn read_history(
+impl RawEvent {
+    fn from_proto(e: flotilla_proto::mvccpb::Event) -> Option<Self> {
+        let kv = e.kv?;
+        Some(RawEvent {
+            revision: kv.mod_revision,
+            key: String::from_utf8_lossy(&kv.key).into_owned(),
+            value: (e.r#type != EventType::Delete as i32).then_some(kv.value),
+        })
+    }
+}
+
+/// The pods' committed history from `start` through `until`.
+pub async fn pod_history(
     channel: Channel,
-    prefix: &str,
     start: i64,
     until: i64,
     within: Duration,
 ) -> anyhow::Result<Vec<RawEvent>> {
-    let (tx, rx) = futures::channel::mpsc::unbounded();
-    tx.unbounded_send(WatchRequest {
-        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-            key: prefix.as_bytes().to_vec(),
-            range_end: prefix_end(prefix),
-            start_revision: start,
-            ..Default::default()
-        })),
-    })?;
-    let progress = || WatchRequest {
-        request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
-    };
-    let deadline = Instant::now() + within;
-    let mut client = WatchClient::new(channel);
-    let mut inbound = tokio::time::timeout_at(deadline, client.watch(rx))
-        .await??
-        .into_inner();
-    let mut events = Vec::new();
-    loop {
-        let msg = tokio::time::timeout_at(deadline, inbound.message()).await??;
-        let Some(resp) = msg else {
-            anyhow::bail!("the watch ended before the history was read");
-        };
-        if resp.canceled || resp.compact_revision > 0 {
-            anyhow::bail!("the history watch was canceled: {}", resp.cancel_reason);
-        }
-        let revision = resp.header.as_ref().map_or(0, |h| h.revision);
-        if resp.created {
-            tx.unbounded_send(progress())?;
-            continue;
-        }
-        if resp.events.is_empty() {
-            // A progress answer: everything through `revision` has been sent.
-            if revision >= until {
-                return Ok(events);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            tx.unbounded_send(progress())?;
-            continue;
-        }
-        for e in resp.events {
-            let Some(kv) = e.kv else { continue };
-            events.push(RawEvent {
-                revision: kv.mod_revision,
-                key: String::from_utf8_lossy(&kv.key).into_owned(),
-                value: (e.r#type != EventType::Delete as i32).then_some(kv.value),
-            });
-        }
-    }
+    let events = crate::workload::read_history(channel, PODS_PREFIX, start, until, within).await?;
+    Ok(events
+        .into_iter()
+        .filter_map(RawEvent::from_proto)
+        .collect())
 }
 
 /// A window in which a worker's agent was down.
@@ -547,8 +509,6 @@ pub fn describe(history: &[RawEvent]) -> Vec<serde_json::Value> {
         })
         .collect()
 }
-
-pub const PODS: &str = PODS_PREFIX;
 
 #[cfg(test)]
 mod tests {

@@ -168,8 +168,8 @@ async fn drive(
     report_dir: &Path,
 ) -> anyhow::Result<Summary> {
     let clock = Clock::start();
-    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
-    let start_revision = current_revision(&cluster.members[leader].channel()).await? + 1;
+    cluster.wait_for_leader(Duration::from_secs(30)).await?;
+    let start_revision = cluster.revision_within(Duration::from_secs(30)).await? + 1;
 
     // Watchers, one per member.
     let (watch_stop_tx, watch_stop) = watch::channel(false);
@@ -291,20 +291,22 @@ async fn drive(
         .map(|kv| kv.mod_revision)
         .max()
         .unwrap_or(0);
-    let reference = committed_history(&leader_channel, start_revision, last_revision).await?;
+    // Everything committed by now: the clients have stopped.
+    let until = cluster.revision_within(Duration::from_secs(30)).await?;
+    let history = Duration::from_secs(60);
+    let reference: Vec<workload::WatchEvent> = workload::read_history(
+        leader_channel.clone(),
+        PREFIX,
+        start_revision,
+        until,
+        history,
+    )
+    .await?
+    .iter()
+    .filter_map(workload::WatchEvent::from_proto)
+    .collect();
     let pod_history = if opts.workers > 0 {
-        let until = cluster
-            .revision()
-            .await
-            .context("no member answers a read")?;
-        controlplane::read_history(
-            leader_channel.clone(),
-            controlplane::PODS,
-            start_revision,
-            until,
-            Duration::from_secs(60),
-        )
-        .await?
+        controlplane::pod_history(leader_channel.clone(), start_revision, until, history).await?
     } else {
         Vec::new()
     };
@@ -430,25 +432,6 @@ async fn drive(
     })
 }
 
-/// The cluster's current revision, by a linearizable read.
-async fn current_revision(channel: &Channel) -> anyhow::Result<i64> {
-    let mut kv = KvClient::new(channel.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let req = RangeRequest {
-            key: PREFIX.as_bytes().to_vec(),
-            range_end: workload::prefix_end(PREFIX),
-            count_only: true,
-            ..Default::default()
-        };
-        match tokio::time::timeout(Duration::from_secs(2), kv.range(req)).await {
-            Ok(Ok(r)) => return Ok(r.into_inner().header.map_or(0, |h| h.revision)),
-            _ if Instant::now() >= deadline => bail!("no answer to a read in 30 s"),
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
 /// Every key under the prefix, by a linearizable read.
 async fn final_state(channel: &Channel) -> anyhow::Result<BTreeMap<String, FinalKv>> {
     let mut kv = KvClient::new(channel.clone());
@@ -483,40 +466,6 @@ async fn final_state(channel: &Channel) -> anyhow::Result<BTreeMap<String, Final
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
-}
-
-/// The committed history under the prefix from `start` to `last`, read by a fresh watch.
-async fn committed_history(
-    channel: &Channel,
-    start: i64,
-    last: i64,
-) -> anyhow::Result<Vec<workload::WatchEvent>> {
-    let log = Arc::new(Mutex::new(WatchLog::default()));
-    let (stop_tx, stop) = watch::channel(false);
-    let task = tokio::spawn(workload::watcher(
-        "reference".into(),
-        channel.clone(),
-        start,
-        log.clone(),
-        stop,
-    ));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while log
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .last_revision()
-        < last
-    {
-        if Instant::now() >= deadline {
-            stop_tx.send_replace(true);
-            bail!("the history from revision {start} to {last} could not be read in 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop_tx.send_replace(true);
-    let _ = task.await;
-    let events = log.lock().unwrap_or_else(|p| p.into_inner()).events.clone();
-    Ok(events)
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {

@@ -12,9 +12,11 @@ use flotilla_proto::etcdserverpb::request_op::Request as TxnOp;
 use flotilla_proto::etcdserverpb::watch_client::WatchClient;
 use flotilla_proto::etcdserverpb::watch_request::RequestUnion;
 use flotilla_proto::etcdserverpb::{
-    Compare, PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
+    Compare, PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest,
+    WatchProgressRequest, WatchRequest,
 };
 use flotilla_proto::mvccpb;
+use futures::StreamExt as _;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -348,7 +350,7 @@ pub struct WatchEvent {
 }
 
 impl WatchEvent {
-    fn from_proto(e: &mvccpb::Event) -> Option<Self> {
+    pub fn from_proto(e: &mvccpb::Event) -> Option<Self> {
         let kv = e.kv.as_ref()?;
         Some(Self {
             revision: kv.mod_revision,
@@ -455,4 +457,55 @@ pub async fn watcher(
     }
 }
 
-use futures::StreamExt as _;
+/// Reads the committed history of keys under `prefix` from `start` through revision `until`
+/// with one watch, using progress requests to know when it has all of it.
+pub async fn read_history(
+    channel: Channel,
+    prefix: &str,
+    start: i64,
+    until: i64,
+    within: Duration,
+) -> anyhow::Result<Vec<mvccpb::Event>> {
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    tx.unbounded_send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: prefix_end(prefix),
+            start_revision: start,
+            ..Default::default()
+        })),
+    })?;
+    let progress = || WatchRequest {
+        request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+    };
+    let deadline = Instant::now() + within;
+    let mut client = WatchClient::new(channel);
+    let mut inbound = tokio::time::timeout_at(deadline, client.watch(rx))
+        .await??
+        .into_inner();
+    let mut events = Vec::new();
+    loop {
+        let msg = tokio::time::timeout_at(deadline, inbound.message()).await??;
+        let Some(resp) = msg else {
+            anyhow::bail!("the watch ended before the history was read");
+        };
+        if resp.canceled || resp.compact_revision > 0 {
+            anyhow::bail!("the history watch was canceled: {}", resp.cancel_reason);
+        }
+        let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+        if resp.created {
+            tx.unbounded_send(progress())?;
+            continue;
+        }
+        if resp.events.is_empty() {
+            // A progress answer: everything through `revision` has been sent.
+            if revision >= until {
+                return Ok(events);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.unbounded_send(progress())?;
+            continue;
+        }
+        events.extend(resp.events);
+    }
+}

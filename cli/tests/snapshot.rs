@@ -6,7 +6,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{Cluster, Member, etcdctl, http_get, ok};
+use common::{Cluster, Member, etcdctl, http_get, initial_cluster, ok};
 use serde_json::Value;
 
 fn flotilla(args: &[&str]) -> Output {
@@ -152,11 +152,7 @@ fn a_saved_snapshot_founds_a_cluster_holding_exactly_that_state() {
     let mut members: Vec<Member> = (1..=3)
         .map(|i| Member::new(&format!("r{i}"), dir.path().join(format!("r{i}"))))
         .collect();
-    let initial = members
-        .iter()
-        .map(|m| format!("{}={}", m.name, m.peer))
-        .collect::<Vec<_>>()
-        .join(",");
+    let initial = initial_cluster(&members);
     for m in &mut members {
         let out = flotilla(&[
             "snapshot",

@@ -90,11 +90,7 @@ impl Cluster {
                 m
             })
             .collect();
-        let initial = members
-            .iter()
-            .map(|m| format!("{}={}", m.name, m.peer))
-            .collect::<Vec<_>>()
-            .join(",");
+        let initial = initial_cluster(&members);
         for m in &mut members {
             m.start(&initial);
         }
@@ -144,6 +140,15 @@ impl Cluster {
         });
         found.unwrap()
     }
+}
+
+/// `--initial-cluster` for `members`: NAME=PEER,...
+pub fn initial_cluster(members: &[Member]) -> String {
+    members
+        .iter()
+        .map(|m| format!("{}={}", m.name, m.peer))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn etcdctl(endpoints: &str, args: &[&str]) -> Output {
