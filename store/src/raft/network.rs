@@ -50,6 +50,9 @@ pub enum PeerCallError {
     Remote { addr: String, reason: String },
 }
 
+/// How long a connection to a peer may take to open.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Opens a TCP connection to `uri`'s host and port from the local address `ip`.
 async fn connect_from(
     ip: IpAddr,
@@ -72,7 +75,10 @@ async fn connect_from(
         IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.bind(SocketAddr::new(ip, 0))?;
-    let stream = socket.connect(target).await?;
+    // Bounded here, whatever the endpoint applies to a custom connector.
+    let stream = tokio::time::timeout(PEER_CONNECT_TIMEOUT, socket.connect(target))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     stream.set_nodelay(true)?;
     Ok(hyper_util::rt::TokioIo::new(stream))
 }
@@ -120,7 +126,7 @@ impl Peers {
                 addr: addr.into(),
                 reason: e.to_string(),
             })?
-            .connect_timeout(Duration::from_secs(1))
+            .connect_timeout(PEER_CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
