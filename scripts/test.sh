@@ -3,16 +3,21 @@
 # suite's fixed set of seeds.
 #
 # Installs what the tests need when it is missing: etcdctl (Debian's etcd-client) for the
-# tests that drive the real binary with a third-party etcd client, and a Python venv with
-# grpcio and grpcio-tools (from PyPI) for the cross-language API client test.
+# tests that drive the real binary with a third-party etcd client, busybox (Debian's
+# busybox-static) for the image the docker runtime's tests build from local files, and a
+# Python venv with grpcio and grpcio-tools (from PyPI) for the cross-language API client
+# test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v etcdctl >/dev/null 2>&1; then
-    echo "installing etcd-client (etcdctl) ..." >&2
+MISSING=()
+command -v etcdctl >/dev/null 2>&1 || MISSING+=(etcd-client)
+dpkg -s busybox-static >/dev/null 2>&1 || MISSING+=(busybox-static)
+if [ ${#MISSING[@]} -gt 0 ]; then
+    echo "installing ${MISSING[*]} ..." >&2
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
     $SUDO apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-client >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${MISSING[@]}" >/dev/null
 fi
 
 PYENV=target/pyenv

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use flotilla_node_agent::docker::DockerRuntime;
 use flotilla_node_agent::process::ProcessRuntime;
 use flotilla_node_agent::runtime::FakeRuntime;
 use flotilla_node_agent::{Config, machine_capacity};
@@ -16,6 +17,9 @@ use flotilla_proto::api::quantity::{parse_bytes, parse_cpu_millis};
 pub enum RuntimeKind {
     /// Each container is a child process (`command` + `args`).
     Process,
+    /// Each container is a Docker container (images must be on the node); a pod's
+    /// containers share one network namespace.
+    Docker,
     /// Pods go Running at once and stay so until deleted; nothing runs.
     Fake,
 }
@@ -43,7 +47,8 @@ pub struct AgentArgs {
     /// Labels of the node: KEY=VALUE,...
     #[arg(long, default_value = "")]
     pub labels: String,
-    /// The address pods of the node get (the process runtime shares the host's network).
+    /// The node's address, and its pods' with the process runtime (which shares the host's
+    /// network; the docker runtime gives each pod its own).
     #[arg(long, default_value = "127.0.0.1")]
     pub node_ip: String,
     /// cpu the node offers, as a quantity (`4`, `3500m`) [default: the machine's cores].
@@ -142,6 +147,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 std::env::current_exe().context("finding the flotilla binary for the shim")?;
             let rt = ProcessRuntime::new(&args.data_dir, exe, &node_name)
                 .with_context(|| format!("preparing {}", args.data_dir.display()))?;
+            flotilla_node_agent::run(config, Arc::new(rt), stop).await?;
+        }
+        RuntimeKind::Docker => {
+            let exe = std::env::current_exe()
+                .context("finding the flotilla binary for the pod sandbox image")?;
+            let rt = DockerRuntime::new(&args.data_dir, &node_name, &exe)
+                .await
+                .context("the docker runtime")?;
             flotilla_node_agent::run(config, Arc::new(rt), stop).await?;
         }
         RuntimeKind::Fake => {

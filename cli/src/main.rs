@@ -88,6 +88,10 @@ fn main() -> std::process::ExitCode {
         let code = flotilla_node_agent::process::shim_main(&argv[2..]);
         return std::process::ExitCode::from(code.clamp(0, 255) as u8);
     }
+    // The docker runtime's pod sandbox process.
+    if argv.get(1).map(String::as_str) == Some("agent-pause") {
+        return std::process::ExitCode::from(flotilla_node_agent::docker::pause_main() as u8);
+    }
     let cli = Cli::parse();
     init_logging();
     let runtime = match tokio::runtime::Runtime::new() {

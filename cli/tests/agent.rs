@@ -1,8 +1,10 @@
-//! The node agent with the process runtime, against a real three-member control plane:
-//! pods run and report Running, crash into CrashLoopBackOff, restart on liveness failures,
-//! turn Ready with their readiness probe, stop within their grace period when deleted, and
-//! survive the agent's own restart and the control-plane leader's death without being lost
-//! or run twice.
+//! The node agent against a real three-member control plane, each test once per runtime
+//! (process, and docker with a local busybox image): pods run and report Running, crash
+//! into CrashLoopBackOff, restart on liveness failures, turn Ready with their readiness
+//! probe, stop within their grace period when deleted, serve their logs, and survive the
+//! agent's own restart and the control-plane leader's death without being lost or run
+//! twice. The docker runtime's own promises (a pod's containers share one network
+//! namespace and address, limits are enforced, a missing image is said plainly) follow.
 
 mod common;
 
@@ -25,21 +27,43 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Rt {
+    Process,
+    Docker,
+}
+
+impl Rt {
+    /// The node name for a test: with docker, unique on the engine, which every test
+    /// process shares (the agent owns the containers labelled with its node's name).
+    fn node(self) -> String {
+        match self {
+            Rt::Process => "a1".into(),
+            Rt::Docker => format!("a1-{}", std::process::id()),
+        }
+    }
+}
+
 /// An agent process; killed with -9 when dropped.
 struct Agent {
     child: Option<Child>,
     dir: PathBuf,
     node: String,
     servers: String,
+    rt: Rt,
 }
 
 impl Agent {
-    fn start(cluster: &Cluster, dir: &Path, node: &str) -> Self {
+    fn start(cluster: &Cluster, dir: &Path, rt: Rt) -> Self {
+        if rt == Rt::Docker {
+            docker_test_image();
+        }
         let mut a = Agent {
             child: None,
             dir: dir.to_path_buf(),
-            node: node.to_string(),
+            node: rt.node(),
             servers: cluster.endpoints(),
+            rt,
         };
         a.spawn();
         a
@@ -58,6 +82,11 @@ impl Agent {
                 &self.servers,
                 "--node-name",
                 &self.node,
+                "--runtime",
+                match self.rt {
+                    Rt::Process => "process",
+                    Rt::Docker => "docker",
+                },
             ])
             .arg("--data-dir")
             .arg(&self.dir)
@@ -81,6 +110,21 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
         // The containers outlive the agent by design; the test's must not outlive the test.
+        if self.rt == Rt::Docker {
+            let ids = docker(&[
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=io.flotilla.node={}", self.node),
+            ]);
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f"])
+                    .args(&ids)
+                    .output();
+            }
+        }
         // Each shim leads its container's process group.
         for pid in shims_of(&self.dir.to_string_lossy()) {
             // SAFETY: signalling a process group of this test; no memory is shared.
@@ -109,6 +153,53 @@ fn shims_of(dir: &str) -> Vec<i32> {
     out
 }
 
+/// The image the docker tests run: busybox (Debian's static build) on an empty base,
+/// built from local files. scripts/test.sh installs busybox-static.
+const TEST_IMAGE: &str = "flotilla-test-busybox:1";
+
+/// `docker ARGS`' standard output; panics with its error when it fails.
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("the docker CLI (the docker runtime's tests need a Docker engine)");
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn docker_test_image() {
+    if Command::new("docker")
+        .args(["image", "inspect", TEST_IMAGE])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return;
+    }
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "/bin/busybox is missing: install Debian's busybox-static (scripts/test.sh does)"
+    );
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::copy(busybox, ctx.path().join("busybox")).unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
+    )
+    .unwrap();
+    docker(&[
+        "build",
+        "-q",
+        "-t",
+        TEST_IMAGE,
+        &ctx.path().to_string_lossy(),
+    ]);
+}
+
 async fn until<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -131,7 +222,8 @@ fn client(c: &Cluster) -> Client {
 
 /// A pod running `script` with sh; `extra` is merged into the container.
 fn pod(name: &str, script: &str, extra: Value, spec_extra: Value) -> Pod {
-    let mut container = json!({"name": "main", "image": "sh", "command": ["sh", "-c", script]});
+    let mut container =
+        json!({"name": "main", "image": TEST_IMAGE, "command": ["sh", "-c", script]});
     if let (Some(c), Some(e)) = (container.as_object_mut(), extra.as_object()) {
         c.extend(e.clone());
     }
@@ -180,10 +272,19 @@ async fn gone(c: &Client, name: &str) -> Duration {
 }
 
 #[test]
-fn pods_run_and_stop_within_their_grace_period() {
+fn pods_run_and_stop_within_their_grace_period_process() {
+    pods_run_and_stop_within_their_grace_period(Rt::Process);
+}
+
+#[test]
+fn pods_run_and_stop_within_their_grace_period_docker() {
+    pods_run_and_stop_within_their_grace_period(Rt::Docker);
+}
+
+fn pods_run_and_stop_within_their_grace_period(rt: Rt) {
     let cluster = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
-    let _agent = Agent::start(&cluster, &dir.path().join("a1"), "a1");
+    let _agent = Agent::start(&cluster, &dir.path().join("a1"), rt);
     runtime().block_on(async {
         let c = client(&cluster);
         let marker = format!("mark-{}", std::process::id());
@@ -211,10 +312,18 @@ fn pods_run_and_stop_within_their_grace_period() {
         let p = running(&c, "polite").await;
         running(&c, "stubborn").await;
         let st = p.status.clone().unwrap();
-        assert_eq!(st.pod_ip, "127.0.0.1");
+        match rt {
+            // The process runtime shares the node's network.
+            Rt::Process => assert_eq!(st.pod_ip, "127.0.0.1"),
+            // Docker gives the pod its own address.
+            Rt::Docker => assert!(
+                st.pod_ip.parse::<std::net::Ipv4Addr>().is_ok() && st.pod_ip != "127.0.0.1",
+                "{st:?}"
+            ),
+        }
         assert_eq!(st.host_ip, "127.0.0.1");
         assert!(!st.start_time.is_empty());
-        assert_eq!(p.spec.as_ref().unwrap().node_name, "a1");
+        assert_eq!(p.spec.as_ref().unwrap().node_name, rt.node());
         let p = until("polite ready", || async {
             let p = c.get::<Pod>("default", "polite").await.ok()?;
             (condition(&p, "Ready")
@@ -248,10 +357,19 @@ fn pods_run_and_stop_within_their_grace_period() {
 }
 
 #[test]
-fn crashes_back_off_and_finished_pods_stay_finished() {
+fn crashes_back_off_and_finished_pods_stay_finished_process() {
+    crashes_back_off_and_finished_pods_stay_finished(Rt::Process);
+}
+
+#[test]
+fn crashes_back_off_and_finished_pods_stay_finished_docker() {
+    crashes_back_off_and_finished_pods_stay_finished(Rt::Docker);
+}
+
+fn crashes_back_off_and_finished_pods_stay_finished(rt: Rt) {
     let cluster = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
-    let _agent = Agent::start(&cluster, &dir.path().join("a1"), "a1");
+    let _agent = Agent::start(&cluster, &dir.path().join("a1"), rt);
     runtime().block_on(async {
         let c = client(&cluster);
         c.create(&pod("crash", "echo boom; exit 3", json!({}), json!({})))
@@ -313,12 +431,35 @@ fn crashes_back_off_and_finished_pods_stay_finished() {
 }
 
 #[test]
-fn liveness_failures_restart_and_readiness_gates_ready() {
+fn liveness_failures_restart_and_readiness_gates_ready_process() {
+    liveness_failures_restart_and_readiness_gates_ready(Rt::Process);
+}
+
+#[test]
+fn liveness_failures_restart_and_readiness_gates_ready_docker() {
+    liveness_failures_restart_and_readiness_gates_ready(Rt::Docker);
+}
+
+fn liveness_failures_restart_and_readiness_gates_ready(rt: Rt) {
     let cluster = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
-    let _agent = Agent::start(&cluster, &dir.path().join("a1"), "a1");
+    let _agent = Agent::start(&cluster, &dir.path().join("a1"), rt);
     let work = tempfile::tempdir().unwrap();
-    let ready_file = work.path().join("ready");
+    // The readiness probe runs where the container does: on the host with the process
+    // runtime, inside the container with docker.
+    let ready_file = match rt {
+        Rt::Process => work.path().join("ready"),
+        Rt::Docker => PathBuf::from("/ready"),
+    };
+    let set_ready = |p: &Pod, on: bool| match rt {
+        Rt::Process if on => std::fs::write(&ready_file, "").unwrap(),
+        Rt::Process => std::fs::remove_file(&ready_file).unwrap(),
+        Rt::Docker => {
+            let id = status(p).container_id.replace("docker://", "");
+            let cmd = if on { "touch" } else { "rm" };
+            docker(&["exec", &id, cmd, "/ready"]);
+        }
+    };
     runtime().block_on(async {
         let c = client(&cluster);
         let probe = |cmd: Vec<String>| {
@@ -355,13 +496,13 @@ fn liveness_failures_restart_and_readiness_gates_ready() {
         let p2 = c.get::<Pod>("default", "gated").await.unwrap();
         assert!(!condition(&p2, "Ready"), "ready without passing its probe");
         assert!(!status(&p).ready);
-        std::fs::write(&ready_file, "").unwrap();
+        set_ready(&p, true);
         until("gated ready", || async {
             let p = c.get::<Pod>("default", "gated").await.ok()?;
             (condition(&p, "Ready") && status(&p).ready).then_some(())
         })
         .await;
-        std::fs::remove_file(&ready_file).unwrap();
+        set_ready(&p, false);
         until("gated not ready again", || async {
             let p = c.get::<Pod>("default", "gated").await.ok()?;
             (!condition(&p, "Ready")).then_some(())
@@ -371,10 +512,19 @@ fn liveness_failures_restart_and_readiness_gates_ready() {
 }
 
 #[test]
-fn agent_restarts_and_leader_deaths_neither_lose_nor_duplicate_pods() {
+fn agent_restarts_and_leader_deaths_neither_lose_nor_duplicate_pods_process() {
+    agent_restarts_and_leader_deaths_neither_lose_nor_duplicate_pods(Rt::Process);
+}
+
+#[test]
+fn agent_restarts_and_leader_deaths_neither_lose_nor_duplicate_pods_docker() {
+    agent_restarts_and_leader_deaths_neither_lose_nor_duplicate_pods(Rt::Docker);
+}
+
+fn agent_restarts_and_leader_deaths_neither_lose_nor_duplicate_pods(rt: Rt) {
     let mut cluster = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start(&cluster, &dir.path().join("a1"), "a1");
+    let mut agent = Agent::start(&cluster, &dir.path().join("a1"), rt);
     runtime().block_on(async {
         let c = client(&cluster);
         let marker = format!("adopt-{}", std::process::id());
@@ -460,10 +610,19 @@ fn flotilla(cluster: &Cluster, args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn logs_are_served_through_the_api() {
+fn logs_are_served_through_the_api_process() {
+    logs_are_served_through_the_api(Rt::Process);
+}
+
+#[test]
+fn logs_are_served_through_the_api_docker() {
+    logs_are_served_through_the_api(Rt::Docker);
+}
+
+fn logs_are_served_through_the_api(rt: Rt) {
     let cluster = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
-    let _agent = Agent::start(&cluster, &dir.path().join("a1"), "a1");
+    let _agent = Agent::start(&cluster, &dir.path().join("a1"), rt);
     runtime().block_on(async {
         let c = client(&cluster);
         let talker = "echo hello; echo oops >&2; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.1; done";
@@ -482,8 +641,11 @@ fn logs_are_served_through_the_api() {
         let out = flotilla(&cluster, &["logs", "talker"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(text.starts_with("hello\n") || text.starts_with("oops\n"), "{text}");
-        assert!(text.contains("oops\n") && text.contains("tick 1\ntick 2\n"), "{text}");
+        // Both streams, each in order; how stdout and stderr lines interleave is up to the
+        // runtime (Docker keeps the two streams apart).
+        assert!(text.contains("oops\n"), "{text}");
+        let stdout: Vec<&str> = text.lines().filter(|l| *l != "oops").collect();
+        assert_eq!(stdout[..3], ["hello", "tick 1", "tick 2"], "{text}");
         let out = flotilla(&cluster, &["logs", "pod/talker", "--tail", "1"]);
         let last = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(last.starts_with("tick ") && last.lines().count() == 1, "{last:?}");
@@ -524,7 +686,7 @@ fn logs_are_served_through_the_api() {
         assert!(String::from_utf8_lossy(&out.stdout).starts_with("run-"));
 
         // The agent's own metrics and health, on the endpoint it publishes on its Node.
-        let node = c.get::<Node>("", "a1").await.unwrap();
+        let node = c.get::<Node>("", &rt.node()).await.unwrap();
         let endpoint = node.metadata.unwrap().annotations[AGENT_ENDPOINT].clone();
         assert_eq!(http_get(&endpoint, "/healthz"), (200, "ok\n".to_string()));
         let (code, ready) = http_get(&endpoint, "/readyz");
@@ -549,8 +711,8 @@ fn logs_are_served_through_the_api() {
         c.create(&from_value::<Pod>(json!({
             "metadata": {"name": "two"},
             "spec": {"containers": [
-                {"name": "a", "image": "sh", "command": ["sleep", "1000"]},
-                {"name": "b", "image": "sh", "command": ["sleep", "1000"]},
+                {"name": "a", "image": TEST_IMAGE, "command": ["sleep", "1000"]},
+                {"name": "b", "image": TEST_IMAGE, "command": ["sleep", "1000"]},
             ]},
         })).unwrap())
         .await
@@ -566,5 +728,105 @@ fn logs_are_served_through_the_api() {
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         assert!(err.contains("not on a node yet"), "{err}");
+    });
+}
+
+/// The docker runtime's own promises: a pod's containers share one network namespace and
+/// the pod's address (which its probes reach and `POD_IP` names), its limits are the
+/// containers' limits and are enforced, a missing image is said plainly, and a deleted
+/// pod leaves no container behind, its sandbox included.
+#[test]
+fn docker_pods_share_a_network_namespace_and_get_their_limits() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = Agent::start(&cluster, &dir.path().join("a1"), Rt::Docker);
+    runtime().block_on(async {
+        let c = client(&cluster);
+        let web: Pod = from_value(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"terminationGracePeriodSeconds": 5, "containers": [
+                {"name": "server", "image": TEST_IMAGE,
+                 "command": ["sh", "-c", "mkdir -p /www && echo hello from $POD_IP > /www/index.html && exec httpd -f -p 8080 -h /www"],
+                 "ports": [{"name": "http", "containerPort": 8080}],
+                 "resources": {"limits": {"cpu": "500m", "memory": "64Mi"}},
+                 "readinessProbe": {"httpGet": {"port": "http", "path": "/"}, "periodSeconds": 1}},
+                {"name": "client", "image": TEST_IMAGE,
+                 "command": ["sh", "-c", "while true; do wget -qO- http://localhost:8080/ || echo unreachable; sleep 0.2; done"]},
+            ]},
+        }))
+        .unwrap();
+        c.create(&web).await.unwrap();
+        // Ready: the agent's HTTP probe reached the server on the pod's address.
+        let p = until("web ready", || async {
+            let p = c.get::<Pod>("default", "web").await.ok()?;
+            condition(&p, "Ready").then_some(p)
+        })
+        .await;
+        let ip = p.status.clone().unwrap().pod_ip;
+        // The client container reaches the server on localhost, and POD_IP is the pod's.
+        until("the client's requests answered", || async {
+            let out = flotilla(&cluster, &["logs", "web", "-c", "client"]);
+            String::from_utf8_lossy(&out.stdout)
+                .contains(&format!("hello from {ip}\n"))
+                .then_some(())
+        })
+        .await;
+        let ids: Vec<String> = p
+            .status
+            .clone()
+            .unwrap()
+            .container_statuses
+            .iter()
+            .map(|s| s.container_id.trim_start_matches("docker://").to_string())
+            .collect();
+        let server = docker(&[
+            "inspect",
+            "-f",
+            "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}} {{.HostConfig.NetworkMode}}",
+            &ids[0],
+        ]);
+        let client_net = docker(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", &ids[1]]);
+        let fields: Vec<&str> = server.split_whitespace().collect();
+        assert_eq!(fields[..2], ["500000000", "67108864"], "{server}");
+        assert!(fields[2].starts_with("container:"), "{server}");
+        assert_eq!(client_net.trim(), fields[2], "one network namespace for the pod");
+
+        // Over its memory limit: OOM-killed, and said so.
+        let hog = pod(
+            "hog",
+            "head -c 300000000 /dev/zero | tail > /dev/null",
+            json!({"resources": {"limits": {"memory": "32Mi"}}}),
+            json!({"restartPolicy": "Never"}),
+        );
+        c.create(&hog).await.unwrap();
+        let p = until("hog Failed", || async {
+            let p = c.get::<Pod>("default", "hog").await.ok()?;
+            (p.status.as_ref()?.phase == "Failed").then_some(p)
+        })
+        .await;
+        let t = status(&p).state.unwrap().terminated.unwrap();
+        assert_eq!((t.reason.as_str(), t.exit_code), ("OOMKilled", 137), "{t:?}");
+
+        // An image the node does not have: not pulled, and the reason is plain.
+        let mut missing = pod("missing", "true", json!({}), json!({}));
+        missing.spec.as_mut().unwrap().containers[0].image = "flotilla-no-such-image:0".into();
+        c.create(&missing).await.unwrap();
+        let w = until("the missing image reported", || async {
+            let p = c.get::<Pod>("default", "missing").await.ok()?;
+            status(&p).state?.waiting
+        })
+        .await;
+        assert!(
+            w.message.contains("flotilla-no-such-image:0") && w.message.contains("not on this node"),
+            "{w:?}"
+        );
+
+        // Deleted: its containers and its sandbox go.
+        let uid = c.get::<Pod>("default", "web").await.unwrap().metadata.unwrap().uid;
+        let of_pod = format!("label=io.flotilla.pod-uid={uid}");
+        assert_eq!(docker(&["ps", "-q", "--filter", &of_pod]).lines().count(), 3);
+        c.delete_named::<Pod>("default", "web").await.unwrap();
+        gone(&c, "web").await;
+        assert_eq!(docker(&["ps", "-aq", "--filter", &of_pod]), "");
     });
 }

@@ -10,6 +10,7 @@
 //!
 //! With `--simulate-nodes N` (fake runtime) one agent registers and keeps N nodes.
 
+pub mod docker;
 pub mod logs;
 pub mod metrics;
 pub mod probe;

@@ -182,7 +182,7 @@ impl ProcessRuntime {
     }
 }
 
-fn exit_reason(code: i32, signal: i32, oom: bool) -> String {
+pub(crate) fn exit_reason(code: i32, signal: i32, oom: bool) -> String {
     if oom {
         "OOMKilled".into()
     } else if signal > 0 {

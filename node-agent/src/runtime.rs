@@ -66,7 +66,8 @@ pub enum RuntimeError {
 }
 
 /// The container runtime interface. Implementations: [`crate::process::ProcessRuntime`]
-/// (child processes) and [`FakeRuntime`] (runs nothing).
+/// (child processes), [`crate::docker::DockerRuntime`] (containers through the Docker
+/// Engine API) and [`FakeRuntime`] (runs nothing).
 pub trait Runtime: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
@@ -98,6 +99,12 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Where a container's output is kept (current file first, then older ones).
     fn log_files(&self, id: &str) -> Vec<PathBuf>;
+
+    /// The pod's own address, when the runtime gives pods one (`None`: pods share the
+    /// node's network and its address).
+    fn pod_ip(&self, _pod_uid: &str) -> impl Future<Output = Option<String>> + Send {
+        async { None }
+    }
 }
 
 /// Runs nothing: containers are running from the moment they start until stopped.

@@ -131,6 +131,8 @@ pub struct Worker<R: Runtime> {
     slots: Vec<Slot>,
     start_time: String,
     written: Option<PodStatus>,
+    /// The pod's own address from the runtime (`None`: the node's).
+    pod_ip: Option<String>,
 }
 
 fn policy(pod: &Pod) -> &str {
@@ -221,7 +223,12 @@ impl<R: Runtime> Worker<R> {
                                 .unwrap_or(SystemTime::UNIX_EPOCH),
                             finished_at: time::parse(&t.finished_at)
                                 .unwrap_or(SystemTime::UNIX_EPOCH),
-                            id: t.container_id.clone(),
+                            // `RUNTIME://ID` in the status; the runtime's own id here.
+                            id: t
+                                .container_id
+                                .split_once("://")
+                                .map_or(t.container_id.as_str(), |(_, id)| id)
+                                .to_string(),
                         });
                     }
                 }
@@ -257,7 +264,13 @@ impl<R: Runtime> Worker<R> {
             slots,
             start_time,
             written: None,
+            pod_ip: None,
         }
+    }
+
+    /// The pod's address: its own if the runtime gave it one, else the node's.
+    fn ip(&self) -> &str {
+        self.pod_ip.as_deref().unwrap_or(&self.node.ip)
     }
 
     fn container_spec(&self, slot: &Slot) -> ContainerSpec {
@@ -271,7 +284,7 @@ impl<R: Runtime> Worker<R> {
         let mut env: Vec<(String, String)> = vec![
             ("POD_NAME".into(), meta.name.clone()),
             ("POD_NAMESPACE".into(), meta.namespace.clone()),
-            ("POD_IP".into(), self.node.ip.clone()),
+            ("POD_IP".into(), self.ip().to_string()),
             ("NODE_NAME".into(), self.node.name.clone()),
         ];
         env.extend(slot.c.env.iter().map(|e| (e.name.clone(), e.value.clone())));
@@ -299,6 +312,10 @@ impl<R: Runtime> Worker<R> {
 
     /// Runs until the pod is gone.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        // Adopted containers: their pod already has its address.
+        if self.slots.iter().any(|s| s.id.is_some()) {
+            self.pod_ip = self.rt.pod_ip(&uid(&self.pod)).await;
+        }
         // Act at once on a new pod, then on every change or tick.
         if !is_deleting(&self.pod) {
             self.step().await;
@@ -338,6 +355,9 @@ impl<R: Runtime> Worker<R> {
         match self.rt.start(&spec).await {
             Ok(id) => {
                 count(&STATS.container_starts);
+                if self.pod_ip.is_none() {
+                    self.pod_ip = self.rt.pod_ip(&spec.pod_uid).await;
+                }
                 let probe_delay = |p: &Option<Probe>| {
                     now + Duration::from_secs(
                         p.as_ref()
@@ -500,7 +520,7 @@ impl<R: Runtime> Worker<R> {
 
     async fn probe(&mut self, i: usize, id: &str, now: Instant) {
         let spec = self.container_spec(&self.slots[i]);
-        let ip = self.node.ip.clone();
+        let ip = self.ip().to_string();
         let period = |p: &Probe| {
             Duration::from_secs(if p.period_seconds > 0 {
                 p.period_seconds as u64
@@ -697,7 +717,7 @@ impl<R: Runtime> Worker<R> {
             message: String::new(),
             reason: String::new(),
             host_ip: self.node.ip.clone(),
-            pod_ip: self.node.ip.clone(),
+            pod_ip: self.ip().to_string(),
             start_time: self.start_time.clone(),
             container_statuses: statuses(false),
             init_container_statuses: statuses(true),
@@ -757,7 +777,7 @@ fn next_backoff(current: &mut Duration) -> Duration {
     wait
 }
 
-fn term_state(t: &Term) -> ContainerStateTerminated {
+fn term_state(t: &Term, runtime: &str) -> ContainerStateTerminated {
     ContainerStateTerminated {
         exit_code: t.code,
         signal: t.signal,
@@ -765,7 +785,7 @@ fn term_state(t: &Term) -> ContainerStateTerminated {
         message: t.message.clone(),
         started_at: time::format(t.started_at),
         finished_at: time::format(t.finished_at),
-        container_id: format!("flotilla://{}", t.id),
+        container_id: format!("{runtime}://{}", t.id),
     }
 }
 
@@ -787,7 +807,7 @@ fn container_status(s: &Slot, runtime: &str) -> ContainerStatus {
         }
     } else if let Some(t) = &s.terminated {
         ApiState {
-            terminated: Some(term_state(t)),
+            terminated: Some(term_state(t, runtime)),
             ..Default::default()
         }
     } else {
@@ -809,7 +829,7 @@ fn container_status(s: &Slot, runtime: &str) -> ContainerStatus {
         name: s.c.name.clone(),
         state: Some(state),
         last_state: last.map(|t| ApiState {
-            terminated: Some(term_state(t)),
+            terminated: Some(term_state(t, runtime)),
             ..Default::default()
         }),
         ready: s.running() && s.ready,

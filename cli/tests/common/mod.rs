@@ -204,7 +204,9 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Pids of processes whose command line contains `marker`.
+/// Pids of processes whose command line contains `marker`, leaving out the supervisors
+/// that carry a container's command line too (the process runtime's shim, the docker
+/// runtime's init).
 pub fn processes_with(marker: &str) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -218,7 +220,11 @@ pub fn processes_with(marker: &str) -> Vec<i32> {
         let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.rfind(')').is_some_and(|i| s[i + 2..].starts_with('Z')))
             .unwrap_or(true);
-        if cmd.contains(marker) && !zombie && !cmd.contains("agent-shim") {
+        if cmd.contains(marker)
+            && !zombie
+            && !cmd.contains("agent-shim")
+            && !cmd.contains("docker-init")
+        {
             out.push(pid);
         }
     }
