@@ -830,3 +830,80 @@ fn docker_pods_share_a_network_namespace_and_get_their_limits() {
         assert_eq!(docker(&["ps", "-aq", "--filter", &of_pod]), "");
     });
 }
+
+/// The process runtime's limits: through cgroups (v2, or v1 on hosts like this one) a
+/// container over its memory limit is OOM-killed and said so, and one with a cpu limit
+/// gets no more cpu than that. Without cgroups it must say so at start-up instead.
+#[test]
+fn process_limits_are_enforced_through_cgroups() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let agent_dir = dir.path().join("a1");
+    let _agent = Agent::start(&cluster, &agent_dir, Rt::Process);
+    runtime().block_on(async {
+        let c = client(&cluster);
+        c.create(&pod("up", "sleep 1000", json!({}), json!({})))
+            .await
+            .unwrap();
+        running(&c, "up").await;
+        let log = std::fs::read_to_string(agent_dir.with_extension("log")).unwrap();
+        if log.contains("limits are NOT enforced") {
+            // Only where the agent may not create cgroups; the tests run as root here.
+            // SAFETY: geteuid has no preconditions.
+            assert_ne!(unsafe { libc::geteuid() }, 0, "root, and no cgroups: {log}");
+            return;
+        }
+        let hog = pod(
+            "hog",
+            "head -c 300000000 /dev/zero | tail > /dev/null",
+            json!({"resources": {"limits": {"memory": "32Mi"}}}),
+            json!({"restartPolicy": "Never"}),
+        );
+        c.create(&hog).await.unwrap();
+        let p = until("hog Failed", || async {
+            let p = c.get::<Pod>("default", "hog").await.ok()?;
+            (p.status.as_ref()?.phase == "Failed").then_some(p)
+        })
+        .await;
+        let t = status(&p).state.unwrap().terminated.unwrap();
+        assert_eq!(
+            (t.reason.as_str(), t.exit_code),
+            ("OOMKilled", 137),
+            "{t:?}"
+        );
+
+        // A busy loop limited to 100m: ~0.1 s of cpu per second of wall time.
+        let marker = format!("spin-{}", std::process::id());
+        c.create(&pod(
+            "spin",
+            &format!("while :; do :; done # {marker}"),
+            json!({"resources": {"limits": {"cpu": "100m"}}}),
+            json!({}),
+        ))
+        .await
+        .unwrap();
+        running(&c, "spin").await;
+        let pid = until("the spinning process", || async {
+            processes_with(&marker).first().copied()
+        })
+        .await;
+        let cpu = || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let f: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .map(|x| x.parse().unwrap())
+                .collect();
+            // SAFETY: sysconf has no preconditions.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+            (f[0] + f[1]) as f64 / hz
+        };
+        let (before, start) = (cpu(), Instant::now());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let used = cpu() - before;
+        let wall = start.elapsed().as_secs_f64();
+        // Throttled to 10%; unlimited it would take a whole core.
+        assert!(used < 0.35 * wall, "{used:.2} s of cpu in {wall:.2} s");
+    });
+}

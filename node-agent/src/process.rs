@@ -9,7 +9,9 @@
 //! signals its process group (the shim ignores SIGTERM; SIGKILL takes both).
 //!
 //! cpu and memory limits go through cgroup v2 when the agent may create cgroups under
-//! `/sys/fs/cgroup`; otherwise it says so once at start-up and runs without limits.
+//! `/sys/fs/cgroup`, else through the cgroup v1 `memory` and `cpu` hierarchies (older
+//! hosts and hybrid set-ups); without either it says so once at start-up and runs without
+//! limits.
 
 use std::collections::HashMap;
 use std::fs;
@@ -44,7 +46,88 @@ struct Meta {
 pub struct ProcessRuntime {
     dir: PathBuf,
     exe: PathBuf,
-    cgroup: Option<PathBuf>,
+    cgroup: Option<Cgroups>,
+}
+
+/// Where the agent makes its containers' cgroups.
+#[derive(Clone, Debug)]
+enum Cgroups {
+    /// `/sys/fs/cgroup/flotilla-NODE` (unified hierarchy).
+    V2(PathBuf),
+    /// `/sys/fs/cgroup/memory/flotilla-NODE` and `/sys/fs/cgroup/cpu/flotilla-NODE`.
+    V1 { memory: PathBuf, cpu: PathBuf },
+}
+
+impl Cgroups {
+    fn describe(&self) -> String {
+        match self {
+            Cgroups::V2(dir) => format!("cgroup v2 at {}", dir.display()),
+            Cgroups::V1 { memory, cpu } => {
+                format!("cgroup v1 at {} and {}", memory.display(), cpu.display())
+            }
+        }
+    }
+
+    /// The container's cgroup directories.
+    fn dirs(&self, id: &str) -> Vec<PathBuf> {
+        match self {
+            Cgroups::V2(dir) => vec![dir.join(id)],
+            Cgroups::V1 { memory, cpu } => vec![memory.join(id), cpu.join(id)],
+        }
+    }
+
+    /// Creates the container's cgroups with its limits.
+    fn create(&self, id: &str, spec: &ContainerSpec) -> std::io::Result<Vec<PathBuf>> {
+        let dirs = self.dirs(id);
+        for d in &dirs {
+            fs::create_dir_all(d)?;
+        }
+        // Quota per 100 ms period.
+        let quota = (spec.cpu_limit_milli * 100).max(1000);
+        match self {
+            Cgroups::V2(_) => {
+                if spec.memory_limit > 0 {
+                    fs::write(dirs[0].join("memory.max"), spec.memory_limit.to_string())?;
+                    // No swap beyond the limit.
+                    let _ = fs::write(dirs[0].join("memory.swap.max"), "0");
+                }
+                if spec.cpu_limit_milli > 0 {
+                    fs::write(dirs[0].join("cpu.max"), format!("{quota} 100000"))?;
+                }
+            }
+            Cgroups::V1 { .. } => {
+                if spec.memory_limit > 0 {
+                    let limit = spec.memory_limit.to_string();
+                    fs::write(dirs[0].join("memory.limit_in_bytes"), &limit)?;
+                    // Memory plus swap, where the kernel accounts swap.
+                    let memsw = dirs[0].join("memory.memsw.limit_in_bytes");
+                    if memsw.exists() {
+                        fs::write(memsw, &limit)?;
+                    }
+                }
+                if spec.cpu_limit_milli > 0 {
+                    fs::write(dirs[1].join("cpu.cfs_period_us"), "100000")?;
+                    fs::write(dirs[1].join("cpu.cfs_quota_us"), quota.to_string())?;
+                }
+            }
+        }
+        Ok(dirs)
+    }
+
+    /// Whether the kernel's OOM killer acted in the container's cgroup.
+    fn oom_killed(&self, id: &str) -> bool {
+        let file = match self {
+            Cgroups::V2(dir) => dir.join(id).join("memory.events"),
+            Cgroups::V1 { memory, .. } => memory.join(id).join("memory.oom_control"),
+        };
+        fs::read_to_string(file)
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill ").map(|n| n.trim() != "0"))
+            })
+            .unwrap_or(false)
+    }
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -78,12 +161,12 @@ impl ProcessRuntime {
         let dir = dir.join("containers");
         fs::create_dir_all(&dir)?;
         let cgroup = match setup_cgroup(node) {
-            Ok(path) => {
+            Ok(cgroups) => {
                 tracing::info!(
-                    "cpu and memory limits enforced through cgroup v2 at {}",
-                    path.display()
+                    "cpu and memory limits enforced through {}",
+                    cgroups.describe()
                 );
-                Some(path)
+                Some(cgroups)
             }
             Err(why) => {
                 eprintln!("flotilla agent: cpu and memory limits are NOT enforced: {why}");
@@ -144,39 +227,19 @@ impl ProcessRuntime {
     }
 
     fn oom_killed(&self, id: &str) -> bool {
-        let Some(cg) = &self.cgroup else {
-            return false;
-        };
-        fs::read_to_string(cg.join(id).join("memory.events"))
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("oom_kill ").map(|n| n.trim() != "0"))
-            })
-            .unwrap_or(false)
+        self.cgroup.as_ref().is_some_and(|c| c.oom_killed(id))
     }
 
-    /// A cgroup for the container with its limits; `None` without cgroups or limits.
-    fn container_cgroup(&self, id: &str, spec: &ContainerSpec) -> Option<PathBuf> {
-        let base = self.cgroup.as_ref()?;
-        let cg = base.join(id);
-        let result: std::io::Result<()> = (|| {
-            fs::create_dir_all(&cg)?;
-            if spec.memory_limit > 0 {
-                fs::write(cg.join("memory.max"), spec.memory_limit.to_string())?;
-            }
-            if spec.cpu_limit_milli > 0 {
-                // Quota per 100 ms period.
-                let quota = (spec.cpu_limit_milli * 100).max(1000);
-                fs::write(cg.join("cpu.max"), format!("{quota} 100000"))?;
-            }
-            Ok(())
-        })();
-        match result {
-            Ok(()) => Some(cg),
+    /// The container's cgroups with its limits; empty without cgroups.
+    fn container_cgroups(&self, id: &str, spec: &ContainerSpec) -> Vec<PathBuf> {
+        let Some(cgroups) = &self.cgroup else {
+            return Vec::new();
+        };
+        match cgroups.create(id, spec) {
+            Ok(dirs) => dirs,
             Err(e) => {
                 tracing::warn!("cgroup for {id}: {e}; running it without limits");
-                None
+                Vec::new()
             }
         }
     }
@@ -194,9 +257,30 @@ pub(crate) fn exit_reason(code: i32, signal: i32, oom: bool) -> String {
     }
 }
 
+/// The agent's cgroups: v2 if the unified hierarchy has the cpu and memory controllers,
+/// else v1's `memory` and `cpu` hierarchies; why neither, otherwise.
+fn setup_cgroup(node: &str) -> Result<Cgroups, String> {
+    let v2 = match setup_cgroup_v2(node) {
+        Ok(dir) => return Ok(Cgroups::V2(dir)),
+        Err(why) => why,
+    };
+    let root = Path::new("/sys/fs/cgroup");
+    let (memory, cpu) = (root.join("memory"), root.join("cpu"));
+    if !memory.join("memory.limit_in_bytes").exists() || !cpu.join("cgroup.procs").exists() {
+        return Err(format!("{v2}, and no cgroup v1 memory and cpu hierarchies"));
+    }
+    let name = format!("flotilla-{node}");
+    let (memory, cpu) = (memory.join(&name), cpu.join(&name));
+    for d in [&memory, &cpu] {
+        fs::create_dir_all(d)
+            .map_err(|e| format!("{v2}, and cannot create {}: {e}", d.display()))?;
+    }
+    Ok(Cgroups::V1 { memory, cpu })
+}
+
 /// Creates `/sys/fs/cgroup/flotilla-NODE` with the cpu and memory controllers enabled for
 /// its children.
-fn setup_cgroup(node: &str) -> Result<PathBuf, String> {
+fn setup_cgroup_v2(node: &str) -> Result<PathBuf, String> {
     let root = Path::new("/sys/fs/cgroup");
     let controllers = fs::read_to_string(root.join("cgroup.controllers"))
         .map_err(|_| "no cgroup v2 hierarchy at /sys/fs/cgroup".to_string())?;
@@ -252,7 +336,7 @@ impl Runtime for ProcessRuntime {
         }
         let mut cmd = std::process::Command::new(&self.exe);
         cmd.arg("agent-shim").arg("--dir").arg(&dir);
-        if let Some(cg) = self.container_cgroup(&id, spec) {
+        for cg in self.container_cgroups(&id, spec) {
             cmd.arg("--cgroup").arg(cg);
         }
         cmd.arg("--")
@@ -332,7 +416,9 @@ impl Runtime for ProcessRuntime {
     async fn remove(&self, id: &str) {
         let _ = fs::remove_dir_all(self.container_dir(id));
         if let Some(cg) = &self.cgroup {
-            let _ = fs::remove_dir(cg.join(id));
+            for d in cg.dirs(id) {
+                let _ = fs::remove_dir(d);
+            }
         }
     }
 
@@ -397,17 +483,17 @@ impl Runtime for ProcessRuntime {
     }
 }
 
-/// `flotilla agent-shim --dir DIR [--cgroup CG] -- COMMAND ARGS...`: runs one container and
+/// `flotilla agent-shim --dir DIR [--cgroup CG]... -- COMMAND ARGS...`: runs one container and
 /// records how it ended. Returns the process exit code.
 pub fn shim_main(args: &[String]) -> i32 {
     let mut dir = None;
-    let mut cgroup = None;
+    let mut cgroups = Vec::new();
     let mut it = args.iter();
     let mut argv = Vec::new();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--dir" => dir = it.next().map(PathBuf::from),
-            "--cgroup" => cgroup = it.next().map(PathBuf::from),
+            "--cgroup" => cgroups.extend(it.next().map(PathBuf::from)),
             "--" => {
                 argv = it.by_ref().cloned().collect();
                 break;
@@ -419,11 +505,11 @@ pub fn shim_main(args: &[String]) -> i32 {
         }
     }
     let (Some(dir), Some((program, rest))) = (dir, argv.split_first()) else {
-        eprintln!("usage: flotilla agent-shim --dir DIR [--cgroup CG] -- COMMAND ARGS...");
+        eprintln!("usage: flotilla agent-shim --dir DIR [--cgroup CG]... -- COMMAND ARGS...");
         return 2;
     };
-    if let Some(cg) = cgroup {
-        // Joining the cgroup first: the container inherits it.
+    for cg in cgroups {
+        // Joining the cgroups first: the container inherits them.
         if let Err(e) = fs::write(cg.join("cgroup.procs"), std::process::id().to_string()) {
             let _ = append(
                 &dir.join("log"),
