@@ -9,11 +9,32 @@ use std::time::{Duration, Instant};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// A free port below the kernel's ephemeral range: a port from that range, once released,
+/// can be taken as the source port of any outgoing connection (an etcdctl call, a peer
+/// dial) before the member that is to listen on it has started. Never the same one twice in
+/// this process; spread by pid and time across the processes of a parallel run.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("an ephemeral port")
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u64, ephemeral_low.max(12_000));
+    let seed = u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+    for _ in 0..10_000 {
+        // A step coprime with the span walks every port before repeating one.
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low + seed.wrapping_add(n.wrapping_mul(7_919)) % (high - low);
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port below the ephemeral range (from {ephemeral_low})");
 }
 
 /// A member process; killed with -9 when dropped (also when a test panics).
