@@ -48,9 +48,14 @@ pub struct AgentArgs {
     #[arg(long, default_value = "")]
     pub labels: String,
     /// The node's address, and its pods' with the process runtime (which shares the host's
-    /// network; the docker runtime gives each pod its own).
-    #[arg(long, default_value = "127.0.0.1")]
-    pub node_ip: String,
+    /// network; the docker runtime gives each pod its own) [default: the local address this
+    /// machine reaches the first of --servers from].
+    #[arg(long)]
+    pub node_ip: Option<String>,
+    /// With --runtime docker: the Docker network pods join [default: the engine's default
+    /// bridge].
+    #[arg(long)]
+    pub docker_network: Option<String>,
     /// cpu the node offers, as a quantity (`4`, `3500m`) [default: the machine's cores].
     #[arg(long)]
     pub cpu: Option<String>,
@@ -88,6 +93,22 @@ fn parse_labels(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
     Ok(labels)
 }
 
+/// The local address the machine sends from towards the first server (a UDP socket's
+/// `connect` picks the route; nothing is sent).
+fn local_address_towards(servers: &str) -> Option<String> {
+    use std::net::ToSocketAddrs;
+    let first = servers.split(',').map(str::trim).find(|s| !s.is_empty())?;
+    let target = first.to_socket_addrs().ok()?.next()?;
+    let any: std::net::SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip().to_string())
+}
+
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if args.simulate_nodes > 0 && args.runtime != RuntimeKind::Fake {
         bail!("--simulate-nodes needs --runtime fake");
@@ -111,6 +132,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--node-name {node_name:?}: {e}"))?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
+    let node_ip = match &args.node_ip {
+        Some(ip) => ip
+            .parse::<std::net::IpAddr>()
+            .map_err(|e| anyhow::anyhow!("--node-ip {ip:?}: {e}"))?
+            .to_string(),
+        None => local_address_towards(&args.servers).unwrap_or_else(|| "127.0.0.1".into()),
+    };
+    if args.docker_network.is_some() && args.runtime != RuntimeKind::Docker {
+        bail!("--docker-network needs --runtime docker");
+    }
     let config = Config {
         servers: args
             .servers
@@ -119,7 +150,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .filter(|s| !s.is_empty())
             .collect(),
         node_name: node_name.clone(),
-        node_ip: args.node_ip.clone(),
+        node_ip: node_ip.clone(),
         labels: parse_labels(&args.labels)?,
         data_dir: args.data_dir.clone(),
         lease_interval: args.lease_interval,
@@ -130,7 +161,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         logs_addr: args
             .logs_addr
             .clone()
-            .unwrap_or_else(|| format!("{}:0", args.node_ip)),
+            .unwrap_or_else(|| format!("{node_ip}:0")),
         stop_containers_on_exit: args.stop_containers_on_exit,
     };
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -152,9 +183,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         RuntimeKind::Docker => {
             let exe = std::env::current_exe()
                 .context("finding the flotilla binary for the pod sandbox image")?;
-            let rt = DockerRuntime::new(&args.data_dir, &node_name, &exe)
-                .await
-                .context("the docker runtime")?;
+            let rt = DockerRuntime::new(
+                &args.data_dir,
+                &node_name,
+                &exe,
+                args.docker_network.clone(),
+            )
+            .await
+            .context("the docker runtime")?;
             flotilla_node_agent::run(config, Arc::new(rt), stop).await?;
         }
         RuntimeKind::Fake => {

@@ -56,6 +56,8 @@ pub struct DockerRuntime {
     followed: Mutex<HashSet<String>>,
     /// One sandbox creation at a time (two containers of a new pod start together).
     sandbox_lock: tokio::sync::Mutex<()>,
+    /// The network sandboxes join (`None`: the engine's default bridge).
+    network: Option<String>,
 }
 
 fn is_not_found(e: &DockerError) -> bool {
@@ -92,7 +94,12 @@ fn container_name(spec: &ContainerSpec, what: &str) -> String {
 impl DockerRuntime {
     /// Connects to the Docker engine (`DOCKER_HOST` or the local socket), makes sure the
     /// sandbox image exists, and removes sandboxes this node left without containers.
-    pub async fn new(data_dir: &Path, node: &str, exe: &Path) -> Result<Self, RuntimeError> {
+    pub async fn new(
+        data_dir: &Path,
+        node: &str,
+        exe: &Path,
+        network: Option<String>,
+    ) -> Result<Self, RuntimeError> {
         let docker = Docker::connect_with_local_defaults()
             .map_err(|e| other("connecting to the engine", e))?
             .negotiate_version()
@@ -110,6 +117,7 @@ impl DockerRuntime {
             logs,
             followed: Mutex::new(HashSet::new()),
             sandbox_lock: tokio::sync::Mutex::new(()),
+            network,
         };
         rt.ensure_pause_image(data_dir, exe).await?;
         rt.remove_empty_sandboxes().await;
@@ -253,6 +261,10 @@ impl DockerRuntime {
             image: Some(PAUSE_IMAGE.into()),
             hostname: Some(spec.pod_name.chars().take(63).collect()),
             labels: Some(labels),
+            host_config: Some(HostConfig {
+                network_mode: self.network.clone(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let created = self
