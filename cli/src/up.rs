@@ -28,6 +28,9 @@ pub struct UpArgs {
     /// Start no agent (a control plane only).
     #[arg(long)]
     pub no_agent: bool,
+    /// The agent's runtime.
+    #[arg(long, value_enum, default_value = "process")]
+    pub runtime: crate::agent::RuntimeKind,
 }
 
 struct Proc {
@@ -136,6 +139,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--data-dir",
                 &data.join("agent").to_string_lossy(),
                 "--stop-containers-on-exit",
+                "--runtime",
+                match args.runtime {
+                    crate::agent::RuntimeKind::Process => "process",
+                    crate::agent::RuntimeKind::Docker => "docker",
+                    crate::agent::RuntimeKind::Fake => "fake",
+                },
             ]
             .iter()
             .map(|s| s.to_string())

@@ -667,6 +667,14 @@ impl Runtime for DockerRuntime {
         vec![current.clone(), current.with_extension("log.1")]
     }
 
+    async fn stopped_all(&self) {
+        for (id, labels, state) in self.ours(None).await {
+            if labels.contains_key(LABEL_SANDBOX) && state == "running" {
+                self.stop(&id, Duration::from_secs(1)).await;
+            }
+        }
+    }
+
     async fn pod_ip(&self, pod_uid: &str) -> Option<String> {
         let sandbox = self
             .ours(Some(format!("{LABEL_UID}={pod_uid}")))

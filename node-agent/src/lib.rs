@@ -464,6 +464,7 @@ pub async fn run<R: Runtime>(
             stops.spawn(async move { rt.stop(&r.id, Duration::from_secs(10)).await });
         }
         while stops.join_next().await.is_some() {}
+        rt.stopped_all().await;
     } else {
         eprintln!(
             "flotilla agent: stopped; the containers keep running (a restarted agent adopts them)"

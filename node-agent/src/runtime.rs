@@ -105,6 +105,12 @@ pub trait Runtime: Send + Sync + 'static {
     fn pod_ip(&self, _pod_uid: &str) -> impl Future<Output = Option<String>> + Send {
         async { None }
     }
+
+    /// Every container was stopped (the agent exits with `--stop-containers-on-exit`):
+    /// whatever the runtime keeps per pod can stop too.
+    fn stopped_all(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Runs nothing: containers are running from the moment they start until stopped.
