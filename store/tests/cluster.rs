@@ -109,6 +109,30 @@ async fn follower_far_behind_catches_up_by_snapshot() {
     c.shutdown().await;
 }
 
+/// Reading the newest snapshot (its size for metrics and the size trigger, a backup) never
+/// touches a snapshot being built or received: a `.tmp` file in the snapshot directory is
+/// work in progress, and deleting it under a build stopped the member's Raft core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_readers_leave_builds_in_progress_alone() {
+    let c = Cluster::start(3, |cfg| cfg.snapshot_entries = 50).await;
+    let l = c.leader().await;
+    for i in 0..120 {
+        put(c.node(l), &format!("k{i}"), "v").await;
+    }
+    let node = c.node(l).clone();
+    eventually("a snapshot", || node.snapshot_info().is_some()).await;
+    let in_progress = node.config().data_dir.join("snapshots").join("build-1.tmp");
+    std::fs::write(&in_progress, b"half a snapshot").unwrap();
+    assert!(node.snapshot_info().is_some_and(|(bytes, _)| bytes > 0));
+    let (header, _file) = node.export_snapshot().await.unwrap();
+    assert!(header.revision >= 120);
+    assert!(
+        in_progress.exists(),
+        "a reader deleted a snapshot in progress"
+    );
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linearizable_read_after_leader_change_sees_every_acknowledged_write() {
     let c = Cluster::start(3, |cfg| cfg.request_timeout = Duration::from_secs(2)).await;

@@ -46,9 +46,8 @@ impl StoreNode {
                 }
             }
         }
-        let dir = SnapshotDir::new(self.inner.config.data_dir.join("snapshots"))
-            .map_err(|e| BackendError::Io(format!("snapshot dir: {e}")))?;
-        let path = dir.current();
+        // Not `SnapshotDir::new`: that would delete a snapshot being built or received.
+        let path = SnapshotDir::current_in(&self.inner.config.data_dir.join("snapshots"));
         let io = |e: std::io::Error| BackendError::Io(format!("{}: {e}", path.display()));
         // Header and data from one handle: a newer snapshot replacing the file meanwhile
         // does not mix two snapshots.
@@ -72,11 +71,8 @@ impl StoreNode {
             .borrow()
             .snapshot
             .map(|s| s.index)?;
-        let path = self.inner.config.data_dir.join("snapshots");
-        let size = SnapshotDir::new(path)
-            .ok()
-            .and_then(|d| std::fs::metadata(d.current()).ok())?
-            .len();
+        let path = SnapshotDir::current_in(&self.inner.config.data_dir.join("snapshots"));
+        let size = std::fs::metadata(path).ok()?.len();
         Some((size, index))
     }
 }

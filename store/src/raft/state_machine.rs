@@ -40,6 +40,10 @@ const CURRENT: &str = "current.snap";
 pub struct SnapshotDir(PathBuf);
 
 impl SnapshotDir {
+    /// Opens the member's snapshot directory at start-up, deleting what builds and
+    /// transfers interrupted by a crash left behind. Only the member's own start may do
+    /// this: later, a `.tmp` file is a build or a transfer in progress (readers use
+    /// [`SnapshotDir::current_in`]).
     pub fn new(dir: PathBuf) -> io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         // Leftovers of builds or transfers interrupted by a crash.
@@ -54,6 +58,11 @@ impl SnapshotDir {
 
     pub fn current(&self) -> PathBuf {
         self.0.join(CURRENT)
+    }
+
+    /// The current snapshot's path in `dir`, for readers (touches nothing).
+    pub fn current_in(dir: &Path) -> PathBuf {
+        dir.join(CURRENT)
     }
 
     fn temp(&self, what: &str) -> PathBuf {
