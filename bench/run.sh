@@ -18,6 +18,7 @@
 #   SKIP_IDLE=1       skip the idle-RSS run (100,000 keys of 1,000 bytes)
 #   ONLY=flotilla|etcd  run one system only
 #   BASE_PORT=23790   Flotilla uses BASE_PORT..+5, etcd BASE_PORT+10..+15 (client, peer pairs)
+#   FLOTILLA_SERVER_ARGS="--snapshot-bytes 8388608"   extra `flotilla server` flags
 #
 # Results: bench/results/<date>/results.jsonl (one JSON object per measurement, with "system"
 # and "round"), summary.md (medians and Flotilla/etcd ratios), bench.log (the load generator's
@@ -35,6 +36,7 @@ WATCH_PUTS=${WATCH_PUTS:-1000}
 WATCH_RATE=${WATCH_RATE:-200}
 ONLY=${ONLY:-}
 BASE_PORT=${BASE_PORT:-23790}
+FLOTILLA_SERVER_ARGS=${FLOTILLA_SERVER_ARGS:-}
 
 out="bench/results/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out/logs"
@@ -113,7 +115,7 @@ start_member() {
     if [ "$sys" = flotilla ]; then
         "$FLOTILLA" server --name "$pfx$i" --data-dir "$dir/data" \
             --client-addr "127.0.0.1:$cp" --peer-addr "127.0.0.1:$pp" \
-            --initial-cluster "$cluster" >>"$logf" 2>&1 &
+            --initial-cluster "$cluster" $FLOTILLA_SERVER_ARGS >>"$logf" 2>&1 &
     else
         local state=new
         if [ -d "$dir/data/member" ]; then state=existing; fi
@@ -248,7 +250,12 @@ measure_members() {
     for i in 1 2 3; do
         rss=$(awk '/^VmRSS/ {print $2}' "/proc/${PIDS[$sys$i]}/status")
         size=$(du -sb "$work/$sys/$pfx$i/data" | cut -f1)
-        record "$sys" 1 "{\"bench\":\"$label\",\"member\":$i,\"data_dir_bytes\":$size,\"rss_kib\":$rss}"
+        # Where it goes: each top-level entry of the data dir.
+        local parts="" part
+        for part in "$work/$sys/$pfx$i/data"/*; do
+            parts+="\"$(basename "$part")\":$(du -sb "$part" | cut -f1),"
+        done
+        record "$sys" 1 "{\"bench\":\"$label\",\"member\":$i,\"data_dir_bytes\":$size,\"rss_kib\":$rss,\"parts\":{${parts%,}}}"
     done
 }
 

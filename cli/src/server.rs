@@ -61,10 +61,15 @@ pub struct ServerArgs {
     /// Entries applied between snapshots (the log is purged behind each).
     #[arg(long, default_value_t = 10_000)]
     pub snapshot_count: u64,
-    /// Bytes appended to the log between snapshots (a snapshot is taken at whichever of
-    /// --snapshot-count and this comes first).
-    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    /// Bytes appended to the log between snapshots, at least; the newest snapshot's size
+    /// when that is more (a snapshot is taken at whichever of --snapshot-count and this comes
+    /// first; 0: by count only).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub snapshot_bytes: u64,
+    /// Entries kept behind each snapshot for slow followers to catch up from (a follower
+    /// further behind is sent the snapshot instead; etcd's snapshot-catchup-entries).
+    #[arg(long, default_value_t = 100)]
+    pub snapshot_catchup_entries: u64,
     /// Revisions of history automatic compaction keeps (0: never compact automatically).
     #[arg(long, default_value_t = 10_000)]
     pub auto_compaction_retention: i64,
@@ -120,6 +125,7 @@ impl ServerArgs {
         c.election_timeout_max = Duration::from_millis(self.election_timeout * 9 / 5);
         c.snapshot_entries = self.snapshot_count;
         c.snapshot_bytes = self.snapshot_bytes;
+        c.keep_logs = self.snapshot_catchup_entries;
         c.compaction_retention = self.auto_compaction_retention;
         c.max_request_bytes = self.max_request_bytes;
         Ok(c)

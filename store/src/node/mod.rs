@@ -378,18 +378,23 @@ impl StoreNode {
     }
 }
 
-/// Triggers a snapshot whenever the log grew by `snapshot_bytes` since the last trigger, so
-/// the log (purged behind snapshots) stays bounded in bytes as well as in entries.
+/// Triggers a snapshot whenever the log grew since the last trigger by `snapshot_bytes` or
+/// by the newest snapshot's size, whichever is more: the log (purged behind snapshots) stays
+/// within about the size of the state itself, and rewriting the state costs at most as many
+/// bytes as the writes that led to it.
 async fn snapshot_by_size(node: StoreNode) {
-    let limit = node.inner.config.snapshot_bytes;
-    if limit == 0 {
+    let floor = node.inner.config.snapshot_bytes;
+    if floor == 0 {
         return;
     }
     let mut since = 0;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
         let now = node.inner.appended.load(Ordering::Relaxed);
+        let limit = node
+            .snapshot_info()
+            .map_or(floor, |(bytes, _)| bytes.max(floor));
         if now.saturating_sub(since) >= limit {
             since = now;
             if let Err(e) = node.inner.raft.trigger().snapshot().await {
