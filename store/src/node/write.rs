@@ -297,9 +297,11 @@ pub(crate) fn into_result(r: CommandResponse) -> Result<CommandResponse, StoreEr
 }
 
 /// On the leader: compacts history older than the retention window, every
-/// `compaction_interval`, and sooner whenever the history outgrew the window by a tenth, so
-/// that it stays near the window at any write rate (at thousands of writes per second a
-/// fixed period alone would let it grow to several windows between compactions).
+/// `compaction_interval`, and sooner whenever the history reached twice the window, so that
+/// it stays within two windows at any write rate (at thousands of writes per second a fixed
+/// period alone lets it grow to several windows between compactions). Not more often: each
+/// compaction costs every member a pass over its key index, which stalls writes (compacting
+/// at a tenth of the window took put p99 at 64 clients from ~20 ms to ~55 ms).
 pub(crate) async fn auto_compaction(node: StoreNode) {
     let retention = node.inner.config.compaction_retention;
     if retention <= 0 {
@@ -318,7 +320,7 @@ pub(crate) async fn auto_compaction(node: StoreNode) {
         let kv = node.kv();
         let target = kv.revision() - retention;
         let excess = target - kv.compact_revision();
-        if excess <= 0 || (excess < (retention / 10).max(1) && last.elapsed() < period) {
+        if excess <= 0 || (excess < retention && last.elapsed() < period) {
             continue;
         }
         last = tokio::time::Instant::now();
