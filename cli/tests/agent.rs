@@ -262,6 +262,28 @@ async fn running(c: &Client, name: &str) -> Pod {
     .await
 }
 
+/// A pod using more memory than its 32Mi limit ends OOMKilled (exit 137) and Failed.
+async fn oom_killed_over_its_memory_limit(c: &Client) {
+    let hog = pod(
+        "hog",
+        "head -c 300000000 /dev/zero | tail > /dev/null",
+        json!({"resources": {"limits": {"memory": "32Mi"}}}),
+        json!({"restartPolicy": "Never"}),
+    );
+    c.create(&hog).await.unwrap();
+    let p = until("hog Failed", || async {
+        let p = c.get::<Pod>("default", "hog").await.ok()?;
+        (p.status.as_ref()?.phase == "Failed").then_some(p)
+    })
+    .await;
+    let t = status(&p).state.unwrap().terminated.unwrap();
+    assert_eq!(
+        (t.reason.as_str(), t.exit_code),
+        ("OOMKilled", 137),
+        "{t:?}"
+    );
+}
+
 async fn gone(c: &Client, name: &str) -> Duration {
     let start = Instant::now();
     until(&format!("{name} gone"), || async {
@@ -792,20 +814,7 @@ fn docker_pods_share_a_network_namespace_and_get_their_limits() {
         assert_eq!(client_net.trim(), fields[2], "one network namespace for the pod");
 
         // Over its memory limit: OOM-killed, and said so.
-        let hog = pod(
-            "hog",
-            "head -c 300000000 /dev/zero | tail > /dev/null",
-            json!({"resources": {"limits": {"memory": "32Mi"}}}),
-            json!({"restartPolicy": "Never"}),
-        );
-        c.create(&hog).await.unwrap();
-        let p = until("hog Failed", || async {
-            let p = c.get::<Pod>("default", "hog").await.ok()?;
-            (p.status.as_ref()?.phase == "Failed").then_some(p)
-        })
-        .await;
-        let t = status(&p).state.unwrap().terminated.unwrap();
-        assert_eq!((t.reason.as_str(), t.exit_code), ("OOMKilled", 137), "{t:?}");
+        oom_killed_over_its_memory_limit(&c).await;
 
         // An image the node does not have: not pulled, and the reason is plain.
         let mut missing = pod("missing", "true", json!({}), json!({}));
@@ -853,24 +862,7 @@ fn process_limits_are_enforced_through_cgroups() {
             assert_ne!(unsafe { libc::geteuid() }, 0, "root, and no cgroups: {log}");
             return;
         }
-        let hog = pod(
-            "hog",
-            "head -c 300000000 /dev/zero | tail > /dev/null",
-            json!({"resources": {"limits": {"memory": "32Mi"}}}),
-            json!({"restartPolicy": "Never"}),
-        );
-        c.create(&hog).await.unwrap();
-        let p = until("hog Failed", || async {
-            let p = c.get::<Pod>("default", "hog").await.ok()?;
-            (p.status.as_ref()?.phase == "Failed").then_some(p)
-        })
-        .await;
-        let t = status(&p).state.unwrap().terminated.unwrap();
-        assert_eq!(
-            (t.reason.as_str(), t.exit_code),
-            ("OOMKilled", 137),
-            "{t:?}"
-        );
+        oom_killed_over_its_memory_limit(&c).await;
 
         // A busy loop limited to 100m: ~0.1 s of cpu per second of wall time.
         let marker = format!("spin-{}", std::process::id());
