@@ -61,9 +61,13 @@ fn pod(name: &str, cpu: &str, memory: &str, owner: Option<&str>) -> Pod {
             namespace: "default".into(),
             owner_references: owner
                 .map(|uid| {
+                    // A kind the garbage collector does not follow: the owner does not
+                    // exist, and a ReplicaSet owner would have the collector delete the
+                    // pods while the test counts them. The scheduler spreads by the
+                    // controller's uid, whatever its kind.
                     vec![OwnerReference {
                         api_version: "apps/v1".into(),
-                        kind: "ReplicaSet".into(),
+                        kind: "StatefulSet".into(),
                         name: "web".into(),
                         uid: uid.into(),
                         controller: Some(true),
