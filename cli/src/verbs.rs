@@ -202,7 +202,22 @@ async fn apply_one<K: Resource>(
                 .patch(&ns, doc.name(), &patch)
                 .await
                 .map_err(server_error)?;
-            Ok(if after.resource_version() == existing.resource_version() {
+            // The manifest's fields often leave out what the server defaults inside lists
+            // (a port's protocol, say), so the check above cannot see every no-op; the
+            // server can. What it returns differs from what we read only in what a
+            // controller may have written meanwhile (the status, and so the resource
+            // version) when the patch changed nothing.
+            let user_fields = |v: Value| {
+                let mut v = v;
+                if let Some(map) = v.as_object_mut() {
+                    map.remove("status");
+                }
+                if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+                    meta.remove("resourceVersion");
+                }
+                v
+            };
+            Ok(if user_fields(to_value(&after)) == user_fields(current) {
                 "unchanged"
             } else {
                 "configured"
