@@ -198,7 +198,18 @@ impl Session {
         while let Ok(o) = self.data_rx.try_recv() {
             self.forward(o).await?;
         }
-        self.send(self.response(NO_WATCH, revision)).await
+        self.send(self.progress_response(NO_WATCH, revision)).await
+    }
+
+    /// A progress answer: its header's revision is exactly what was delivered, even 0 (a
+    /// watch from revision 1 that has sent nothing yet). `response` would put the current
+    /// revision in place of 0, telling the client it had seen everything so far.
+    fn progress_response(&self, watch_id: i64, revision: i64) -> WatchResponse {
+        let mut r = self.response(watch_id, revision);
+        if let Some(h) = r.header.as_mut() {
+            h.revision = revision;
+        }
+        r
     }
 
     async fn forward(&mut self, o: WatchOutput) -> Result<(), Gone> {
@@ -219,7 +230,7 @@ impl Session {
                 if !self.watchers.contains_key(&watch_id) {
                     return Ok(());
                 }
-                self.response(watch_id, revision)
+                self.progress_response(watch_id, revision)
             }
             WatchOutput::Canceled {
                 watch_id,
