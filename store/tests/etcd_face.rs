@@ -334,6 +334,52 @@ async fn hostile_peer_messages_are_refused_and_harmless() {
         let r = r.unwrap().into_inner();
         assert!(r.error.contains("undecodable"), "{}", r.error);
     }
+    // Forwarded writes that decode but break the rules are refused; a valid one is applied.
+    use flotilla_store::codec;
+    use flotilla_store::mvcc::{Command, CommandResponse};
+    use flotilla_store::raft::peer::{LeaderCallError, LeaderRequest, LeaderResponse};
+    let mut answers = Vec::new();
+    for cmd in [
+        Command::Put(put("", "no key")),
+        Command::Put(put("forwarded", "ok")),
+        Command::Put(put("big", &"x".repeat(2 * 1024 * 1024))),
+    ] {
+        let r = peer
+            .leader(PeerMessage {
+                cluster_id: ours,
+                payload: codec::encode(&LeaderRequest::Propose(cmd)).unwrap(),
+                error: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.error.is_empty(), "{}", r.error);
+        let answer: Result<LeaderResponse, LeaderCallError> = codec::decode(&r.payload).unwrap();
+        answers.push(answer);
+    }
+    assert!(
+        matches!(&answers[0], Err(LeaderCallError::Refused(m)) if m.contains("key")),
+        "{:?}",
+        answers[0]
+    );
+    assert!(
+        matches!(
+            answers[1],
+            Ok(LeaderResponse::Proposed(CommandResponse::Put(_)))
+        ),
+        "{:?}",
+        answers[1]
+    );
+    assert!(
+        matches!(&answers[2], Err(LeaderCallError::Refused(m)) if m.contains("too large")),
+        "{:?}",
+        answers[2]
+    );
+    assert_eq!(
+        common::get(&target, "forwarded").await.unwrap().as_deref(),
+        Some("ok")
+    );
+    assert_eq!(common::get(&target, "big").await.unwrap(), None);
     // The member still leads and serves.
     common::put(&target, "still", "alive").await;
     assert_eq!(c.leader().await, l);

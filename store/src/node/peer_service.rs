@@ -12,10 +12,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
+use super::write::Attempt;
 use super::{Inner, StoreNode};
 use crate::codec;
 use crate::errors::StoreError;
-use crate::mvcc::validate_command;
+use crate::mvcc::{Command, CommandResponse, validate_command};
 use crate::raft::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
 use crate::types::{NodeId, TypeConfig};
 
@@ -147,26 +148,13 @@ impl StoreNode {
         }
         match req {
             LeaderRequest::Propose(cmd) => {
-                // The sender validated it; a hostile or buggy peer must not get past us either.
-                validate_command(&cmd).map_err(|e| LeaderCallError::Refused(e.to_string()))?;
                 let deadline = tokio::time::Instant::now() + self.config().request_timeout;
-                let _permit = self
-                    .inner
-                    .pending
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| LeaderCallError::TooManyRequests)?;
-                match self.inner.propose_local(cmd, deadline).await {
-                    super::write::Attempt::Retry(_) => Err(LeaderCallError::NotLeader {
-                        leader: self.leader(),
-                    }),
-                    super::write::Attempt::Done(Ok(r)) => Ok(LeaderResponse::Proposed(r)),
-                    super::write::Attempt::Done(Err(StoreError::Mvcc(e))) => Ok(
-                        LeaderResponse::Proposed(crate::mvcc::CommandResponse::Rejected(e)),
-                    ),
-                    super::write::Attempt::Done(Err(e)) => {
-                        Err(LeaderCallError::Failed(e.to_string()))
-                    }
+                let mut outcomes = self.serve_proposals(vec![cmd], deadline).await;
+                match outcomes.pop() {
+                    Some(r) => r.map(LeaderResponse::Proposed),
+                    None => Err(LeaderCallError::Failed(
+                        "no outcome for the proposal".into(),
+                    )),
                 }
             }
             LeaderRequest::ReadIndex => self
@@ -182,5 +170,59 @@ impl StoreNode {
             | LeaderRequest::PromoteMember { .. }
             | LeaderRequest::UpdateMember { .. } => self.serve_membership(req).await,
         }
+    }
+}
+
+impl StoreNode {
+    /// On the leader: proposes commands forwarded by another member, all through the
+    /// proposal batcher at once, and answers each: its result, or why it was not applied.
+    async fn serve_proposals(
+        &self,
+        cmds: Vec<Command>,
+        deadline: tokio::time::Instant,
+    ) -> Vec<Result<CommandResponse, LeaderCallError>> {
+        // Every command is queued before any is awaited, so they share log entries.
+        let queued: Vec<_> = cmds
+            .into_iter()
+            .map(|cmd| {
+                // The sender validated it; a hostile or buggy peer must not get past us either.
+                validate_command(&cmd).map_err(|e| LeaderCallError::Refused(e.to_string()))?;
+                // The client faces refuse requests over the limit; a peer's must not slip by
+                // (the estimate exceeds the encoded size by at most a few bytes per field).
+                let (size, limit) = (cmd.approx_size(), self.config().max_request_bytes);
+                if size > limit + 64 {
+                    return Err(LeaderCallError::Refused(
+                        StoreError::RequestTooLarge { size, limit }.to_string(),
+                    ));
+                }
+                let permit = self
+                    .inner
+                    .pending
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| LeaderCallError::TooManyRequests)?;
+                Ok((permit, self.inner.enqueue_local(cmd)))
+            })
+            .collect();
+        let mut outcomes = Vec::with_capacity(queued.len());
+        for q in queued {
+            let attempt = match q {
+                Err(e) => {
+                    outcomes.push(Err(e));
+                    continue;
+                }
+                Ok((_permit, Err(retry))) => retry,
+                Ok((_permit, Ok(rx))) => super::write::await_local(rx, deadline).await,
+            };
+            outcomes.push(match attempt {
+                Attempt::Retry(_) => Err(LeaderCallError::NotLeader {
+                    leader: self.leader(),
+                }),
+                Attempt::Done(Ok(r)) => Ok(r),
+                Attempt::Done(Err(StoreError::Mvcc(e))) => Ok(CommandResponse::Rejected(e)),
+                Attempt::Done(Err(e)) => Err(LeaderCallError::Failed(e.to_string())),
+            });
+        }
+        outcomes
     }
 }
