@@ -255,6 +255,8 @@ measure_members() {
         for part in "$work/$sys/$pfx$i/data"/*; do
             parts+="\"$(basename "$part")\":$(du -sb "$part" | cut -f1),"
         done
+        # And every file in it, for a closer look (du's bytes are apparent sizes).
+        { echo "## $sys member $i, $label"; (cd "$work/$sys/$pfx$i/data" && find . -type f -printf '%s\t%p\n' | sort -k2); } >>"$out/files.txt"
         record "$sys" 1 "{\"bench\":\"$label\",\"member\":$i,\"data_dir_bytes\":$size,\"rss_kib\":$rss,\"parts\":{${parts%,}}}"
     done
 }
