@@ -148,14 +148,7 @@ impl StoreNode {
         }
         match req {
             LeaderRequest::Propose(cmd) => {
-                let deadline = tokio::time::Instant::now() + self.config().request_timeout;
-                let mut outcomes = self.serve_proposals(vec![cmd], deadline).await;
-                match outcomes.pop() {
-                    Some(r) => r.map(LeaderResponse::Proposed),
-                    None => Err(LeaderCallError::Failed(
-                        "no outcome for the proposal".into(),
-                    )),
-                }
+                self.serve_proposal(cmd).await.map(LeaderResponse::Proposed)
             }
             LeaderRequest::ReadIndex => self
                 .inner
@@ -174,55 +167,33 @@ impl StoreNode {
 }
 
 impl StoreNode {
-    /// On the leader: proposes commands forwarded by another member, all through the
-    /// proposal batcher at once, and answers each: its result, or why it was not applied.
-    async fn serve_proposals(
-        &self,
-        cmds: Vec<Command>,
-        deadline: tokio::time::Instant,
-    ) -> Vec<Result<CommandResponse, LeaderCallError>> {
-        // Every command is queued before any is awaited, so they share log entries.
-        let queued: Vec<_> = cmds
-            .into_iter()
-            .map(|cmd| {
-                // The sender validated it; a hostile or buggy peer must not get past us either.
-                validate_command(&cmd).map_err(|e| LeaderCallError::Refused(e.to_string()))?;
-                // The client faces refuse requests over the limit; a peer's must not slip by
-                // (the estimate exceeds the encoded size by at most a few bytes per field).
-                let (size, limit) = (cmd.approx_size(), self.config().max_request_bytes);
-                if size > limit + 64 {
-                    return Err(LeaderCallError::Refused(
-                        StoreError::RequestTooLarge { size, limit }.to_string(),
-                    ));
-                }
-                let permit = self
-                    .inner
-                    .pending
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| LeaderCallError::TooManyRequests)?;
-                Ok((permit, self.inner.enqueue_local(cmd)))
-            })
-            .collect();
-        let mut outcomes = Vec::with_capacity(queued.len());
-        for q in queued {
-            let attempt = match q {
-                Err(e) => {
-                    outcomes.push(Err(e));
-                    continue;
-                }
-                Ok((_permit, Err(retry))) => retry,
-                Ok((_permit, Ok(rx))) => super::write::await_local(rx, deadline).await,
-            };
-            outcomes.push(match attempt {
-                Attempt::Retry(_) => Err(LeaderCallError::NotLeader {
-                    leader: self.leader(),
-                }),
-                Attempt::Done(Ok(r)) => Ok(r),
-                Attempt::Done(Err(StoreError::Mvcc(e))) => Ok(CommandResponse::Rejected(e)),
-                Attempt::Done(Err(e)) => Err(LeaderCallError::Failed(e.to_string())),
-            });
+    /// On the leader: proposes a command forwarded by another member and answers its
+    /// result, or why it was not applied.
+    async fn serve_proposal(&self, cmd: Command) -> Result<CommandResponse, LeaderCallError> {
+        // The sender validated it; a hostile or buggy peer must not get past us either.
+        validate_command(&cmd).map_err(|e| LeaderCallError::Refused(e.to_string()))?;
+        // The client faces refuse requests over the limit; a peer's must not slip by (the
+        // estimate exceeds the encoded size by at most a few bytes per field).
+        let (size, limit) = (cmd.approx_size(), self.config().max_request_bytes);
+        if size > limit + 64 {
+            return Err(LeaderCallError::Refused(
+                StoreError::RequestTooLarge { size, limit }.to_string(),
+            ));
         }
-        outcomes
+        let deadline = tokio::time::Instant::now() + self.config().request_timeout;
+        let _permit = self
+            .inner
+            .pending
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| LeaderCallError::TooManyRequests)?;
+        match self.inner.propose_local(cmd, deadline).await {
+            Attempt::Retry(_) => Err(LeaderCallError::NotLeader {
+                leader: self.leader(),
+            }),
+            Attempt::Done(Ok(r)) => Ok(r),
+            Attempt::Done(Err(StoreError::Mvcc(e))) => Ok(CommandResponse::Rejected(e)),
+            Attempt::Done(Err(e)) => Err(LeaderCallError::Failed(e.to_string())),
+        }
     }
 }

@@ -67,25 +67,22 @@ impl Inner {
 
     /// Proposes on this member, which believes it leads, through the proposal batcher.
     pub(crate) async fn propose_local(&self, cmd: Command, deadline: Instant) -> Attempt {
-        match self.enqueue_local(cmd) {
-            Ok(rx) => await_local(rx, deadline).await,
-            Err(retry) => retry,
-        }
-    }
-
-    /// Hands `cmd` to this member's proposal batcher; the receiver gets how it ended.
-    pub(crate) fn enqueue_local(
-        &self,
-        cmd: Command,
-    ) -> Result<oneshot::Receiver<Attempt>, Attempt> {
         if *self.shutdown.borrow() {
-            return Err(Attempt::Retry("this member is shutting down".into()));
+            return Attempt::Retry("this member is shutting down".into());
         }
         let (reply, rx) = oneshot::channel();
         if self.proposals.send(Pending { cmd, reply }).is_err() {
-            return Err(Attempt::Retry("the proposal batcher has stopped".into()));
+            return Attempt::Retry("the proposal batcher has stopped".into());
         }
-        Ok(rx)
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Attempt::Done(Err(StoreError::Timeout(
+                "the write was proposed but not committed before the deadline; it may still be applied".into(),
+            ))),
+            Ok(Err(_)) => Attempt::Done(Err(StoreError::Timeout(
+                "this member stopped before the write was committed; it may still be applied".into(),
+            ))),
+            Ok(Ok(attempt)) => attempt,
+        }
     }
 
     async fn propose_remote(&self, leader: NodeId, cmd: Command, deadline: Instant) -> Attempt {
@@ -115,7 +112,16 @@ impl Inner {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match self.peers.leader_call(leader, &addr, req, remaining).await {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(leader_call_attempt(e, &addr)),
+            Ok(Err(LeaderCallError::NotLeader { .. })) => {
+                Err(Attempt::Retry(format!("{addr} no longer leads")))
+            }
+            Ok(Err(LeaderCallError::TooManyRequests)) => {
+                Err(Attempt::Done(Err(StoreError::TooManyRequests)))
+            }
+            Ok(Err(LeaderCallError::Refused(m))) => {
+                Err(Attempt::Done(Err(StoreError::Membership(m))))
+            }
+            Ok(Err(LeaderCallError::Failed(m))) => Err(Attempt::Done(Err(StoreError::Timeout(m)))),
             Err(e @ PeerCallError::Unreachable { .. }) => Err(Attempt::Retry(e.to_string())),
             Err(e @ PeerCallError::Timeout { .. }) => Err(Attempt::Done(Err(StoreError::Timeout(
                 format!("{e}; the request may still take effect"),
@@ -159,20 +165,6 @@ impl Inner {
 pub(crate) struct Pending {
     cmd: Command,
     reply: oneshot::Sender<Attempt>,
-}
-
-/// Waits for the outcome of a command handed to the proposal batcher.
-pub(crate) async fn await_local(rx: oneshot::Receiver<Attempt>, deadline: Instant) -> Attempt {
-    match tokio::time::timeout_at(deadline, rx).await {
-        Err(_) => Attempt::Done(Err(StoreError::Timeout(
-            "the write was proposed but not committed before the deadline; it may still be applied"
-                .into(),
-        ))),
-        Ok(Err(_)) => Attempt::Done(Err(StoreError::Timeout(
-            "this member stopped before the write was committed; it may still be applied".into(),
-        ))),
-        Ok(Ok(attempt)) => attempt,
-    }
 }
 
 /// Commands proposed together at most, and their approximate size.
@@ -281,18 +273,7 @@ fn distribute(outcome: WriteOutcome, single: bool, replies: Vec<oneshot::Sender<
     }
 }
 
-/// What a leader's refusal means for the attempt; `who` names the leader in messages.
-fn leader_call_attempt(e: LeaderCallError, who: &str) -> Attempt {
-    match e {
-        LeaderCallError::NotLeader { .. } => Attempt::Retry(format!("{who} no longer leads")),
-        LeaderCallError::TooManyRequests => Attempt::Done(Err(StoreError::TooManyRequests)),
-        LeaderCallError::Refused(m) => Attempt::Done(Err(StoreError::Membership(m))),
-        LeaderCallError::Failed(m) => Attempt::Done(Err(StoreError::Timeout(m))),
-    }
-}
-
 /// How one attempt at a leader-only request ended.
-#[derive(Clone)]
 pub(crate) enum Attempt {
     Done(Result<CommandResponse, StoreError>),
     /// Nothing happened; try again (with the leader as then known).
