@@ -207,8 +207,7 @@ async fn apply_one<K: Resource>(
             // server can. What it returns differs from what we read only in what a
             // controller may have written meanwhile (the status, and so the resource
             // version) when the patch changed nothing.
-            let user_fields = |v: Value| {
-                let mut v = v;
+            let user_fields = |mut v: Value| {
                 if let Some(map) = v.as_object_mut() {
                     map.remove("status");
                 }

@@ -372,7 +372,7 @@ async fn concurrent_writes_through_a_follower_each_get_their_own_answer() {
     let l = c.leader().await;
     let f = c.node((l + 1) % 3).clone();
     // Concurrent writes through a follower: every other one names a lease that does not
-    // exist, so the leader rejects it while applying the others (batched with it).
+    // exist, so the leader rejects it while applying the others (often in the same batch).
     let tasks: Vec<_> = (0..64)
         .map(|i| {
             let f = f.clone();

@@ -164,9 +164,7 @@ impl StoreNode {
             | LeaderRequest::UpdateMember { .. } => self.serve_membership(req).await,
         }
     }
-}
 
-impl StoreNode {
     /// On the leader: proposes a command forwarded by another member and answers its
     /// result, or why it was not applied.
     async fn serve_proposal(&self, cmd: Command) -> Result<CommandResponse, LeaderCallError> {
