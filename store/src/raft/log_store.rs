@@ -2,8 +2,12 @@
 //!
 //! Entries are bincode-encoded under big-endian index keys, so the tree's order is the log's.
 //! An append is acknowledged to openraft only once it is on disk: appends go into the tree at
-//! once (cheap, in memory) and a single flusher task fsyncs for everything appended since its
-//! last flush. Many concurrent writers therefore share one flush (group commit).
+//! once (cheap, in memory) and a single flusher thread fsyncs for everything appended since its
+//! last flush. Many concurrent writers therefore share one flush (group commit). The flusher is
+//! a thread of its own, not a task, because a flush blocks: sled's `flush_async` would hand each
+//! one to sled's thread pool, whose every job wakes all its idle threads, and the pool thread
+//! would hand the write itself to another job; the vendored sled (vendor/sled/FLOTILLA.md)
+//! writes a flushed buffer on the flushing thread.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -34,13 +38,16 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    /// Opens the log trees in `db` and starts the flusher task (which ends once every clone of
-    /// the store is dropped).
+    /// Opens the log trees in `db` and starts the flusher thread (which ends once every clone
+    /// of the store is dropped).
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
         let logs = db.open_tree("raft/log")?;
         let meta = db.open_tree("raft/meta")?;
         let (flusher, rx) = mpsc::unbounded_channel();
-        tokio::spawn(flush_loop(db.clone(), rx));
+        let flush_db = db.clone();
+        std::thread::Builder::new()
+            .name("flotilla-log-flush".into())
+            .spawn(move || flush_loop(flush_db, rx))?;
         let committed = meta
             .get(COMMITTED)?
             .and_then(|v| codec::decode::<Option<LogId>>(&v).ok().flatten())
@@ -90,18 +97,14 @@ impl LogStore {
 }
 
 /// Flushes the database for every batch of appends that arrived while the previous flush ran.
-async fn flush_loop(db: sled::Db, mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
+fn flush_loop(db: sled::Db, mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
     let mut waiting = Vec::new();
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = rx.blocking_recv() {
         waiting.push(first);
         while let Ok(more) = rx.try_recv() {
             waiting.push(more);
         }
-        let result = db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(std::io::Error::other);
+        let result = db.flush().map(|_| ()).map_err(std::io::Error::other);
         if let Err(e) = &result {
             tracing::error!(error = %e, "flushing the Raft log failed; this member stops");
         }
@@ -227,17 +230,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut batch = sled::Batch::default();
+        // One insert per entry, not a sled batch: each batch costs sled two io-buffer writes of
+        // its own. Atomicity across the entries is not needed: sled recovers a prefix of its
+        // writes, a prefix of an append is a valid log, and none of it is acknowledged before
+        // the flush below.
         let mut size = 0;
         for entry in entries {
             let bytes = codec::encode(&entry).map_err(|e| corrupt(ErrorSubject::Logs, e))?;
             size += bytes.len() as u64;
-            batch.insert(&index_key(entry.log_id.index), bytes);
+            self.logs
+                .insert(index_key(entry.log_id.index), bytes)
+                .map_err(|e| write_err(ErrorSubject::Logs, &e))?;
         }
         self.appended.fetch_add(size, Ordering::Relaxed);
-        self.logs
-            .apply_batch(batch)
-            .map_err(|e| write_err(ErrorSubject::Logs, &e))?;
         if self.flusher.send(callback).is_err() {
             return Err(write_err(
                 ErrorSubject::Logs,

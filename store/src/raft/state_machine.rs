@@ -226,17 +226,21 @@ impl StateMachine {
         let (from, to) = {
             let mut mvcc = self.kv.write();
             let from = mvcc.revision() + 1;
+            // One atomic write for all the entries of this call, the applied log id with them;
+            // each command reads what the ones before it wrote through the overlay. (Every sled
+            // batch costs sled two io-buffer writes of its own, so one per call, not per entry.)
+            // Readers cannot see the new revisions before the write: the index stays
+            // write-locked until it is done.
+            let mut overlay = crate::mvcc::Overlay {
+                inner: self.kv.backend(),
+                pending: Batch::default(),
+            };
+            let mut last = None;
             for entry in entries {
                 let log_id = entry.log_id;
-                let (response, mut batch) = match entry.payload {
-                    EntryPayload::Blank => (CommandResponse::Empty, Batch::default()),
+                let response = match entry.payload {
+                    EntryPayload::Blank => CommandResponse::Empty,
                     EntryPayload::Normal(Command::Batch(cmds)) => {
-                        // One atomic write for the whole entry; each command reads what the
-                        // ones before it wrote through the overlay.
-                        let mut overlay = crate::mvcc::Overlay {
-                            inner: self.kv.backend(),
-                            pending: Batch::default(),
-                        };
                         let mut replies = Vec::with_capacity(cmds.len());
                         for cmd in &cmds {
                             let cmd = match unfence(cmd, log_id.leader_id.term) {
@@ -254,30 +258,35 @@ impl StateMachine {
                             replies.push(applied.response);
                             overlay.pending.extend(applied.batch);
                         }
-                        (CommandResponse::Batch(replies), overlay.pending)
+                        CommandResponse::Batch(replies)
                     }
                     EntryPayload::Normal(cmd) => match unfence(&cmd, log_id.leader_id.term) {
-                        Err(e) => (CommandResponse::Rejected(e), Batch::default()),
+                        Err(e) => CommandResponse::Rejected(e),
                         Ok(cmd) => {
                             let applied = mvcc
-                                .apply(self.kv.backend(), cmd)
+                                .apply(&overlay, cmd)
                                 .map_err(|e| sm_err(ErrorVerb::Write, e))?;
                             events.extend(applied.events);
                             compactions.extend(applied.compaction);
-                            (applied.response, applied.batch)
+                            overlay.pending.extend(applied.batch);
+                            applied.response
                         }
                     },
                     EntryPayload::Membership(m) => {
                         self.membership = StoredMembership::new(Some(log_id), m);
-                        let mut batch = Batch::default();
-                        batch.put_meta(
+                        overlay.pending.put_meta(
                             MEMBERSHIP,
                             codec::encode(&self.membership)
                                 .map_err(|e| sm_err(ErrorVerb::Write, e))?,
                         );
-                        (CommandResponse::Empty, batch)
+                        CommandResponse::Empty
                     }
                 };
+                last = Some(log_id);
+                responses.push(response);
+            }
+            if let Some(log_id) = last {
+                let mut batch = overlay.pending;
                 batch.put_meta(
                     APPLIED,
                     codec::encode(&Some(log_id)).map_err(|e| sm_err(ErrorVerb::Write, e))?,
@@ -287,7 +296,6 @@ impl StateMachine {
                     .write(batch)
                     .map_err(|e| sm_err(ErrorVerb::Write, e))?;
                 self.applied = Some(log_id);
-                responses.push(response);
             }
             (from, mvcc.revision())
         };
