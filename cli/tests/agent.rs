@@ -271,11 +271,23 @@ async fn oom_killed_over_its_memory_limit(c: &Client) {
         json!({"restartPolicy": "Never"}),
     );
     c.create(&hog).await.unwrap();
-    let p = until("hog Failed", || async {
-        let p = c.get::<Pod>("default", "hog").await.ok()?;
-        (p.status.as_ref()?.phase == "Failed").then_some(p)
-    })
-    .await;
+    // Not `until`: a timeout says what the pod's status was.
+    let end = Instant::now() + DEADLINE;
+    let p = loop {
+        let p = c.get::<Pod>("default", "hog").await.ok();
+        if let Some(p) = p
+            .as_ref()
+            .filter(|p| p.status.as_ref().is_some_and(|s| s.phase == "Failed"))
+        {
+            break p.clone();
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for hog Failed; its last status: {:?}",
+            p.and_then(|p| p.status)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let t = status(&p).state.unwrap().terminated.unwrap();
     assert_eq!(
         (t.reason.as_str(), t.exit_code),

@@ -40,6 +40,9 @@ use crate::runtime::{ContainerRecord, ContainerSpec, ContainerState, Runtime, Ru
 /// The sandbox image, built locally from the agent's binary (see the module docs).
 pub const PAUSE_IMAGE: &str = "flotilla-pause:1";
 
+/// How long a fresh SIGKILL exit under a memory limit waits for the engine's OOM flag.
+const OOM_FLAG_WAIT: Duration = Duration::from_secs(1);
+
 const LABEL_NODE: &str = "io.flotilla.node";
 const LABEL_UID: &str = "io.flotilla.pod-uid";
 const LABEL_NAMESPACE: &str = "io.flotilla.pod-namespace";
@@ -92,6 +95,22 @@ fn container_name(spec: &ContainerSpec, what: &str) -> String {
 }
 
 impl DockerRuntime {
+    /// Whether the engine marks `id` OOM-killed within [`OOM_FLAG_WAIT`]. The engine learns
+    /// of the OOM kill from an event of its own, which can arrive after the exit it caused:
+    /// a container just killed by SIGKILL under a memory limit may yet turn out OOM-killed.
+    async fn oom_flag_arrives(&self, id: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + OOM_FLAG_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Ok(c) = self.docker.inspect_container(id, None).await
+                && c.state.and_then(|s| s.oom_killed) == Some(true)
+            {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Connects to the Docker engine (`DOCKER_HOST` or the local socket), makes sure the
     /// sandbox image exists, and removes sandboxes this node left without containers.
     pub async fn new(
@@ -544,12 +563,23 @@ impl Runtime for DockerRuntime {
         } else {
             0
         };
+        let finished_at = docker_time(s.finished_at.as_ref()).unwrap_or(started_at);
+        let mut oom = s.oom_killed == Some(true);
+        let limited = c
+            .host_config
+            .as_ref()
+            .and_then(|h| h.memory)
+            .is_some_and(|m| m > 0);
+        let fresh = finished_at.elapsed().is_ok_and(|e| e < OOM_FLAG_WAIT * 2);
+        if !oom && signal == 9 && limited && fresh {
+            oom = self.oom_flag_arrives(id).await;
+        }
         ContainerState::Exited {
             exit_code: code,
             signal,
-            reason: exit_reason(code, signal, s.oom_killed == Some(true)),
+            reason: exit_reason(code, signal, oom),
             started_at,
-            finished_at: docker_time(s.finished_at.as_ref()).unwrap_or(started_at),
+            finished_at,
         }
     }
 

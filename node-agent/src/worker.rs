@@ -358,6 +358,12 @@ impl<R: Runtime> Worker<R> {
                 if self.pod_ip.is_none() {
                     self.pod_ip = self.rt.pod_ip(&spec.pod_uid).await;
                 }
+                // The runtime's own start time, the one an agent that adopts this container
+                // after a restart will read: the pod's startedAt must not move then.
+                let running_since = match self.rt.state(&id).await {
+                    ContainerState::Running { started_at } => started_at,
+                    _ => SystemTime::now(),
+                };
                 let probe_delay = |p: &Option<Probe>| {
                     now + Duration::from_secs(
                         p.as_ref()
@@ -371,7 +377,7 @@ impl<R: Runtime> Worker<R> {
                 s.next_ready = probe_delay(&s.c.readiness_probe);
                 s.next_startup = probe_delay(&s.c.startup_probe);
                 s.id = Some(id);
-                s.running_since = Some(SystemTime::now());
+                s.running_since = Some(running_since);
                 // Keep the run that just ended (for `logs --previous`), not the one before.
                 let mut older = None;
                 if let Some(t) = s.terminated.take() {
