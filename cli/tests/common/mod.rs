@@ -163,6 +163,25 @@ impl Cluster {
     }
 }
 
+impl Drop for Cluster {
+    /// A failing test shows the end of every member's log: the temp dir goes with the test.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for m in &self.members {
+            let path = m.dir.with_extension("log");
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("--- last {} lines of {} ---", tail.len(), path.display());
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 /// `--initial-cluster` for `members`: NAME=PEER,...
 pub fn initial_cluster(members: &[Member]) -> String {
     members
