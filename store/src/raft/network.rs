@@ -236,6 +236,15 @@ fn status_error(addr: &str, status: tonic::Status, timeout: Duration) -> PeerCal
             addr: addr.into(),
             reason: status.message().into(),
         },
+        // hyper cancels a request it never sent when the connection closes under it (a peer
+        // that just shut down): not delivered, so as good as unreachable.
+        tonic::Code::Cancelled if never_sent(&status) => PeerCallError::Unreachable {
+            addr: addr.into(),
+            reason: format!(
+                "the connection closed before the request went out: {}",
+                status.message()
+            ),
+        },
         tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => PeerCallError::Timeout {
             addr: addr.into(),
             timeout,
@@ -245,6 +254,18 @@ fn status_error(addr: &str, status: tonic::Status, timeout: Duration) -> PeerCal
             reason: format!("{}: {}", status.code(), status.message()),
         },
     }
+}
+
+/// Whether `status` comes from hyper dropping the request before it was ever processed.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            return h.is_canceled();
+        }
+        source = e.source();
+    }
+    false
 }
 
 #[derive(Clone, Copy)]
