@@ -110,13 +110,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
         if std::thread::panicking() {
-            let path = self.dir.with_extension("log");
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!("--- end of the agent's log {} ---", path.display());
-            for line in &lines[lines.len().saturating_sub(40)..] {
-                eprintln!("{line}");
-            }
+            common::print_log_tail(&self.dir.with_extension("log"));
         }
         // The containers outlive the agent by design; the test's must not outlive the test.
         if self.rt == Rt::Docker {

@@ -170,15 +170,19 @@ impl Drop for Cluster {
             return;
         }
         for m in &self.members {
-            let path = m.dir.with_extension("log");
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(40)..];
-            eprintln!("--- last {} lines of {} ---", tail.len(), path.display());
-            for line in tail {
-                eprintln!("{line}");
-            }
+            print_log_tail(&m.dir.with_extension("log"));
         }
+    }
+}
+
+/// Prints the last 40 lines of the log at `path` to stderr, for a failing test's output.
+pub fn print_log_tail(path: &std::path::Path) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(40)..];
+    eprintln!("--- last {} lines of {} ---", tail.len(), path.display());
+    for line in tail {
+        eprintln!("{line}");
     }
 }
 
