@@ -61,8 +61,8 @@ pub struct ServerArgs {
     /// Entries applied between snapshots (the log is purged behind each).
     #[arg(long, default_value_t = 10_000)]
     pub snapshot_count: u64,
-    /// Bytes appended to the log between snapshots, at least; the newest snapshot's size
-    /// when that is more (a snapshot is taken at whichever of --snapshot-count and this comes
+    /// Bytes appended to the log between snapshots, at least; half the newest snapshot's
+    /// size when that is more (a snapshot is taken at whichever of --snapshot-count and this comes
     /// first; 0: by count only).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub snapshot_bytes: u64,

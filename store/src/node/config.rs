@@ -37,8 +37,8 @@ pub struct StoreConfig {
     pub election_timeout_max: Duration,
     /// A snapshot is taken after this many entries applied since the last one.
     pub snapshot_entries: u64,
-    /// A snapshot is also taken once this many bytes, or the newest snapshot's size if that
-    /// is more, were appended to the log since the last one (entries carry batches of writes,
+    /// A snapshot is also taken once this many bytes, or half the newest snapshot's size if
+    /// that is more, were appended to the log since the last one (entries carry batches of writes,
     /// so their count alone does not bound the log).
     pub snapshot_bytes: u64,
     /// Entries kept behind a snapshot for slow followers.

@@ -379,9 +379,10 @@ impl StoreNode {
 }
 
 /// Triggers a snapshot whenever the log grew since the last trigger by `snapshot_bytes` or
-/// by the newest snapshot's size, whichever is more: the log (purged behind snapshots) stays
-/// within about the size of the state itself, and rewriting the state costs at most as many
-/// bytes as the writes that led to it.
+/// by half the newest snapshot's size, whichever is more: the log (purged behind snapshots)
+/// stays within about half the size of the state itself, and rewriting the state costs at
+/// most twice the bytes of the writes that led to it. (A log as large as the state doubled
+/// what sled keeps on disk for a small state; see BENCHMARKS.md, 2026-11-26.)
 async fn snapshot_by_size(node: StoreNode) {
     let floor = node.inner.config.snapshot_bytes;
     if floor == 0 {
@@ -394,7 +395,7 @@ async fn snapshot_by_size(node: StoreNode) {
         let now = node.inner.appended.load(Ordering::Relaxed);
         let limit = node
             .snapshot_info()
-            .map_or(floor, |(bytes, _)| bytes.max(floor));
+            .map_or(floor, |(bytes, _)| (bytes / 2).max(floor));
         if now.saturating_sub(since) >= limit {
             since = now;
             if let Err(e) = node.inner.raft.trigger().snapshot().await {
