@@ -19,6 +19,7 @@
 #   ONLY=flotilla|etcd  run one system only
 #   BASE_PORT=23790   Flotilla uses BASE_PORT..+5, etcd BASE_PORT+10..+15 (client, peer pairs)
 #   FLOTILLA_SERVER_ARGS="--snapshot-bytes 8388608"   extra `flotilla server` flags
+#   KEEP_WORK=1       keep the members' data dirs and logs (the path is printed at the end)
 #
 # Results: bench/results/<date>/results.jsonl (one JSON object per measurement, with "system"
 # and "round"), summary.md (medians and Flotilla/etcd ratios), bench.log (the load generator's
@@ -78,7 +79,7 @@ cleanup() {
     for p in "$work"/logs/*.log; do
         if [ -f "$p" ]; then tail -n 200 "$p" >"$out/logs/$(basename "$p")"; fi
     done
-    rm -rf "$work"
+    if [ "${KEEP_WORK:-0}" = 1 ]; then log "members' data dirs and logs kept in $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
