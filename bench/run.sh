@@ -14,7 +14,8 @@
 #   RANGE_LEVELS="1:20000 64:150000"                    range levels, each linearizable and
 #                                                       serializable, over 1,000 keys
 #   WATCHERS="1 1000" WATCH_PUTS=1000 WATCH_RATE=200    watch delivery runs
-#   SKIP_FILL=1       skip the disk and memory run (1,000,000 puts over 10,000 keys)
+#   SKIP_FILL=1       skip the disk and memory run (1,000,000 puts over 10,000 keys; measured
+#                     10 s and again 40 s after)
 #   SKIP_IDLE=1       skip the idle-RSS run (100,000 keys of 1,000 bytes)
 #   ONLY=flotilla|etcd  run one system only
 #   BASE_PORT=23790   Flotilla uses BASE_PORT..+5, etcd BASE_PORT+10..+15 (client, peer pairs)
@@ -286,6 +287,8 @@ if [ "${SKIP_FILL:-0}" != 1 ]; then
         bench "$sys" 1 fill --keys 10000 --total "$(n 1000000)" --value-size 256 --clients 64
         sleep 10 # let automatic compaction and snapshots run
         measure_members "$sys" disk
+        sleep 30 # and what the members' files settle to once idle
+        measure_members "$sys" disk-40s
         stop_cluster "$sys"
     done
 fi

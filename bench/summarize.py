@@ -28,6 +28,7 @@ METRICS = {
     "rejoin": (None, [("rejoin_ms", "restarted member healthy after ms", 1)]),
     "fill": ("keys", [("throughput", "ops/s", 1), ("p99_ms", "p99 ms", 1), ("errors", "errors", 1)]),
     "disk": (None, [("data_dir_bytes", "data dir MB", 1e-6), ("rss_kib", "RSS MB", 1024e-6)]),
+    "disk-40s": (None, [("data_dir_bytes", "data dir MB", 1e-6), ("rss_kib", "RSS MB", 1024e-6)]),
     "idle-100MB": (None, [("data_dir_bytes", "data dir MB", 1e-6), ("rss_kib", "RSS MB", 1024e-6)]),
 }
 LABELS = {
@@ -35,7 +36,8 @@ LABELS = {
     "range-s": "range, serializable",
     "unavailability": "failover (kill -9 of the leader)",
     "rejoin": "failover: restart",
-    "disk": "1M puts over 10k keys",
+    "disk": "1M puts over 10k keys, 10 s after",
+    "disk-40s": "1M puts over 10k keys, 40 s after",
     "idle-100MB": "idle, 100 MB live",
 }
 
