@@ -258,47 +258,33 @@ async fn compaction_loop(
 ) {
     while let Some((epoch, job)) = jobs.recv().await {
         let Some(state) = kv.upgrade() else { return };
-        if let Err(e) = compact_physically(&state, epoch, &job).await {
-            tracing::error!(error = %e, revision = job.revision, "deleting compacted records failed");
+        let revision = job.revision;
+        if let Err(e) = compact_physically(&state, epoch, job).await {
+            tracing::error!(error = %e, revision, "deleting compacted records failed");
         }
     }
 }
 
-async fn compact_physically(
-    kv: &KvState,
-    epoch: u64,
-    job: &Compaction,
-) -> Result<(), BackendError> {
-    let mut from = Revision::default();
-    let mut deleted = 0usize;
-    loop {
+async fn compact_physically(kv: &KvState, epoch: u64, job: Compaction) -> Result<(), BackendError> {
+    let mut removed = job.removed;
+    removed.sort_unstable();
+    for step in removed.chunks(COMPACTION_STEP) {
         let lock = kv.history.clone();
         let _exclusive = lock.write().await;
         if kv.epoch.load(Ordering::Acquire) != epoch {
             return Ok(()); // the state was replaced by a snapshot meanwhile
         }
-        let records = kv.backend.scan(from, job.revision - 1, COMPACTION_STEP)?;
-        let Some((last, _)) = records.last() else {
-            break;
-        };
-        from = Revision::new(last.main, last.sub + 1);
-        let done = records.len() < COMPACTION_STEP;
-        let deletes: Vec<Revision> = records
-            .into_iter()
-            .map(|(rev, _)| rev)
-            .filter(|rev| !job.keep.contains(rev))
-            .collect();
-        deleted += deletes.len();
         kv.backend.write(Batch {
-            deletes,
+            deletes: step.to_vec(),
             ..Default::default()
         })?;
-        if done {
-            break;
-        }
         drop(_exclusive);
         tokio::task::yield_now().await;
     }
-    tracing::debug!(revision = job.revision, deleted, "compacted history");
+    tracing::debug!(
+        revision = job.revision,
+        deleted = removed.len(),
+        "compacted history"
+    );
     Ok(())
 }

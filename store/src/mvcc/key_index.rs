@@ -5,8 +5,6 @@
 //! that revision. This is etcd's `keyIndex` model; the values themselves live in the backend,
 //! addressed by revision.
 
-use std::collections::HashSet;
-
 use super::Revision;
 
 /// All retained revisions of one key, oldest generation first.
@@ -87,25 +85,34 @@ impl KeyIndex {
         self.generations.is_empty()
     }
 
-    /// Forgets history strictly before main revision `at`.
+    /// True if some write of this key is at main revision `at` or later, i.e. a compaction at
+    /// a point after `at` may still have something of this key to forget.
+    pub fn written_since(&self, at: i64) -> bool {
+        self.generations
+            .last()
+            .and_then(|g| g.revs.last())
+            .is_some_and(|r| r.main >= at)
+    }
+
+    /// Forgets history strictly before main revision `at`, appending the revisions it forgets
+    /// to `removed`: the caller deletes exactly those records from the backend.
     ///
-    /// Afterwards a read at any revision `>= at` gives the same answer as before. Revisions
-    /// below `at` that such reads still need (the value a key held when `at` began) are added
-    /// to `keep`; the caller deletes every other record below `at` from the backend.
-    pub fn compact(&mut self, at: i64, keep: &mut HashSet<Revision>) {
+    /// Afterwards a read at any revision `>= at` gives the same answer as before: the last
+    /// write before `at` of a generation still alive at `at` is kept, since it is the value
+    /// seen at `at`.
+    pub fn compact(&mut self, at: i64, removed: &mut Vec<Revision>) {
         self.generations.retain_mut(|generation| {
             let Some(last) = generation.revs.last() else {
                 return false;
             };
             if generation.ended && last.main < at {
                 // The key was deleted before `at`: nothing of this generation is visible.
+                removed.append(&mut generation.revs);
                 return false;
             }
             let below = generation.revs.partition_point(|r| r.main < at);
-            if below > 0 {
-                // Keep the last write before `at`: it is the value seen at `at`.
-                generation.revs.drain(..below - 1);
-                keep.insert(generation.revs[0]);
+            if below > 1 {
+                removed.extend(generation.revs.drain(..below - 1));
             }
             true
         });
@@ -158,8 +165,8 @@ mod tests {
         for at in 1..=10 {
             let before = sample();
             let mut after = sample();
-            let mut keep = HashSet::new();
-            after.compact(at, &mut keep);
+            let mut removed = Vec::new();
+            after.compact(at, &mut removed);
             for read in at..=10 {
                 assert_eq!(
                     after.get(read),
@@ -167,28 +174,50 @@ mod tests {
                     "compact {at}, read {read}"
                 );
             }
-            for kept in &keep {
-                assert!(
-                    kept.main < at,
-                    "keep only lists revisions below the compact point"
-                );
-            }
+            assert!(
+                removed.iter().all(|r| r.main < at),
+                "compact {at} removed {removed:?}: only revisions below the compact point go"
+            );
+            let mut all = after.revisions();
+            all.extend(&removed);
+            all.sort();
+            assert_eq!(
+                all,
+                before.revisions(),
+                "compact {at}: every revision is either kept or reported removed, once"
+            );
         }
     }
 
     #[test]
     fn compaction_drops_deleted_generations_and_superseded_writes() {
         let mut ki = sample();
-        let mut keep = HashSet::new();
-        ki.compact(7, &mut keep);
+        let mut removed = Vec::new();
+        ki.compact(7, &mut removed);
         assert_eq!(ki.revisions(), vec![r(8)]);
-        assert!(keep.is_empty());
+        assert_eq!(removed, vec![r(2), r(4), r(6)]);
 
         let mut ki = sample();
-        let mut keep = HashSet::new();
-        ki.compact(5, &mut keep);
+        let mut removed = Vec::new();
+        ki.compact(5, &mut removed);
         assert_eq!(ki.revisions(), vec![r(4), r(6), r(8)]);
-        assert_eq!(keep, HashSet::from([r(4)]));
+        assert_eq!(removed, vec![r(2)]);
+    }
+
+    #[test]
+    fn written_since_tells_whether_a_later_compaction_can_change_the_key() {
+        let ki = sample();
+        assert!(ki.written_since(8));
+        assert!(!ki.written_since(9));
+        let mut compacted = sample();
+        compacted.compact(9, &mut Vec::new());
+        assert_eq!(compacted.revisions(), vec![r(8)]);
+        for at in 10..20 {
+            let mut again = compacted.clone();
+            let mut removed = Vec::new();
+            again.compact(at, &mut removed);
+            assert!(removed.is_empty() && again == compacted, "compact {at}");
+        }
     }
 
     #[test]
@@ -196,8 +225,10 @@ mod tests {
         let mut ki = KeyIndex::default();
         ki.put(r(1));
         ki.tombstone(r(2));
-        ki.compact(3, &mut HashSet::new());
+        let mut removed = Vec::new();
+        ki.compact(3, &mut removed);
         assert!(ki.is_empty());
+        assert_eq!(removed, vec![r(1), r(2)]);
     }
 
     #[test]
@@ -208,7 +239,9 @@ mod tests {
         assert_eq!(ki.latest(), None);
         ki.put(r(7));
         assert_eq!(ki.get(7), Some(r(7)));
-        ki.compact(6, &mut HashSet::new());
+        let mut removed = Vec::new();
+        ki.compact(6, &mut removed);
+        assert_eq!(removed, vec![r(5)]);
         assert_eq!(ki.revisions(), vec![r(7)]);
     }
 }

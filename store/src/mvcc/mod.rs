@@ -129,11 +129,12 @@ pub struct Applied {
     pub compaction: Option<Compaction>,
 }
 
-/// Records below `revision` that are no longer needed, except those in `keep`.
+/// The records a compaction at `revision` made obsolete, for the caller to delete from the
+/// backend (in any order; they are below `revision`, so no read may need them).
 #[derive(Clone, Debug, Default)]
 pub struct Compaction {
     pub revision: i64,
-    pub keep: HashSet<Revision>,
+    pub removed: Vec<Revision>,
 }
 
 /// A lease as the key space knows it: its granted TTL and the keys attached to it.
@@ -205,6 +206,10 @@ impl KeyRange {
 #[derive(Debug, Default)]
 pub struct Mvcc {
     index: BTreeMap<Vec<u8>, KeyIndex>,
+    /// Keys written at or after the compact revision: the only ones a compaction can change
+    /// (every other key is down to the one value it held at the compact revision), so a
+    /// compaction visits these rather than the whole index.
+    dirty: HashSet<Vec<u8>>,
     current: i64,
     compacted: i64,
     leases: BTreeMap<i64, LeaseInfo>,
@@ -272,6 +277,7 @@ impl Mvcc {
             Ok(())
         })?;
         mvcc.current = mvcc.current.max(last_main);
+        mvcc.dirty = mvcc.index.keys().cloned().collect();
         for (key, lease) in lease_of {
             if let Some(info) = mvcc.leases.get_mut(&lease) {
                 info.keys.insert(key);
@@ -302,13 +308,43 @@ impl Mvcc {
         if at <= 0 { ki.latest() } else { ki.get(at) }
     }
 
+    /// Records a write of `key` at `rev` in the index (a tombstone if `tombstone`).
+    fn index_write(&mut self, key: &[u8], rev: Revision, tombstone: bool) {
+        if !self.dirty.contains(key) {
+            self.dirty.insert(key.to_vec());
+        }
+        let record = |ki: &mut KeyIndex| {
+            if tombstone {
+                ki.tombstone(rev);
+            } else {
+                ki.put(rev);
+            }
+        };
+        match self.index.get_mut(key) {
+            Some(ki) => record(ki),
+            None => record(self.index.entry(key.to_vec()).or_default()),
+        }
+    }
+
+    /// Forgets history before `at` in the index; costs the keys written since the last
+    /// compaction, not the size of the index.
     fn compact_index(&mut self, at: i64) -> Compaction {
-        let mut keep = HashSet::new();
-        self.index.retain(|_, ki| {
-            ki.compact(at, &mut keep);
-            !ki.is_empty()
-        });
-        Compaction { revision: at, keep }
+        let mut removed = Vec::new();
+        for key in std::mem::take(&mut self.dirty) {
+            let Some(ki) = self.index.get_mut(&key) else {
+                continue;
+            };
+            ki.compact(at, &mut removed);
+            if ki.is_empty() {
+                self.index.remove(&key);
+            } else if ki.written_since(at) {
+                self.dirty.insert(key);
+            }
+        }
+        Compaction {
+            revision: at,
+            removed,
+        }
     }
 
     /// Live keys in `range` with the revision of their current value.

@@ -272,7 +272,7 @@ fn put(
         },
         prev.clone(),
     );
-    mvcc.index.entry(req.key.clone()).or_default().put(rev);
+    mvcc.index_write(&req.key, rev, false);
     Ok(PutResponse {
         header: None,
         prev_kv: if req.prev_kv { prev } else { None },
@@ -315,7 +315,7 @@ fn delete_key(mvcc: &mut Mvcc, w: &mut WriteTxn<'_>, prev: KeyValue) {
         tombstone: true,
     };
     let rev = w.push(tombstone, Some(prev));
-    mvcc.index.entry(key).or_default().tombstone(rev);
+    mvcc.index_write(&key, rev, true);
 }
 
 fn detach(mvcc: &mut Mvcc, lease: i64, key: &[u8]) {
