@@ -85,13 +85,13 @@ impl KeyIndex {
         self.generations.is_empty()
     }
 
-    /// True if some write of this key is at main revision `at` or later, i.e. a compaction at
-    /// a point after `at` may still have something of this key to forget.
-    pub fn written_since(&self, at: i64) -> bool {
+    /// The main revision of this key's oldest write at or after `at`, if any: a compaction at
+    /// a later point has something of this key to forget only if one exists.
+    pub fn first_write_since(&self, at: i64) -> Option<i64> {
         self.generations
-            .last()
-            .and_then(|g| g.revs.last())
-            .is_some_and(|r| r.main >= at)
+            .iter()
+            .find_map(|g| g.revs.iter().find(|r| r.main >= at))
+            .map(|r| r.main)
     }
 
     /// Forgets history strictly before main revision `at`, appending the revisions it forgets
@@ -205,10 +205,12 @@ mod tests {
     }
 
     #[test]
-    fn written_since_tells_whether_a_later_compaction_can_change_the_key() {
+    fn first_write_since_tells_when_a_later_compaction_can_change_the_key() {
         let ki = sample();
-        assert!(ki.written_since(8));
-        assert!(!ki.written_since(9));
+        assert_eq!(ki.first_write_since(0), Some(2));
+        assert_eq!(ki.first_write_since(5), Some(6));
+        assert_eq!(ki.first_write_since(8), Some(8));
+        assert_eq!(ki.first_write_since(9), None);
         let mut compacted = sample();
         compacted.compact(9, &mut Vec::new());
         assert_eq!(compacted.revisions(), vec![r(8)]);

@@ -206,10 +206,12 @@ impl KeyRange {
 #[derive(Debug, Default)]
 pub struct Mvcc {
     index: BTreeMap<Vec<u8>, KeyIndex>,
-    /// Keys written at or after the compact revision: the only ones a compaction can change
-    /// (every other key is down to the one value it held at the compact revision), so a
-    /// compaction visits these rather than the whole index.
+    /// Keys written since a compaction last visited them (see [`Mvcc::compact_index`]).
     dirty: HashSet<Vec<u8>>,
+    /// The dirty keys by the main revision of their oldest write that no compaction has
+    /// visited yet: a compaction at `at` visits the keys due before `at` and no others, since
+    /// every other key is already down to what a read at `at` needs.
+    due: BTreeMap<i64, Vec<Vec<u8>>>,
     current: i64,
     compacted: i64,
     leases: BTreeMap<i64, LeaseInfo>,
@@ -277,7 +279,9 @@ impl Mvcc {
             Ok(())
         })?;
         mvcc.current = mvcc.current.max(last_main);
+        // Replayed keys are visited by the next compaction (the one below, if any).
         mvcc.dirty = mvcc.index.keys().cloned().collect();
+        mvcc.due = BTreeMap::from([(i64::MIN, mvcc.index.keys().cloned().collect())]);
         for (key, lease) in lease_of {
             if let Some(info) = mvcc.leases.get_mut(&lease) {
                 info.keys.insert(key);
@@ -312,6 +316,7 @@ impl Mvcc {
     fn index_write(&mut self, key: &[u8], rev: Revision, tombstone: bool) {
         if !self.dirty.contains(key) {
             self.dirty.insert(key.to_vec());
+            self.due.entry(rev.main).or_default().push(key.to_vec());
         }
         let record = |ki: &mut KeyIndex| {
             if tombstone {
@@ -326,19 +331,26 @@ impl Mvcc {
         }
     }
 
-    /// Forgets history before `at` in the index; costs the keys written since the last
-    /// compaction, not the size of the index.
+    /// Forgets history before `at` in the index. Visits only the keys with a write in
+    /// `[previous compact revision, at)`, so its cost follows the writes compacted, not the
+    /// size of the index.
     fn compact_index(&mut self, at: i64) -> Compaction {
         let mut removed = Vec::new();
-        for key in std::mem::take(&mut self.dirty) {
-            let Some(ki) = self.index.get_mut(&key) else {
-                continue;
-            };
-            ki.compact(at, &mut removed);
-            if ki.is_empty() {
-                self.index.remove(&key);
-            } else if ki.written_since(at) {
-                self.dirty.insert(key);
+        while let Some(entry) = self.due.first_entry()
+            && *entry.key() < at
+        {
+            for key in entry.remove() {
+                self.dirty.remove(&key);
+                let Some(ki) = self.index.get_mut(&key) else {
+                    continue;
+                };
+                ki.compact(at, &mut removed);
+                if ki.is_empty() {
+                    self.index.remove(&key);
+                } else if let Some(next) = ki.first_write_since(at) {
+                    self.dirty.insert(key.clone());
+                    self.due.entry(next).or_default().push(key);
+                }
             }
         }
         Compaction {
