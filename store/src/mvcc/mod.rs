@@ -340,16 +340,24 @@ impl Mvcc {
             && *entry.key() < at
         {
             for key in entry.remove() {
-                self.dirty.remove(&key);
-                let Some(ki) = self.index.get_mut(&key) else {
-                    continue;
+                let next = match self.index.get_mut(&key) {
+                    Some(ki) => {
+                        ki.compact(at, &mut removed);
+                        if ki.is_empty() {
+                            self.index.remove(&key);
+                            None
+                        } else {
+                            ki.first_write_since(at)
+                        }
+                    }
+                    None => None,
                 };
-                ki.compact(at, &mut removed);
-                if ki.is_empty() {
-                    self.index.remove(&key);
-                } else if let Some(next) = ki.first_write_since(at) {
-                    self.dirty.insert(key.clone());
-                    self.due.entry(next).or_default().push(key);
+                match next {
+                    // Still dirty: due again at its oldest write this compaction kept.
+                    Some(next) => self.due.entry(next).or_default().push(key),
+                    None => {
+                        self.dirty.remove(&key);
+                    }
                 }
             }
         }
