@@ -40,6 +40,12 @@ impl SledBackend {
         })
     }
 
+    /// Writes everything written so far to disk (the key space's whole database).
+    pub fn flush(&self) -> Result<(), BackendError> {
+        self.tree.flush()?;
+        Ok(())
+    }
+
     /// Deletes everything (before a snapshot is loaded in its place).
     pub fn clear(&self) -> Result<(), BackendError> {
         self.tree.clear()?;

@@ -97,7 +97,7 @@ pub fn verify_snapshot(file: &Path) -> Result<SnapshotHeader, String> {
 /// verify, changing nothing.
 pub fn restore_snapshot(file: &Path, data_dir: &Path) -> Result<SnapshotHeader, StartError> {
     let header = verify_snapshot(file).map_err(StartError::Config)?;
-    for existing in ["member.json", "db"] {
+    for existing in ["member.json", "db", "log"] {
         if data_dir.join(existing).exists() {
             return Err(StartError::Config(format!(
                 "{} already holds a member ({existing}); restore into an empty data dir",

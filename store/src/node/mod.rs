@@ -13,6 +13,7 @@ mod lessor;
 mod membership;
 mod peer_service;
 mod read;
+mod storage;
 mod write;
 
 use std::collections::BTreeMap;
@@ -69,7 +70,10 @@ pub(crate) struct Inner {
     raft: Raft,
     kv: Arc<KvState>,
     peers: Peers,
+    /// The key space (`db/`).
     db: sled::Db,
+    /// The Raft log (`log/`).
+    log_db: sled::Db,
     committed: Arc<AtomicU64>,
     appended: Arc<AtomicU64>,
     pending: Arc<Semaphore>,
@@ -115,12 +119,10 @@ impl StoreNode {
         let (identity, fresh) = resolve_identity(&config).await?;
         probe_peers(&config, &identity).await?;
 
-        let db = sled::Config::new()
-            .path(config.data_dir.join("db"))
-            .cache_capacity(config.cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| StartError::Storage(format!("opening the database: {e}")))?;
+        let storage::Databases {
+            state: db,
+            log: log_db,
+        } = storage::open(&config.data_dir, config.cache_bytes).map_err(StartError::Storage)?;
         let storage = |e: crate::errors::BackendError| StartError::Storage(e.to_string());
         let backend = SledBackend::open(&db).map_err(storage)?;
         let dir = SnapshotDir::new(config.data_dir.join("snapshots"))
@@ -129,7 +131,7 @@ impl StoreNode {
         let kv = KvState::open(backend, config.watch.clone()).map_err(storage)?;
         let sm = StateMachine::open(db.clone(), kv.clone(), dir, identity.cluster_id)
             .map_err(storage)?;
-        let log = LogStore::open(&db).map_err(|e| StartError::Storage(e.to_string()))?;
+        let log = LogStore::open(&log_db, &db).map_err(|e| StartError::Storage(e.to_string()))?;
         let committed = log.committed_index();
         let appended = log.appended_bytes();
         let peers = Peers::new(
@@ -156,6 +158,7 @@ impl StoreNode {
             kv,
             peers,
             db,
+            log_db,
             committed,
             appended,
             reads: read::ReadBatcher::default(),
@@ -323,7 +326,8 @@ impl StoreNode {
             last_log_index: m.last_log_index.unwrap_or(0),
             revision: self.inner.kv.revision(),
             compact_revision: self.inner.kv.compact_revision(),
-            db_size: self.inner.db.size_on_disk().unwrap_or(0),
+            db_size: self.inner.db.size_on_disk().unwrap_or(0)
+                + self.inner.log_db.size_on_disk().unwrap_or(0),
             is_learner,
             watchers: self.inner.kv.hub().watcher_count(),
         }
@@ -371,8 +375,10 @@ impl StoreNode {
         for t in tasks {
             t.abort();
         }
-        if let Err(e) = self.inner.db.flush_async().await {
-            tracing::error!(error = %e, "flushing storage at shutdown failed");
+        for db in [&self.inner.db, &self.inner.log_db] {
+            if let Err(e) = db.flush_async().await {
+                tracing::error!(error = %e, "flushing storage at shutdown failed");
+            }
         }
         tracing::info!("member stopped");
     }

@@ -1,4 +1,5 @@
-//! The Raft log, the vote and the commit index, in sled.
+//! The Raft log, the vote and the commit index, in a sled database of their own (`log/`;
+//! the key space is in another, see `node::storage`).
 //!
 //! Entries are bincode-encoded under big-endian index keys, so the tree's order is the log's.
 //! An append is acknowledged to openraft only once it is on disk: appends go into the tree at
@@ -30,6 +31,8 @@ const LAST_PURGED: &[u8] = b"last_purged";
 pub struct LogStore {
     logs: sled::Tree,
     meta: sled::Tree,
+    /// The key space's database, flushed before entries are purged.
+    state: sled::Db,
     flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
     /// The last commit index openraft reported, for `cluster status`.
     committed: Arc<AtomicU64>,
@@ -39,8 +42,8 @@ pub struct LogStore {
 
 impl LogStore {
     /// Opens the log trees in `db` and starts the flusher thread (which ends once every clone
-    /// of the store is dropped).
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+    /// of the store is dropped). `state` is the key space's database.
+    pub fn open(db: &sled::Db, state: &sled::Db) -> Result<Self, sled::Error> {
         let logs = db.open_tree("raft/log")?;
         let meta = db.open_tree("raft/meta")?;
         let (flusher, rx) = mpsc::unbounded_channel();
@@ -55,6 +58,7 @@ impl LogStore {
         Ok(Self {
             logs,
             meta,
+            state: state.clone(),
             flusher,
             committed: Arc::new(AtomicU64::new(committed)),
             appended: Arc::new(AtomicU64::new(0)),
@@ -96,7 +100,8 @@ impl LogStore {
     }
 }
 
-/// Flushes the database for every batch of appends that arrived while the previous flush ran.
+/// Flushes the log's database for every batch of appends that arrived while the previous flush
+/// ran.
 fn flush_loop(db: sled::Db, mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
     let mut waiting = Vec::new();
     while let Some(first) = rx.blocking_recv() {
@@ -271,11 +276,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Entries are purged behind a snapshot built from the state machine; make sure what the
-        // state machine applied is on disk before the entries that could replay it are gone.
-        self.logs
+        // state machine applied is on disk before the entries that could replay it are gone
+        // (the key space's database is otherwise flushed on sled's own schedule).
+        self.state
             .flush_async()
             .await
-            .map_err(|e| write_err(ErrorSubject::Logs, &e))?;
+            .map_err(|e| write_err(ErrorSubject::StateMachine, &e))?;
         self.write_meta(LAST_PURGED, &Some(log_id))?;
         let mut batch = sled::Batch::default();
         for item in self.logs.range(..=index_key(log_id.index)) {
