@@ -11,15 +11,17 @@
 //!
 //! Data dirs written before the split keep the log in `db/`: [`open`] copies it into `log/`
 //! (replacing whatever a copy cut short left there), flushes it, and only then drops it from
-//! `db/`, so a crash part-way leaves the old trees in place and the next start copies again;
-//! a member never starts without its vote. No database is closed and reopened on the way:
+//! `db/`, the meta tree (the vote) last, so after a crash part-way the next start copies again
+//! whichever old trees are still in `db/`; a member never starts without its log or vote. No database is closed and reopened on the way:
 //! sled releases a closed database's file lock asynchronously.
 
 use std::path::Path;
 
-/// The trees of the Raft log store.
-const LOG_TREES: [&str; 2] = ["raft/log", "raft/meta"];
-/// The log's page cache: it is read mostly at its head.
+use crate::raft::log_store::{LOG_TREE, META_TREE};
+
+/// The trees of the Raft log store. The meta tree (the vote) is dropped from `db/` last.
+const LOG_TREES: [&str; 2] = [LOG_TREE, META_TREE];
+/// The smallest page cache the log gets (it is read mostly at its head).
 const MIN_LOG_CACHE: u64 = 8 * 1024 * 1024;
 
 pub(crate) struct Databases {
@@ -59,12 +61,11 @@ pub(crate) fn open(data_dir: &Path, cache_bytes: u64) -> Result<Databases, Strin
 
 fn migrate(state: &sled::Db, log: &sled::Db) -> sled::Result<()> {
     let mut entries = 0u64;
-    for name in LOG_TREES {
+    // Only the trees still in `db/` are copied (again): one a crash left there after the other
+    // was dropped has its copy in `log/` already, flushed before any drop.
+    for name in LOG_TREES.into_iter().filter(|t| has_tree(state, t)) {
         let to = log.open_tree(name)?;
         to.clear()?;
-        if !has_tree(state, name) {
-            continue;
-        }
         for item in state.open_tree(name)?.iter() {
             let (k, v) = item?;
             to.insert(k, v)?;
@@ -89,19 +90,23 @@ fn migrate(state: &sled::Db, log: &sled::Db) -> sled::Result<()> {
 mod tests {
     use super::*;
 
-    /// Opens `dir` once the previous holder's databases are released (sled releases a closed
+    /// Runs `open` until the previous holder's databases are released (sled releases a closed
     /// database's file lock asynchronously).
-    fn reopen(dir: &Path) -> Databases {
+    fn retrying<T>(open: impl Fn() -> Result<T, String>) -> T {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match open(dir, MIN_LOG_CACHE) {
-                Ok(dbs) => return dbs,
+            match open() {
+                Ok(v) => return v,
                 Err(e) if std::time::Instant::now() < deadline && e.contains("lock") => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(e) => panic!("opening {}: {e}", dir.display()),
+                Err(e) => panic!("{e}"),
             }
         }
+    }
+
+    fn reopen(dir: &Path) -> Databases {
+        retrying(|| open(dir, MIN_LOG_CACHE))
     }
 
     fn old_layout(dir: &Path) {
@@ -162,6 +167,31 @@ mod tests {
             let meta = partial.open_tree("raft/meta").expect("tree");
             meta.insert(b"stale", b"x".to_vec()).expect("insert");
             partial.flush().expect("flush");
+        }
+        assert_moved(&reopen(dir.path()));
+    }
+
+    #[test]
+    fn a_migration_cut_short_between_its_drops_keeps_the_copied_log() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        old_layout(dir.path());
+        {
+            // The copy is complete and flushed; a crash came after the log tree was dropped
+            // from db/ and before the meta tree was.
+            let state = retrying(|| {
+                open_db(&dir.path().join("db"), MIN_LOG_CACHE).map_err(|e| e.to_string())
+            });
+            let log = open_db(&dir.path().join("log"), MIN_LOG_CACHE).expect("open");
+            for name in LOG_TREES {
+                let to = log.open_tree(name).expect("tree");
+                for item in state.open_tree(name).expect("tree").iter() {
+                    let (k, v) = item.expect("item");
+                    to.insert(k, v).expect("insert");
+                }
+            }
+            log.flush().expect("flush");
+            state.drop_tree(LOG_TREE).expect("drop");
+            state.flush().expect("flush");
         }
         assert_moved(&reopen(dir.path()));
     }

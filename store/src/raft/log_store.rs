@@ -22,6 +22,11 @@ use tokio::sync::mpsc;
 use crate::codec;
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
+/// The tree of log entries.
+pub const LOG_TREE: &str = "raft/log";
+/// The tree of the vote, the commit index and the last purged log id.
+pub const META_TREE: &str = "raft/meta";
+
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
@@ -44,8 +49,8 @@ impl LogStore {
     /// Opens the log trees in `db` and starts the flusher thread (which ends once every clone
     /// of the store is dropped). `state` is the key space's database.
     pub fn open(db: &sled::Db, state: &sled::Db) -> Result<Self, sled::Error> {
-        let logs = db.open_tree("raft/log")?;
-        let meta = db.open_tree("raft/meta")?;
+        let logs = db.open_tree(LOG_TREE)?;
+        let meta = db.open_tree(META_TREE)?;
         let (flusher, rx) = mpsc::unbounded_channel();
         let flush_db = db.clone();
         std::thread::Builder::new()
