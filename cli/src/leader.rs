@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use flotilla_client::Client;
 use flotilla_store::node::StoreNode;
-use flotilla_store::types::RaftMetrics;
+use flotilla_store::types::RaftServerMetrics;
 use tokio::sync::watch;
 
 /// What the leader-only work reports (kept across leadership changes).
@@ -45,14 +45,16 @@ pub async fn run(
     config: LeaderConfig,
     stats: Arc<LeaderStats>,
 ) {
-    let mut metrics = node.raft().metrics();
+    // Server metrics change with the leader, the term and the membership only; the full
+    // metrics change with every entry, and would wake this task for each.
+    let mut metrics = node.raft().server_metrics();
     let mut shutdown = node.shutdown_signal();
     let id = node.id();
-    let leads = |m: &watch::Receiver<RaftMetrics>| {
+    let leads = |m: &watch::Receiver<RaftServerMetrics>| {
         let m = m.borrow();
         m.current_leader == Some(id) && m.state.is_leader()
     };
-    let term_of = |m: &watch::Receiver<RaftMetrics>| m.borrow().current_term;
+    let term_of = |m: &watch::Receiver<RaftServerMetrics>| m.borrow().vote.leader_id().get_term();
     loop {
         while !leads(&metrics) {
             tokio::select! {

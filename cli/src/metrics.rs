@@ -110,7 +110,7 @@ pub struct Sources {
 /// Counts the changes of leader this member sees.
 pub fn count_leader_changes(node: &StoreNode) -> Arc<AtomicU64> {
     let changes = Arc::new(AtomicU64::new(0));
-    let mut metrics = node.raft().metrics();
+    let mut metrics = node.raft().server_metrics();
     let counter = changes.clone();
     tokio::spawn(async move {
         let mut last = metrics.borrow().current_leader;
@@ -159,13 +159,14 @@ fn render(s: &Sources) -> String {
         "Changes of leader seen by this member.",
         s.leader_changes.load(Ordering::Relaxed).to_string(),
     );
-    if let Some((bytes, index)) = s.node.snapshot_info() {
-        metric(
-            "flotilla_snapshot_bytes",
-            "gauge",
-            "Size of this member's newest snapshot.",
-            bytes.to_string(),
-        );
+    let (bytes, index) = s.node.snapshot_info();
+    metric(
+        "flotilla_snapshot_bytes",
+        "gauge",
+        "Size of the newest snapshot file this member wrote (for a lagging member or a backup) or received.",
+        bytes.to_string(),
+    );
+    if let Some(index) = index {
         metric(
             "flotilla_snapshot_index",
             "gauge",

@@ -61,10 +61,10 @@ pub struct ServerArgs {
     /// Entries applied between snapshots (the log is purged behind each).
     #[arg(long, default_value_t = 10_000)]
     pub snapshot_count: u64,
-    /// Bytes appended to the log between snapshots, at least; half the newest snapshot's
-    /// size when that is more (a snapshot is taken at whichever of --snapshot-count and this comes
-    /// first; 0: by count only).
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    /// Bytes appended to the log between snapshots (a snapshot is taken at whichever of
+    /// --snapshot-count and this comes first; 0: by count only). A snapshot flushes the key
+    /// space and lets the log be purged; it writes no copy of the state.
+    #[arg(long, default_value_t = 1024 * 1024)]
     pub snapshot_bytes: u64,
     /// Entries kept behind each snapshot for slow followers to catch up from (a follower
     /// further behind is sent the snapshot instead; etcd's snapshot-catchup-entries).

@@ -97,21 +97,40 @@ impl Backend for SledBackend {
         Ok(())
     }
 
+    /// Deletes and records one by one, then the metadata: a single insert or remove when
+    /// there is one entry (the usual case: the revision and position), a sled batch when there
+    /// are more. Not one sled batch for everything: sled writes out its io buffer, with a
+    /// `sync_file_range`, before and after every batch, which made each apply two synchronous
+    /// disk writes although the key space is flushed lazily (the Raft log is what must be
+    /// durable). sled recovers a prefix of its writes, which is all [`Backend::write`] promises.
     fn write(&self, batch: Batch) -> Result<(), BackendError> {
-        let mut b = sled::Batch::default();
         for rev in batch.deletes {
-            b.remove(&record_key(rev));
+            self.tree.remove(record_key(rev))?;
         }
         for (rev, record) in batch.records {
-            b.insert(&record_key(rev), record.encode());
+            self.tree.insert(record_key(rev), record.encode())?;
         }
-        for (key, value) in batch.meta {
-            match value {
-                Some(v) => b.insert(meta_key(&key), v),
-                None => b.remove(meta_key(&key)),
+        let mut meta = batch.meta;
+        match meta.len() {
+            0 => {}
+            1 => {
+                let (key, value) = meta.remove(0);
+                match value {
+                    Some(v) => self.tree.insert(meta_key(&key), v).map(|_| ())?,
+                    None => self.tree.remove(meta_key(&key)).map(|_| ())?,
+                }
+            }
+            _ => {
+                let mut b = sled::Batch::default();
+                for (key, value) in meta {
+                    match value {
+                        Some(v) => b.insert(meta_key(&key), v),
+                        None => b.remove(meta_key(&key)),
+                    }
+                }
+                self.tree.apply_batch(b)?;
             }
         }
-        self.tree.apply_batch(b)?;
         Ok(())
     }
 

@@ -180,6 +180,21 @@ impl History for KvState {
         KvState::revision(self)
     }
 
+    fn value_before(
+        &self,
+        key: &[u8],
+        revision: i64,
+    ) -> Result<Option<flotilla_proto::mvccpb::KeyValue>, StoreError> {
+        let prev_rev = {
+            let m = self.read();
+            if revision - 1 < m.compact_revision() {
+                return Ok(None);
+            }
+            m.revision_of(key, revision - 1)
+        };
+        self.prev_record(prev_rev)
+    }
+
     fn compact_revision(&self) -> i64 {
         KvState::compact_revision(self)
     }

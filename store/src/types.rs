@@ -49,3 +49,5 @@ pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Member>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
 pub type StorageError = openraft::StorageError<NodeId>;
 pub type RaftMetrics = openraft::RaftMetrics<NodeId, Member>;
+/// The part of the metrics that changes only with the leader, the term or the membership.
+pub type RaftServerMetrics = openraft::metrics::RaftServerMetrics<NodeId, Member>;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use flotilla_proto::mvccpb::{Event, event::EventType};
+use flotilla_proto::mvccpb::{Event, KeyValue, event::EventType};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -49,6 +49,8 @@ pub trait History: Send + Sync + 'static {
     /// Events of whole revisions from `from` on, about `limit` of them, each with its previous
     /// value; and the revision up to which the answer is complete.
     fn events_since(&self, from: i64, limit: usize) -> Result<(Vec<Event>, i64), StoreError>;
+    /// The value `key` held just before `revision`, if it had one and it is not compacted.
+    fn value_before(&self, key: &[u8], revision: i64) -> Result<Option<KeyValue>, StoreError>;
 }
 
 /// Knobs of the watch hub.
@@ -80,6 +82,8 @@ pub struct WatchHub {
     tx: broadcast::Sender<Notice>,
     config: WatchConfig,
     watchers: Arc<AtomicI64>,
+    /// Running watchers that want previous values.
+    prev_watchers: Arc<AtomicI64>,
 }
 
 impl WatchHub {
@@ -89,7 +93,14 @@ impl WatchHub {
             tx,
             config,
             watchers: Arc::new(AtomicI64::new(0)),
+            prev_watchers: Arc::new(AtomicI64::new(0)),
         }
+    }
+
+    /// Whether any watcher on this member wants previous values. Events published while none
+    /// does may leave them out: a watcher started since reads them from history.
+    pub fn wants_prev(&self) -> bool {
+        self.prev_watchers.load(Ordering::Acquire) > 0
     }
 
     /// Called by the apply path; never waits.
@@ -124,6 +135,7 @@ impl WatchHub {
         out: mpsc::Sender<WatchOutput>,
         control: mpsc::UnboundedSender<WatchOutput>,
     ) -> WatcherHandle {
+        let spec_prev = spec.prev_kv;
         let rx = self.tx.subscribe();
         let progress = Arc::new(AtomicI64::new(spec.start.saturating_sub(1)));
         let watcher = Watcher {
@@ -135,6 +147,7 @@ impl WatchHub {
             config: self.config.clone(),
             progress: progress.clone(),
             _count: WatcherCount::new(self.watchers.clone()),
+            _prev_count: spec_prev.then(|| WatcherCount::new(self.prev_watchers.clone())),
         };
         let task = tokio::spawn(watcher.run());
         WatcherHandle { task, progress }
@@ -220,6 +233,7 @@ struct Watcher {
     config: WatchConfig,
     progress: Arc<AtomicI64>,
     _count: WatcherCount,
+    _prev_count: Option<WatcherCount>,
 }
 
 /// Why a watcher stopped delivering.
@@ -326,7 +340,7 @@ impl Watcher {
         next: &mut i64,
     ) -> Result<bool, Stop> {
         let spec = &self.spec;
-        let events: Vec<Event> = events
+        let mut events: Vec<Event> = events
             .into_iter()
             .filter(|e| {
                 let Some(kv) = &e.kv else { return false };
@@ -345,6 +359,22 @@ impl Watcher {
                 e
             })
             .collect();
+        if spec.prev_kv {
+            // Published while no watcher wanted previous values: a put of a key that already
+            // had a value (its version is above 1) comes without it. Read it from history.
+            for e in events.iter_mut() {
+                let Some(kv) = &e.kv else { continue };
+                if e.prev_kv.is_none() && e.r#type == EventType::Put as i32 && kv.version > 1 {
+                    e.prev_kv = self
+                        .history
+                        .value_before(&kv.key, kv.mod_revision)
+                        .map_err(|err| Stop::Canceled {
+                            compact_revision: 0,
+                            reason: format!("watcher could not read a previous value: {err}"),
+                        })?;
+                }
+            }
+        }
         let sent = !events.is_empty();
         if sent {
             let revision = upto.max(*next);
@@ -383,6 +413,102 @@ impl Watcher {
             reason: format!(
                 "mvcc: required revision has been compacted (history starts at revision {compact_revision})"
             ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// History where `k` held `old` before every revision, and nothing else happened.
+    struct OneKey;
+
+    impl History for OneKey {
+        fn revision(&self) -> i64 {
+            1
+        }
+
+        fn compact_revision(&self) -> i64 {
+            0
+        }
+
+        fn events_since(&self, _from: i64, _limit: usize) -> Result<(Vec<Event>, i64), StoreError> {
+            Ok((Vec::new(), 1))
+        }
+
+        fn value_before(&self, key: &[u8], _revision: i64) -> Result<Option<KeyValue>, StoreError> {
+            Ok((key == b"k").then(|| KeyValue {
+                key: key.to_vec(),
+                value: b"old".to_vec(),
+                version: 1,
+                ..Default::default()
+            }))
+        }
+    }
+
+    fn put_event(version: i64) -> Event {
+        Event {
+            r#type: EventType::Put as i32,
+            kv: Some(KeyValue {
+                key: b"k".to_vec(),
+                value: b"new".to_vec(),
+                mod_revision: 2,
+                version,
+                ..Default::default()
+            }),
+            prev_kv: None,
+        }
+    }
+
+    /// Events published while no watcher wanted previous values leave them out; a watcher that
+    /// wants them, started meanwhile, reads them from history.
+    #[tokio::test]
+    async fn a_prev_kv_watcher_reads_what_events_left_out() {
+        let hub = WatchHub::new(WatchConfig::default());
+        assert!(!hub.wants_prev());
+        let (out_tx, mut out) = mpsc::channel(16);
+        let (control, _control_rx) = mpsc::unbounded_channel();
+        let spec = WatchSpec {
+            id: 7,
+            range: KeyRange::Single(b"k".to_vec()),
+            start: 2,
+            prev_kv: true,
+            no_put: false,
+            no_delete: false,
+            progress_notify: false,
+        };
+        let handle = hub.watch(spec, Arc::new(OneKey), out_tx, control);
+        assert!(hub.wants_prev());
+        // A put of an existing key (version 2) and of a new one (version 1).
+        hub.publish(EventBatch {
+            from: 2,
+            to: 2,
+            events: vec![put_event(2), put_event(1)],
+        });
+        let got = tokio::time::timeout(Duration::from_secs(10), out.recv())
+            .await
+            .expect("the watcher delivers")
+            .expect("the watcher runs");
+        let WatchOutput::Events { events, .. } = got else {
+            panic!("{got:?}");
+        };
+        assert_eq!(
+            events[0].prev_kv.as_ref().map(|p| p.value.as_slice()),
+            Some(b"old".as_slice())
+        );
+        assert_eq!(
+            events[1].prev_kv, None,
+            "a created key has no previous value"
+        );
+        drop(handle);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hub.wants_prev() {
+            assert!(
+                Instant::now() < deadline,
+                "the stopped watcher is still counted"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }

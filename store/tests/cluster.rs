@@ -90,10 +90,12 @@ async fn follower_far_behind_catches_up_by_snapshot() {
         local_get(&node, "k49").ok().flatten().as_deref() == Some("399")
     })
     .await;
-    assert!(
-        node.metrics().snapshot.is_some(),
-        "caught up through a snapshot"
-    );
+    // openraft reports the snapshot once the install is done; the key space shows it first.
+    eventually(
+        "the follower reports the snapshot it caught up through",
+        || node.metrics().snapshot.is_some(),
+    )
+    .await;
     assert_eq!(node.kv().revision(), leader.kv().revision());
     assert_eq!(
         node.kv().hash(0).unwrap(),
@@ -109,27 +111,108 @@ async fn follower_far_behind_catches_up_by_snapshot() {
     c.shutdown().await;
 }
 
-/// Reading the newest snapshot (its size for metrics and the size trigger, a backup) never
-/// touches a snapshot being built or received: a `.tmp` file in the snapshot directory is
-/// work in progress, and deleting it under a build stopped the member's Raft core.
+/// Snapshots after start-up (positions, backups) never touch a snapshot file being written or
+/// received: a `.tmp` file in the snapshot directory is work in progress, and deleting it
+/// under a build stopped the member's Raft core.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshot_readers_leave_builds_in_progress_alone() {
+async fn snapshots_leave_files_in_progress_alone() {
     let c = Cluster::start(3, |cfg| cfg.snapshot_entries = 50).await;
     let l = c.leader().await;
+    let node = c.node(l).clone();
+    let in_progress = node.config().data_dir.join("snapshots").join("build-1.tmp");
+    std::fs::write(&in_progress, b"half a snapshot").unwrap();
     for i in 0..120 {
         put(c.node(l), &format!("k{i}"), "v").await;
     }
-    let node = c.node(l).clone();
-    eventually("a snapshot", || node.snapshot_info().is_some()).await;
-    let in_progress = node.config().data_dir.join("snapshots").join("build-1.tmp");
-    std::fs::write(&in_progress, b"half a snapshot").unwrap();
-    assert!(node.snapshot_info().is_some_and(|(bytes, _)| bytes > 0));
+    eventually("a snapshot", || node.snapshot_info().1.is_some()).await;
+    assert_eq!(node.snapshot_info().0, 0, "no file was needed yet");
     let (header, _file) = node.export_snapshot().await.unwrap();
     assert!(header.revision >= 120);
+    assert!(node.snapshot_info().0 > 0, "the backup's file is counted");
     assert!(
         in_progress.exists(),
-        "a reader deleted a snapshot in progress"
+        "a snapshot deleted a file in progress"
     );
+    c.shutdown().await;
+}
+
+/// The key space is the snapshot: a member keeps no snapshot file at rest, writes one only
+/// for a member the log cannot catch up (or a backup), and drops it once a newer snapshot
+/// position passes it. A backup's file has no name once it is handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_files_exist_only_while_needed() {
+    let mut c = Cluster::start(3, |cfg| {
+        cfg.snapshot_entries = 50;
+        cfg.keep_logs = 10;
+    })
+    .await;
+    let l = c.leader().await;
+    let leader = c.node(l).clone();
+    let snapshots = leader.config().data_dir.join("snapshots");
+    let listing = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let files = || listing(&snapshots).len();
+    // openraft purges once no replication is using the entries, at its next event: write
+    // until it has.
+    for i in 0.. {
+        put(&leader, &format!("k{}", i % 120), "v").await;
+        if i >= 120 && leader.metrics().purged.is_some_and(|p| p.index > 50) {
+            break;
+        }
+        assert!(i < 10_000, "the leader never purged its log");
+    }
+    assert_eq!(files(), 0, "a snapshot position wrote a file");
+    let (header, _file) = leader.export_snapshot().await.unwrap();
+    assert!(header.revision >= 120);
+    assert_eq!(files(), 0, "the backup's file kept its name");
+
+    // A follower far behind is sent a file, written for it.
+    let f = (l + 1) % 3;
+    c.stop(f).await;
+    let stopped_at = leader.metrics().last_applied.map_or(0, |l| l.index);
+    for i in 0.. {
+        put(&leader, &format!("k{}", i % 20), "w").await;
+        if leader
+            .metrics()
+            .purged
+            .is_some_and(|p| p.index > stopped_at + 20)
+        {
+            break;
+        }
+        assert!(
+            i < 10_000,
+            "the leader never purged past the stopped follower"
+        );
+    }
+    c.restart(f).await;
+    let follower = c.node(f).clone();
+    eventually("the follower catches up", || {
+        follower.kv().revision() == leader.kv().revision()
+    })
+    .await;
+    eventually(
+        "the follower reports the snapshot it caught up through",
+        || follower.metrics().snapshot.is_some(),
+    )
+    .await;
+    assert!(
+        leader.snapshot_info().0 > 0,
+        "the leader wrote a file for it"
+    );
+    let follower_dir = follower.config().data_dir.join("snapshots");
+    eventually("the follower drops the file it installed", || {
+        listing(&follower_dir).is_empty()
+    })
+    .await;
+    // The next snapshot position passes the file the leader wrote: it goes.
+    for i in 0..100 {
+        put(&leader, &format!("k{}", i % 20), "x").await;
+    }
+    eventually("the leader drops the file it wrote", || files() == 0).await;
     c.shutdown().await;
 }
 

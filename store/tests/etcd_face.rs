@@ -338,35 +338,33 @@ async fn hostile_peer_messages_are_refused_and_harmless() {
     use flotilla_store::codec;
     use flotilla_store::mvcc::{Command, CommandResponse};
     use flotilla_store::raft::peer::{LeaderCallError, LeaderRequest, LeaderResponse};
-    let mut answers = Vec::new();
-    for cmd in [
-        Command::Put(put("", "no key")),
-        Command::Put(put("forwarded", "ok")),
-        Command::Put(put("big", &"x".repeat(2 * 1024 * 1024))),
-    ] {
-        let r = peer
-            .leader(PeerMessage {
-                cluster_id: ours,
-                payload: codec::encode(&LeaderRequest::Propose(cmd)).unwrap(),
-                error: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.error.is_empty(), "{}", r.error);
-        let answer: Result<LeaderResponse, LeaderCallError> = codec::decode(&r.payload).unwrap();
-        answers.push(answer);
-    }
+    let propose = |cmds: Vec<Command>| PeerMessage {
+        cluster_id: ours,
+        payload: codec::encode(&LeaderRequest::ProposeBatch(cmds)).unwrap(),
+        error: String::new(),
+    };
+    let r = peer
+        .leader(propose(vec![
+            Command::Put(put("", "no key")),
+            Command::Put(put("forwarded", "ok")),
+            Command::Put(put("big", &"x".repeat(2 * 1024 * 1024))),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.error.is_empty(), "{}", r.error);
+    let answer: Result<LeaderResponse, LeaderCallError> = codec::decode(&r.payload).unwrap();
+    let Ok(LeaderResponse::ProposedBatch(answers)) = answer else {
+        panic!("{answer:?}");
+    };
+    assert_eq!(answers.len(), 3, "{answers:?}");
     assert!(
         matches!(&answers[0], Err(LeaderCallError::Refused(m)) if m.contains("key")),
         "{:?}",
         answers[0]
     );
     assert!(
-        matches!(
-            answers[1],
-            Ok(LeaderResponse::Proposed(CommandResponse::Put(_)))
-        ),
+        matches!(answers[1], Ok(CommandResponse::Put(_))),
         "{:?}",
         answers[1]
     );
@@ -375,6 +373,17 @@ async fn hostile_peer_messages_are_refused_and_harmless() {
         "{:?}",
         answers[2]
     );
+    // A batch longer than any member sends is refused whole, and nothing of it applied.
+    let many = (0..2000)
+        .map(|i| Command::Put(put(&format!("many/{i}"), "v")))
+        .collect();
+    let r = peer.leader(propose(many)).await.unwrap().into_inner();
+    let answer: Result<LeaderResponse, LeaderCallError> = codec::decode(&r.payload).unwrap();
+    assert!(
+        matches!(&answer, Err(LeaderCallError::Refused(m)) if m.contains("2000")),
+        "{answer:?}"
+    );
+    assert_eq!(common::get(&target, "many/0").await.unwrap(), None);
     assert_eq!(
         common::get(&target, "forwarded").await.unwrap().as_deref(),
         Some("ok")

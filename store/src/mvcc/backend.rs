@@ -49,12 +49,13 @@ impl Record {
     }
 }
 
-/// Writes that must become visible together, and durable together.
+/// Writes that become visible together (readers reach records only through the index, which
+/// the writer updates under its lock), and reach disk in the order [`Backend::write`] gives.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub records: Vec<(Revision, Record)>,
     pub deletes: Vec<Revision>,
-    /// Metadata puts (`Some`) and deletes (`None`).
+    /// Metadata puts (`Some`) and deletes (`None`), at most one per key.
     pub meta: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
@@ -64,18 +65,34 @@ impl Batch {
     }
 
     pub fn put_meta(&mut self, key: impl Into<Vec<u8>>, value: Vec<u8>) {
-        self.meta.push((key.into(), Some(value)));
+        self.set_meta(key.into(), Some(value));
     }
 
     pub fn delete_meta(&mut self, key: impl Into<Vec<u8>>) {
-        self.meta.push((key.into(), None));
+        self.set_meta(key.into(), None);
+    }
+
+    fn set_meta(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.meta.retain(|(k, _)| *k != key);
+        self.meta.push((key, value));
+    }
+
+    /// Records that this batch leaves the key space at `revision`, reached by applying up to
+    /// `position` (opaque here: the state machine's applied log id). Both go in one metadata
+    /// entry, so that they reach disk in one atomic step (see [`super::meta::REVISION`]).
+    pub fn mark_position(&mut self, revision: i64, position: &[u8]) {
+        let mut value = revision.to_be_bytes().to_vec();
+        value.extend_from_slice(position);
+        self.put_meta(super::meta::REVISION, value);
     }
 
     /// Appends `later`'s writes; where both touch the same key, `later` wins.
     pub fn extend(&mut self, later: Batch) {
         self.records.extend(later.records);
         self.deletes.extend(later.deletes);
-        self.meta.extend(later.meta);
+        for (key, value) in later.meta {
+            self.set_meta(key, value);
+        }
     }
 }
 
@@ -135,7 +152,11 @@ pub type MetaEntry = (Vec<u8>, Vec<u8>);
 
 /// Storage for records addressed by revision, and for metadata.
 ///
-/// `write` is atomic: after a crash either all of a batch is there or none of it. Readers on
+/// `write` stores a batch's deletes and records one by one, then its metadata in one atomic
+/// step; after a crash the backend holds a prefix of everything written, so a batch may be
+/// there in part, but never its metadata without its records. The key space relies on that:
+/// records above the revision its metadata last recorded belong to a write cut short, and
+/// [`super::Mvcc::restore`] removes them (the Raft log applies that write again). Readers on
 /// other threads may run concurrently with writers.
 pub trait Backend: Send + Sync {
     fn get(&self, rev: Revision) -> Result<Option<Record>, BackendError>;

@@ -11,6 +11,18 @@ use super::Revision;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeyIndex {
     generations: Vec<Generation>,
+    /// What a write needs to know of the current value, while the key exists.
+    live: Option<Live>,
+}
+
+/// The current value's create revision, version and lease: kept in the index so that a put,
+/// a lease check or a compare on them needs no read of the value itself (compaction forgets the
+/// writes these could otherwise be counted from).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Live {
+    pub create_revision: i64,
+    pub version: i64,
+    pub lease: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,8 +33,9 @@ struct Generation {
 }
 
 impl KeyIndex {
-    /// Records a put at `rev`, starting a new generation if the key was absent.
-    pub fn put(&mut self, rev: Revision) {
+    /// Records a put at `rev` of a value described by `live`, starting a new generation if
+    /// the key was absent.
+    pub fn put(&mut self, rev: Revision, live: Live) {
         match self.generations.last_mut() {
             Some(generation) if !generation.ended => generation.revs.push(rev),
             _ => self.generations.push(Generation {
@@ -30,6 +43,12 @@ impl KeyIndex {
                 ended: false,
             }),
         }
+        self.live = Some(live);
+    }
+
+    /// The current value's create revision, version and lease, if the key exists now.
+    pub fn live(&self) -> Option<Live> {
+        self.latest().and(self.live)
     }
 
     /// Records a delete at `rev`, ending the live generation.
@@ -37,6 +56,7 @@ impl KeyIndex {
     /// When there is no live generation (possible only while rebuilding from a partly compacted
     /// history), the tombstone forms a generation of its own, which compaction later drops.
     pub fn tombstone(&mut self, rev: Revision) {
+        self.live = None;
         match self.generations.last_mut() {
             Some(generation) if !generation.ended => {
                 generation.revs.push(rev);
@@ -139,10 +159,10 @@ mod tests {
     /// put@2 put@4 delete@6 put@8
     fn sample() -> KeyIndex {
         let mut ki = KeyIndex::default();
-        ki.put(r(2));
-        ki.put(r(4));
+        ki.put(r(2), Live::default());
+        ki.put(r(4), Live::default());
         ki.tombstone(r(6));
-        ki.put(r(8));
+        ki.put(r(8), Live::default());
         ki
     }
 
@@ -225,7 +245,7 @@ mod tests {
     #[test]
     fn a_key_deleted_before_the_compact_point_disappears() {
         let mut ki = KeyIndex::default();
-        ki.put(r(1));
+        ki.put(r(1), Live::default());
         ki.tombstone(r(2));
         let mut removed = Vec::new();
         ki.compact(3, &mut removed);
@@ -239,7 +259,7 @@ mod tests {
         ki.tombstone(r(5));
         assert_eq!(ki.get(5), None);
         assert_eq!(ki.latest(), None);
-        ki.put(r(7));
+        ki.put(r(7), Live::default());
         assert_eq!(ki.get(7), Some(r(7)));
         let mut removed = Vec::new();
         ki.compact(6, &mut removed);

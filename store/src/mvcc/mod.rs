@@ -27,11 +27,11 @@ use flotilla_proto::etcdserverpb::{
     CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantResponse,
     LeaseRevokeResponse, PutRequest, PutResponse, TxnRequest, TxnResponse,
 };
-use flotilla_proto::mvccpb::Event;
+use flotilla_proto::mvccpb::{Event, KeyValue};
 use serde::{Deserialize, Serialize};
 
 pub use backend::{Backend, Batch, MemBackend, MetaEntry, Overlay, Record};
-pub use key_index::KeyIndex;
+pub use key_index::{KeyIndex, Live};
 pub use read::{RangePlan, RangeResult};
 pub use revision::Revision;
 pub use validate::{MAX_TXN_OPS, validate_command, validate_range};
@@ -41,7 +41,10 @@ use crate::errors::{BackendError, MvccError};
 
 /// Metadata keys the key space owns in its backend.
 pub(crate) mod meta {
-    /// The current revision (i64, big-endian).
+    /// The current revision (i64, big-endian), followed by the position of the write that
+    /// made it current, as its writer encodes it (the state machine: its applied log id; see
+    /// [`super::Batch::mark_position`]). One key, so that the two reach disk in one atomic
+    /// step after the write's records.
     pub const REVISION: &[u8] = b"mvcc/revision";
     /// The compact revision (i64, big-endian).
     pub const COMPACT: &[u8] = b"mvcc/compact";
@@ -215,9 +218,19 @@ pub struct Mvcc {
     current: i64,
     compacted: i64,
     leases: BTreeMap<i64, LeaseInfo>,
+    /// Whether put events may leave out the previous value (no watcher wants it); a put then
+    /// reads no record unless its request needs the previous one. See [`Mvcc::omit_prev`].
+    omit_prev: bool,
 }
 
 impl Mvcc {
+    /// Lets put events leave out the previous value from now on, or not. A watcher that wants
+    /// previous values and sees an event without one reads it from history (see
+    /// [`crate::watch`]): the writer need not know about watchers that start meanwhile.
+    pub fn omit_prev(&mut self, omit: bool) {
+        self.omit_prev = omit;
+    }
+
     /// The revision of the last write transaction applied.
     pub fn revision(&self) -> i64 {
         self.current
@@ -249,8 +262,27 @@ impl Mvcc {
     /// Records are replayed in revision order; records that an interrupted compaction left
     /// behind are found again and returned as a [`Compaction`] for the caller to delete.
     pub fn restore(backend: &dyn Backend) -> Result<(Self, Compaction), BackendError> {
+        let (current, _) = read_revision(backend)?;
+        // A write cut short by a crash may have left records above the revision its metadata
+        // would have recorded (the backend writes records first): the Raft log applies that
+        // write again, so they go.
+        let partial: Vec<Revision> = backend
+            .scan(
+                Revision::new(current.saturating_add(1), 0),
+                i64::MAX,
+                usize::MAX,
+            )?
+            .into_iter()
+            .map(|(rev, _)| rev)
+            .collect();
+        if !partial.is_empty() {
+            backend.write(Batch {
+                deletes: partial,
+                ..Default::default()
+            })?;
+        }
         let mut mvcc = Mvcc {
-            current: read_i64(backend, meta::REVISION)?.unwrap_or(0),
+            current,
             compacted: read_i64(backend, meta::COMPACT)?.unwrap_or(0),
             ..Default::default()
         };
@@ -273,7 +305,7 @@ impl Mvcc {
                 ki.tombstone(rev);
                 lease_of.remove(&record.kv.key);
             } else {
-                ki.put(rev);
+                ki.put(rev, live_of(&record.kv));
                 lease_of.insert(record.kv.key, record.kv.lease);
             }
             Ok(())
@@ -312,18 +344,16 @@ impl Mvcc {
         if at <= 0 { ki.latest() } else { ki.get(at) }
     }
 
-    /// Records a write of `key` at `rev` in the index (a tombstone if `tombstone`).
-    fn index_write(&mut self, key: &[u8], rev: Revision, tombstone: bool) {
+    /// Records a write of `key` at `rev` in the index: a put of a value described by `live`,
+    /// or a tombstone (`None`).
+    fn index_write(&mut self, key: &[u8], rev: Revision, live: Option<Live>) {
         if !self.dirty.contains(key) {
             self.dirty.insert(key.to_vec());
             self.due.entry(rev.main).or_default().push(key.to_vec());
         }
-        let record = |ki: &mut KeyIndex| {
-            if tombstone {
-                ki.tombstone(rev);
-            } else {
-                ki.put(rev);
-            }
+        let record = |ki: &mut KeyIndex| match live {
+            None => ki.tombstone(rev),
+            Some(live) => ki.put(rev, live),
         };
         match self.index.get_mut(key) {
             Some(ki) => record(ki),
@@ -368,6 +398,11 @@ impl Mvcc {
     }
 
     /// Live keys in `range` with the revision of their current value.
+    /// The current value's create revision, version and lease, if `key` exists.
+    fn live(&self, key: &[u8]) -> Option<Live> {
+        self.index.get(key).and_then(KeyIndex::live)
+    }
+
     fn live_in(&self, range: &KeyRange) -> Vec<(Vec<u8>, Revision)> {
         let Some(bounds) = range.bounds() else {
             return Vec::new();
@@ -376,6 +411,27 @@ impl Mvcc {
             .range::<[u8], _>(bounds)
             .filter_map(|(k, ki)| ki.latest().map(|rev| (k.clone(), rev)))
             .collect()
+    }
+}
+
+/// What the index keeps of a stored value.
+pub(crate) fn live_of(kv: &KeyValue) -> Live {
+    Live {
+        create_revision: kv.create_revision,
+        version: kv.version,
+        lease: kv.lease,
+    }
+}
+
+/// The stored revision, and the position its writer recorded with it (empty if none).
+pub fn read_revision(backend: &dyn Backend) -> Result<(i64, Vec<u8>), BackendError> {
+    match backend.get_meta(meta::REVISION)? {
+        None => Ok((0, Vec::new())),
+        Some(v) if v.len() >= 8 => Ok((decode_i64(&v[..8])?, v[8..].to_vec())),
+        Some(v) => Err(BackendError::Corrupt(format!(
+            "the stored revision has {} bytes",
+            v.len()
+        ))),
     }
 }
 

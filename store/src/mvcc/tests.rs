@@ -714,6 +714,117 @@ fn restore_rebuilds_the_same_state_and_finishes_compactions() {
     assert_eq!(f.value("k4").as_deref(), Some("v19"));
 }
 
+/// The backend writes a batch's records before its metadata, so a crash can leave records of a
+/// write whose revision never reached disk. Restoring drops them, and applying the same write
+/// again (as the Raft log does) gives the state the uninterrupted write would have.
+#[test]
+fn a_write_cut_short_leaves_nothing_behind_and_applies_again() {
+    let mut f = Fixture::default();
+    f.put("a", "1");
+    f.put("b", "1");
+    let txn = Command::Txn(TxnRequest {
+        success: vec![
+            RequestOp {
+                request: Some(request_op::Request::RequestPut(put_req("a", "2"))),
+            },
+            RequestOp {
+                request: Some(request_op::Request::RequestDeleteRange(
+                    DeleteRangeRequest {
+                        key: "b".into(),
+                        ..Default::default()
+                    },
+                )),
+            },
+            RequestOp {
+                request: Some(request_op::Request::RequestPut(put_req("c", "1"))),
+            },
+        ],
+        ..Default::default()
+    });
+    let mut whole = Fixture::default();
+    whole.put("a", "1");
+    whole.put("b", "1");
+    whole.apply(txn.clone());
+
+    // "Crash" after two of the txn's three records reached the backend, before its metadata.
+    let mut applied = f.mvcc.apply(&f.backend, &txn).unwrap();
+    let mut cut = std::mem::take(&mut applied.batch);
+    assert_eq!(cut.records.len(), 3);
+    cut.records.truncate(2);
+    cut.meta.clear();
+    f.backend.write(cut).unwrap();
+
+    let (restored, _) = Mvcc::restore(&f.backend).unwrap();
+    assert_eq!(
+        restored.revision(),
+        2,
+        "the cut write's revision is not there"
+    );
+    assert_eq!(
+        f.backend.record_count(),
+        2,
+        "the cut write's records are gone"
+    );
+    f.mvcc = restored;
+    f.apply(txn);
+    assert_eq!(f.mvcc.revision(), whole.mvcc.revision());
+    assert_eq!(f.mvcc.index, whole.mvcc.index);
+    for key in ["a", "b", "c"] {
+        assert_eq!(f.get(key), whole.get(key), "{key}");
+    }
+}
+
+/// Puts take the previous value's create revision, version and lease from the index, also
+/// after compaction forgot the writes they were counted from, and with no read of the value.
+#[test]
+fn puts_keep_counting_versions_across_compaction_without_reading_values() {
+    let mut f = Fixture::default();
+    f.mvcc.omit_prev(true);
+    f.apply(Command::LeaseGrant { id: 3, ttl: 30 });
+    f.put("k", "1");
+    f.apply(Command::Put(PutRequest {
+        key: "k".into(),
+        value: "2".into(),
+        lease: 3,
+        ..Default::default()
+    }));
+    f.put("other", "x");
+    let at = f.mvcc.revision();
+    f.apply(Command::Compact { revision: at });
+    let applied = f.apply(Command::Put(PutRequest {
+        key: "k".into(),
+        value: "3".into(),
+        ignore_lease: true,
+        ..Default::default()
+    }));
+    assert_eq!(applied.events.len(), 1);
+    assert_eq!(applied.events[0].prev_kv, None, "no watcher wanted it");
+    let kv = f.get("k").unwrap();
+    // A lease grant takes no revision: the first put is revision 1.
+    assert_eq!((kv.create_revision, kv.version, kv.lease), (1, 3, 3));
+    // Asked for, the previous value is read.
+    let applied = f.apply(Command::Put(PutRequest {
+        key: "k".into(),
+        value: "4".into(),
+        prev_kv: true,
+        ..Default::default()
+    }));
+    let CommandResponse::Put(resp) = &applied.response else {
+        panic!("{:?}", applied.response);
+    };
+    assert_eq!(
+        resp.prev_kv.as_ref().map(|p| p.value.clone()),
+        Some(b"3".to_vec())
+    );
+    assert_eq!(f.mvcc.lease(3).map(|l| l.keys.len()), Some(0), "detached");
+    f.mvcc.omit_prev(false);
+    let applied = f.put("k", "5");
+    assert_eq!(
+        applied.events[0].prev_kv.as_ref().map(|p| p.value.clone()),
+        Some(b"4".to_vec())
+    );
+}
+
 /// One step of [`compaction_visits_only_what_it_must`].
 #[derive(Clone, Debug)]
 enum Step {

@@ -111,7 +111,7 @@ pub(super) fn apply(
         Command::Fenced { .. } => CommandResponse::Rejected(MvccError::InvalidCommand(
             "a fenced command outside the state machine".into(),
         )),
-        Command::Put(req) => match check_put(mvcc, &w, req)? {
+        Command::Put(req) => match check_put(mvcc, req)? {
             Err(e) => CommandResponse::Rejected(e),
             Ok(()) => CommandResponse::Put(put(mvcc, &mut w, req)?),
         },
@@ -119,7 +119,7 @@ pub(super) fn apply(
         Command::Txn(req) => {
             let mut path = Vec::new();
             txn_path(mvcc, &w, req, &mut path)?;
-            match check_txn(mvcc, &w, req, &path, &mut 0)? {
+            match check_txn(mvcc, req, &path, &mut 0)? {
                 Err(e) => CommandResponse::Rejected(e),
                 Ok(()) => CommandResponse::Txn(txn(mvcc, &mut w, req, &path, &mut 0)?),
             }
@@ -210,17 +210,13 @@ fn latest_record(
     }
 }
 
-fn check_put(
-    mvcc: &Mvcc,
-    w: &WriteTxn<'_>,
-    req: &PutRequest,
-) -> Result<Result<(), MvccError>, BackendError> {
-    let existing = latest_record(mvcc, w, &req.key)?;
+fn check_put(mvcc: &Mvcc, req: &PutRequest) -> Result<Result<(), MvccError>, BackendError> {
+    let existing = mvcc.live(&req.key);
     if (req.ignore_value || req.ignore_lease) && existing.is_none() {
         return Ok(Err(MvccError::KeyNotFound));
     }
     let lease = match (&existing, req.ignore_lease) {
-        (Some(prev), true) => prev.kv.lease,
+        (Some(prev), true) => prev.lease,
         _ => req.lease,
     };
     if lease != 0 && !mvcc.leases.contains_key(&lease) {
@@ -234,37 +230,41 @@ fn put(
     w: &mut WriteTxn<'_>,
     req: &PutRequest,
 ) -> Result<PutResponse, BackendError> {
-    let prev = latest_record(mvcc, w, &req.key)?.map(|r| r.kv);
-    let (value, lease) = match &prev {
-        Some(p) => (
-            if req.ignore_value {
-                p.value.clone()
-            } else {
-                req.value.clone()
-            },
-            if req.ignore_lease { p.lease } else { req.lease },
-        ),
-        None => (req.value.clone(), req.lease),
+    let live = mvcc.live(&req.key);
+    // The previous value itself only when something will use it: the index knows the rest.
+    let prev = if req.prev_kv || req.ignore_value || !mvcc.omit_prev {
+        latest_record(mvcc, w, &req.key)?.map(|r| r.kv)
+    } else {
+        None
+    };
+    let value = match (&prev, req.ignore_value) {
+        (Some(p), true) => p.value.clone(),
+        _ => req.value.clone(),
+    };
+    let lease = match (&live, req.ignore_lease) {
+        (Some(l), true) => l.lease,
+        _ => req.lease,
     };
     let kv = KeyValue {
         key: req.key.clone(),
-        create_revision: prev.as_ref().map_or(w.main, |p| p.create_revision),
+        create_revision: live.map_or(w.main, |l| l.create_revision),
         mod_revision: w.main,
-        version: prev.as_ref().map_or(1, |p| p.version + 1),
+        version: live.map_or(1, |l| l.version + 1),
         value,
         lease,
     };
-    if let Some(p) = &prev
-        && p.lease != 0
-        && p.lease != lease
+    if let Some(l) = &live
+        && l.lease != 0
+        && l.lease != lease
     {
-        detach(mvcc, p.lease, &req.key);
+        detach(mvcc, l.lease, &req.key);
     }
     if lease != 0
         && let Some(info) = mvcc.leases.get_mut(&lease)
     {
         info.keys.insert(req.key.clone());
     }
+    let live = super::live_of(&kv);
     let rev = w.push(
         Record {
             kv,
@@ -272,7 +272,7 @@ fn put(
         },
         prev.clone(),
     );
-    mvcc.index_write(&req.key, rev, false);
+    mvcc.index_write(&req.key, rev, Some(live));
     Ok(PutResponse {
         header: None,
         prev_kv: if req.prev_kv { prev } else { None },
@@ -315,7 +315,7 @@ fn delete_key(mvcc: &mut Mvcc, w: &mut WriteTxn<'_>, prev: KeyValue) {
         tombstone: true,
     };
     let rev = w.push(tombstone, Some(prev));
-    mvcc.index_write(&key, rev, true);
+    mvcc.index_write(&key, rev, None);
 }
 
 fn detach(mvcc: &mut Mvcc, lease: i64, key: &[u8]) {
@@ -391,7 +391,17 @@ fn compare(
         ));
     }
     for (key, rev) in live {
-        let kv = w.must_record(rev, &key)?.kv;
+        // Only a value compare reads the value: the index knows the other targets.
+        let kv = match mvcc.live(&key) {
+            Some(l) if target != CompareTarget::Value => KeyValue {
+                create_revision: l.create_revision,
+                mod_revision: rev.main,
+                version: l.version,
+                lease: l.lease,
+                ..Default::default()
+            },
+            _ => w.must_record(rev, &key)?.kv,
+        };
         if !holds(result, compare_one(target, &cmp.target_union, &kv)) {
             return Ok(false);
         }
@@ -446,7 +456,6 @@ fn holds(result: CompareResult, ord: std::cmp::Ordering) -> bool {
 /// Checks every operation on the chosen path before anything is written.
 fn check_txn(
     mvcc: &Mvcc,
-    w: &WriteTxn<'_>,
     req: &TxnRequest,
     path: &[bool],
     at: &mut usize,
@@ -456,8 +465,8 @@ fn check_txn(
     for op in branch(req, ok) {
         let verdict = match &op.request {
             Some(request_op::Request::RequestRange(r)) => check_range_revision(mvcc, r),
-            Some(request_op::Request::RequestPut(p)) => check_put(mvcc, w, p)?,
-            Some(request_op::Request::RequestTxn(nested)) => check_txn(mvcc, w, nested, path, at)?,
+            Some(request_op::Request::RequestPut(p)) => check_put(mvcc, p)?,
+            Some(request_op::Request::RequestTxn(nested)) => check_txn(mvcc, nested, path, at)?,
             Some(request_op::Request::RequestDeleteRange(_)) | None => Ok(()),
         };
         if verdict.is_err() {

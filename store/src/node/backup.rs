@@ -2,86 +2,42 @@
 //! data dir that founds a new cluster from one.
 
 use std::path::Path;
-use std::time::Duration;
 
 use super::{StartError, StoreNode};
 use crate::backend::SledBackend;
 use crate::errors::{BackendError, StoreError};
-use crate::raft::state_machine::{SnapshotDir, restore_key_space};
+use crate::raft::state_machine::{Capture, restore_key_space};
 use crate::snapshot::{SnapshotHeader, SnapshotReader};
 
 impl StoreNode {
     /// A snapshot holding at least everything committed when this was called (a
-    /// linearizable point), consistent at one revision: the member's newest snapshot file,
-    /// built now if the last one is older than the read index. Returns its header and an
-    /// open handle (a later snapshot replacing the file does not disturb it).
+    /// linearizable point), consistent at one revision, written now from this member's key
+    /// space. Returns its header and an open handle to the file, which has no name left: it
+    /// goes away once the handle is dropped.
     pub async fn export_snapshot(&self) -> Result<(SnapshotHeader, std::fs::File), StoreError> {
         self.read_barrier().await?;
-        let applied = self
-            .inner
-            .raft
-            .metrics()
-            .borrow()
-            .last_applied
-            .map_or(0, |l| l.index);
-        let built = |m: &crate::types::RaftMetrics| m.snapshot.map_or(0, |s| s.index) >= applied;
-        if !built(&self.inner.raft.metrics().borrow()) {
-            self.inner
-                .raft
-                .trigger()
-                .snapshot()
-                .await
-                .map_err(|e| StoreError::Stopped(format!("triggering a snapshot: {e}")))?;
-            let mut metrics = self.inner.raft.metrics();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            while !built(&metrics.borrow_and_update()) {
-                match tokio::time::timeout_at(deadline, metrics.changed()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return Err(StoreError::Stopped("the member stopped".into())),
-                    Err(_) => {
-                        return Err(StoreError::Timeout(format!(
-                            "no snapshot at index {applied} within 60 s"
-                        )));
-                    }
-                }
-            }
-        }
-        // Not `SnapshotDir::new`: that would delete a snapshot being built or received.
-        let path = SnapshotDir::current_in(&self.inner.config.data_dir.join("snapshots"));
-        let io = |e: std::io::Error| BackendError::Io(format!("{}: {e}", path.display()));
-        // Header and data from one handle: a newer snapshot replacing the file meanwhile
-        // does not mix two snapshots.
-        let file = std::fs::File::open(&path).map_err(io)?;
-        let header = SnapshotReader::new(file.try_clone().map_err(io)?)
-            .map_err(io)?
-            .header()
-            .clone();
-        let file = reopen_at_start(file).map_err(io)?;
+        let capture = Capture::take(&self.inner.kv, self.inner.cluster_id).await?;
+        let header = capture.header().clone();
+        let dir = self.inner.snapshots.clone();
+        let (file, size) = tokio::task::spawn_blocking(move || {
+            let (path, size) = capture.write(&dir, "export")?;
+            let file = std::fs::File::open(&path);
+            let _ = std::fs::remove_file(&path);
+            Ok::<_, std::io::Error>((file?, size))
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("writing a snapshot: {e}")))?
+        .map_err(|e| BackendError::Io(format!("writing a snapshot: {e}")))?;
+        self.inner.snapshot_files.wrote(size);
         Ok((header, file))
     }
-}
 
-impl StoreNode {
-    /// The newest snapshot's size in bytes and the log index it covers, if there is one.
-    pub fn snapshot_info(&self) -> Option<(u64, u64)> {
-        let index = self
-            .inner
-            .raft
-            .metrics()
-            .borrow()
-            .snapshot
-            .map(|s| s.index)?;
-        let path = SnapshotDir::current_in(&self.inner.config.data_dir.join("snapshots"));
-        let size = std::fs::metadata(path).ok()?.len();
-        Some((size, index))
+    /// The size of the newest snapshot file this member wrote or received (0 before the
+    /// first), and the log index of its newest snapshot, once it has one.
+    pub fn snapshot_info(&self) -> (u64, Option<u64>) {
+        let index = self.inner.raft.metrics().borrow().snapshot.map(|s| s.index);
+        (self.inner.snapshot_files.last_bytes(), index)
     }
-}
-
-/// The same open file, positioned at its start again.
-fn reopen_at_start(mut file: std::fs::File) -> std::io::Result<std::fs::File> {
-    use std::io::Seek;
-    file.seek(std::io::SeekFrom::Start(0))?;
-    Ok(file)
 }
 
 /// Checks a saved snapshot end to end (framing, checksum, trailer) and returns its header.

@@ -37,9 +37,8 @@ pub struct StoreConfig {
     pub election_timeout_max: Duration,
     /// A snapshot is taken after this many entries applied since the last one.
     pub snapshot_entries: u64,
-    /// A snapshot is also taken once this many bytes, or half the newest snapshot's size if
-    /// that is more, were appended to the log since the last one (entries carry batches of writes,
-    /// so their count alone does not bound the log).
+    /// A snapshot is also taken once this many bytes were appended to the log since the last
+    /// one (entries carry batches of writes, so their count alone does not bound the log).
     pub snapshot_bytes: u64,
     /// Entries kept behind a snapshot for slow followers.
     pub keep_logs: u64,
@@ -81,7 +80,7 @@ impl StoreConfig {
             election_timeout_min: Duration::from_millis(250),
             election_timeout_max: Duration::from_millis(450),
             snapshot_entries: 10_000,
-            snapshot_bytes: 4 * 1024 * 1024,
+            snapshot_bytes: 1024 * 1024,
             keep_logs: 100,
             compaction_retention: 10_000,
             compaction_interval: Duration::from_secs(5),

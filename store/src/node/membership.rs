@@ -287,7 +287,7 @@ fn membership_error(
 /// client address (a member added by address, or whose client address changed, has stale
 /// ones until it runs).
 pub(crate) async fn publish_attributes(node: StoreNode) {
-    let mut metrics = node.inner.raft.metrics();
+    let mut metrics = node.inner.raft.server_metrics();
     let wanted = Member {
         name: node.inner.config.name.clone(),
         peer_addr: node.inner.config.peer_addr.clone(),

@@ -38,7 +38,7 @@ use crate::kv::KvState;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{PEER_MAX_MESSAGE, Peers};
 use crate::raft::peer::Hello;
-use crate::raft::state_machine::{SnapshotDir, StateMachine, recover_install};
+use crate::raft::state_machine::{SnapshotDir, SnapshotFiles, StateMachine, recover_install};
 use crate::types::{Member, NodeId, Raft, RaftMetrics};
 
 /// Why a member could not start. The message says what to change.
@@ -76,8 +76,13 @@ pub(crate) struct Inner {
     log_db: sled::Db,
     committed: Arc<AtomicU64>,
     appended: Arc<AtomicU64>,
+    /// Where snapshot files are written (for lagging members, backups) and received.
+    snapshots: SnapshotDir,
+    snapshot_files: Arc<SnapshotFiles>,
     pending: Arc<Semaphore>,
     proposals: tokio::sync::mpsc::UnboundedSender<write::Pending>,
+    /// Writes on their way to the leader (see [`write::batch_forwards`]).
+    forwards: tokio::sync::mpsc::UnboundedSender<write::Forward>,
     reads: read::ReadBatcher,
     lessor: lessor::Lessor,
     shutdown: watch::Sender<bool>,
@@ -129,8 +134,15 @@ impl StoreNode {
             .map_err(|e| StartError::Io(format!("snapshot dir: {e}")))?;
         recover_install(&db, &backend, &dir).map_err(storage)?;
         let kv = KvState::open(backend, config.watch.clone()).map_err(storage)?;
-        let sm = StateMachine::open(db.clone(), kv.clone(), dir, identity.cluster_id)
-            .map_err(storage)?;
+        let snapshot_files = Arc::new(SnapshotFiles::default());
+        let sm = StateMachine::open(
+            db.clone(),
+            kv.clone(),
+            dir.clone(),
+            identity.cluster_id,
+            snapshot_files.clone(),
+        )
+        .map_err(storage)?;
         let log = LogStore::open(&log_db, &db).map_err(|e| StartError::Storage(e.to_string()))?;
         let committed = log.committed_index();
         let appended = log.appended_bytes();
@@ -148,11 +160,14 @@ impl StoreNode {
         let (shutdown, _) = watch::channel(false);
         let (proposals, proposal_rx) = tokio::sync::mpsc::unbounded_channel();
         let batcher = tokio::spawn(write::batch_proposals(raft.clone(), proposal_rx));
+        let (forwards, forward_rx) = tokio::sync::mpsc::unbounded_channel();
+        let forwarder = tokio::spawn(write::batch_forwards(peers.clone(), forward_rx));
         let inner = Arc::new(Inner {
             id: identity.member_id,
             cluster_id: identity.cluster_id,
             pending: Arc::new(Semaphore::new(config.max_pending_proposals)),
             proposals,
+            forwards,
             config,
             raft,
             kv,
@@ -161,6 +176,8 @@ impl StoreNode {
             log_db,
             committed,
             appended,
+            snapshots: dir,
+            snapshot_files,
             reads: read::ReadBatcher::default(),
             lessor: lessor::Lessor::default(),
             shutdown,
@@ -170,6 +187,7 @@ impl StoreNode {
         });
         let node = StoreNode { inner };
         node.push_task(batcher);
+        node.push_task(forwarder);
         node.serve_peers(peer_listener);
 
         if fresh && node.inner.config.initial_cluster_state == ClusterState::New {
@@ -384,14 +402,12 @@ impl StoreNode {
     }
 }
 
-/// Triggers a snapshot whenever the log grew since the last trigger by `snapshot_bytes` or
-/// by half the newest snapshot's size, whichever is more: the log (purged behind snapshots)
-/// stays within about half the size of the state itself, and rewriting the state costs at
-/// most twice the bytes of the writes that led to it. (A log as large as the state doubled
-/// what sled keeps on disk for a small state; see BENCHMARKS.md, 2026-11-26.)
+/// Triggers a snapshot whenever the log grew by `snapshot_bytes` since the last trigger, so
+/// that the log, which is purged behind snapshots, stays about that size. A snapshot costs a
+/// flush of the key space, not a copy of it (see [`crate::raft::state_machine`]).
 async fn snapshot_by_size(node: StoreNode) {
-    let floor = node.inner.config.snapshot_bytes;
-    if floor == 0 {
+    let limit = node.inner.config.snapshot_bytes;
+    if limit == 0 {
         return;
     }
     let mut since = 0;
@@ -399,9 +415,6 @@ async fn snapshot_by_size(node: StoreNode) {
     loop {
         tick.tick().await;
         let now = node.inner.appended.load(Ordering::Relaxed);
-        let limit = node
-            .snapshot_info()
-            .map_or(floor, |(bytes, _)| (bytes / 2).max(floor));
         if now.saturating_sub(since) >= limit {
             since = now;
             if let Err(e) = node.inner.raft.trigger().snapshot().await {

@@ -135,6 +135,9 @@ impl RaftPeer for PeerService {
     }
 }
 
+/// Forwarded writes one call may carry (a member sends at most a few hundred at once).
+const MAX_FORWARDED_BATCH: usize = 1024;
+
 impl StoreNode {
     /// Serves a call another member sent to this one as the leader.
     pub(crate) async fn serve_leader(
@@ -147,8 +150,17 @@ impl StoreNode {
             });
         }
         match req {
-            LeaderRequest::Propose(cmd) => {
-                self.serve_proposal(cmd).await.map(LeaderResponse::Proposed)
+            LeaderRequest::ProposeBatch(cmds) => {
+                if cmds.len() > MAX_FORWARDED_BATCH {
+                    return Err(LeaderCallError::Refused(format!(
+                        "a batch of {} forwarded writes is more than the {MAX_FORWARDED_BATCH} one call may carry",
+                        cmds.len()
+                    )));
+                }
+                let results =
+                    futures::future::join_all(cmds.into_iter().map(|c| self.serve_proposal(c)))
+                        .await;
+                Ok(LeaderResponse::ProposedBatch(results))
             }
             LeaderRequest::ReadIndex => self
                 .inner

@@ -85,14 +85,31 @@ impl Inner {
         }
     }
 
+    /// Forwards `cmd` to the leader through the forwarding batcher, which sends the writes
+    /// waiting at the same moment in one call.
     async fn propose_remote(&self, leader: NodeId, cmd: Command, deadline: Instant) -> Attempt {
-        let req = LeaderRequest::Propose(cmd);
-        match self.call_leader(leader, &req, deadline).await {
-            Ok(LeaderResponse::Proposed(r)) => Attempt::Done(into_result(r)),
-            Ok(other) => Attempt::Done(Err(StoreError::Internal(format!(
-                "the leader answered a proposal with {other:?}"
-            )))),
-            Err(e) => e,
+        let Some(addr) = self.peer_addr_of(leader) else {
+            return Attempt::Retry(format!("leader {leader:x} is not in the membership"));
+        };
+        let (reply, rx) = oneshot::channel();
+        let forward = Forward {
+            leader,
+            addr,
+            cmd,
+            deadline,
+            reply,
+        };
+        if self.forwards.send(forward).is_err() {
+            return Attempt::Retry("the forwarding batcher has stopped".into());
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Attempt::Done(Err(StoreError::Timeout(
+                "the write was forwarded to the leader but not answered before the deadline; it may still be applied".into(),
+            ))),
+            Ok(Err(_)) => Attempt::Done(Err(StoreError::Timeout(
+                "this member stopped while the write was forwarded; it may still be applied".into(),
+            ))),
+            Ok(Ok(attempt)) => attempt,
         }
     }
 
@@ -110,30 +127,14 @@ impl Inner {
             )));
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
-        match self.peers.leader_call(leader, &addr, req, remaining).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(LeaderCallError::NotLeader { .. })) => {
-                Err(Attempt::Retry(format!("{addr} no longer leads")))
-            }
-            Ok(Err(LeaderCallError::TooManyRequests)) => {
-                Err(Attempt::Done(Err(StoreError::TooManyRequests)))
-            }
-            Ok(Err(LeaderCallError::Refused(m))) => {
-                Err(Attempt::Done(Err(StoreError::Membership(m))))
-            }
-            Ok(Err(LeaderCallError::Failed(m))) => Err(Attempt::Done(Err(StoreError::Timeout(m)))),
-            Err(e @ PeerCallError::Unreachable { .. }) => Err(Attempt::Retry(e.to_string())),
-            Err(e @ PeerCallError::Timeout { .. }) => Err(Attempt::Done(Err(StoreError::Timeout(
-                format!("{e}; the request may still take effect"),
-            )))),
-            Err(e @ PeerCallError::Remote { .. }) => {
-                Err(Attempt::Done(Err(StoreError::Internal(e.to_string()))))
-            }
-        }
+        leader_outcome(
+            &addr,
+            self.peers.leader_call(leader, &addr, req, remaining).await,
+        )
     }
 
     pub(crate) fn peer_addr_of(&self, id: NodeId) -> Option<String> {
-        let m = self.raft.metrics();
+        let m = self.raft.server_metrics();
         let m = m.borrow();
         m.membership_config
             .membership()
@@ -143,7 +144,7 @@ impl Inner {
 
     /// The leader as this member knows it, waiting for an election until the deadline.
     pub(crate) async fn wait_for_leader(&self, deadline: Instant) -> Result<NodeId, StoreError> {
-        let mut rx = self.raft.metrics();
+        let mut rx = self.raft.server_metrics();
         loop {
             if let Some(l) = rx.borrow_and_update().current_leader {
                 return Ok(l);
@@ -156,6 +157,137 @@ impl Inner {
                 }
                 Ok(Err(_)) => return Err(StoreError::Stopped("raft has stopped".into())),
                 Ok(Ok(())) => {}
+            }
+        }
+    }
+}
+
+/// What a call to the leader came to: its answer, or the outcome for the request (a retry
+/// when nothing can have happened, or the error when it may have).
+fn leader_outcome(
+    addr: &str,
+    r: Result<Result<LeaderResponse, LeaderCallError>, PeerCallError>,
+) -> Result<LeaderResponse, Attempt> {
+    match r {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(refusal(addr, e)),
+        Err(e @ PeerCallError::Unreachable { .. }) => Err(Attempt::Retry(e.to_string())),
+        Err(e @ PeerCallError::Timeout { .. }) => Err(Attempt::Done(Err(StoreError::Timeout(
+            format!("{e}; the request may still take effect"),
+        )))),
+        Err(e @ PeerCallError::Remote { .. }) => {
+            Err(Attempt::Done(Err(StoreError::Internal(e.to_string()))))
+        }
+    }
+}
+
+/// The outcome of a request the leader (or the member believed to lead) turned down.
+fn refusal(addr: &str, e: LeaderCallError) -> Attempt {
+    match e {
+        LeaderCallError::NotLeader { .. } => Attempt::Retry(format!("{addr} no longer leads")),
+        LeaderCallError::TooManyRequests => Attempt::Done(Err(StoreError::TooManyRequests)),
+        LeaderCallError::Refused(m) => Attempt::Done(Err(StoreError::Membership(m))),
+        LeaderCallError::Failed(m) => Attempt::Done(Err(StoreError::Timeout(m))),
+    }
+}
+
+/// A write on its way to the leader, waiting for the forwarding batcher.
+pub(crate) struct Forward {
+    leader: NodeId,
+    addr: String,
+    cmd: Command,
+    deadline: Instant,
+    reply: oneshot::Sender<Attempt>,
+}
+
+/// Forwarding calls to the leader in flight at once. While this many are out, new writes
+/// wait and go together in the next call: one call for many writes, instead of a call (and
+/// its HTTP/2 stream, headers and wake-ups on both members) for each.
+const MAX_INFLIGHT_FORWARDS: usize = 4;
+
+/// Turns concurrent writes forwarded to the leader into batched calls, in the order they came.
+pub(crate) async fn batch_forwards(
+    peers: crate::raft::network::Peers,
+    mut rx: mpsc::UnboundedReceiver<Forward>,
+) {
+    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_FORWARDS));
+    // A write for another leader than the batch being gathered starts the next batch.
+    let mut held: Option<Forward> = None;
+    loop {
+        let first = match held.take() {
+            Some(f) => f,
+            None => match rx.recv().await {
+                Some(f) => f,
+                None => return,
+            },
+        };
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            return;
+        };
+        let (leader, addr) = (first.leader, first.addr.clone());
+        let mut size = first.cmd.approx_size();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(f) if f.leader == leader => {
+                    size += f.cmd.approx_size();
+                    batch.push(f);
+                }
+                Ok(f) => {
+                    held = Some(f);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let peers = peers.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            forward_batch(&peers, leader, &addr, batch).await;
+        });
+    }
+}
+
+/// Sends one batch of forwarded writes and hands each its outcome.
+async fn forward_batch(
+    peers: &crate::raft::network::Peers,
+    leader: NodeId,
+    addr: &str,
+    batch: Vec<Forward>,
+) {
+    let now = Instant::now();
+    // Writes whose deadline passed while they waited have been answered already.
+    let batch: Vec<Forward> = batch
+        .into_iter()
+        .filter(|f| f.deadline > now && !f.reply.is_closed())
+        .collect();
+    let Some(last) = batch.iter().map(|f| f.deadline).max() else {
+        return;
+    };
+    let (cmds, waiting): (Vec<Command>, Vec<oneshot::Sender<Attempt>>) =
+        batch.into_iter().map(|f| (f.cmd, f.reply)).unzip();
+    let n = cmds.len();
+    let req = LeaderRequest::ProposeBatch(cmds);
+    let r = peers.leader_call(leader, addr, &req, last - now).await;
+    match leader_outcome(addr, r) {
+        Ok(LeaderResponse::ProposedBatch(results)) if results.len() == n => {
+            for (reply, result) in waiting.into_iter().zip(results) {
+                let attempt = match result {
+                    Ok(r) => Attempt::Done(into_result(r)),
+                    Err(e) => refusal(addr, e),
+                };
+                let _ = reply.send(attempt);
+            }
+        }
+        Ok(other) => {
+            let msg = format!("the leader answered a batch of {n} proposals with {other:?}");
+            for reply in waiting {
+                let _ = reply.send(Attempt::Done(Err(StoreError::Internal(msg.clone()))));
+            }
+        }
+        Err(outcome) => {
+            for reply in waiting {
+                let _ = reply.send(outcome.clone());
             }
         }
     }
@@ -274,6 +406,7 @@ fn distribute(outcome: WriteOutcome, single: bool, replies: Vec<oneshot::Sender<
 }
 
 /// How one attempt at a leader-only request ended.
+#[derive(Clone)]
 pub(crate) enum Attempt {
     Done(Result<CommandResponse, StoreError>),
     /// Nothing happened; try again (with the leader as then known).

@@ -8,8 +8,9 @@ use crate::types::{Member, NodeId};
 /// A call only the leader can serve.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum LeaderRequest {
-    /// Propose a write (a member forwarding its client's request).
-    Propose(Command),
+    /// Propose writes (a member forwarding its clients' requests, those waiting at the same
+    /// moment together); each is answered on its own, in order.
+    ProposeBatch(Vec<Command>),
     /// Confirm leadership with a quorum and return the index a linearizable read must wait for.
     ReadIndex,
     /// Renew a lease; answers its TTL, or 0 when it does not exist.
@@ -40,7 +41,8 @@ pub enum LeaderRequest {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum LeaderResponse {
-    Proposed(CommandResponse),
+    /// The outcome of each write of a [`LeaderRequest::ProposeBatch`], in its order.
+    ProposedBatch(Vec<Result<CommandResponse, LeaderCallError>>),
     ReadIndex(u64),
     /// TTL in seconds; 0 (keep-alive) or -1 (time-to-live) when the lease does not exist.
     LeaseTtl {
