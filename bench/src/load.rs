@@ -100,6 +100,19 @@ impl Pool {
         let ch = chans[(c / self.endpoints.len()) % chans.len()].clone();
         (self.endpoints[e].clone(), KvClient::new(ch))
     }
+
+    /// What client `c` sends to: its own endpoint, or, when there are fewer clients than
+    /// endpoints, every endpoint in turn from its own on. One client pinned to one member would
+    /// measure whichever role (leader or follower) that member happens to have; turning
+    /// through them averages over the roles, as etcd's round-robin client balancer does.
+    fn targets(&self, c: usize, clients: usize) -> Vec<(String, KvClient<Channel>)> {
+        if clients >= self.endpoints.len() {
+            return vec![self.client(c)];
+        }
+        (0..self.endpoints.len())
+            .map(|k| self.client(c + k))
+            .collect()
+    }
 }
 
 /// Counters the clients share.
@@ -167,12 +180,15 @@ where
     };
     let mut tasks = Vec::with_capacity(clients);
     for c in 0..clients {
-        let (endpoint, kv) = pool.client(c);
+        let targets = pool.targets(c, clients);
         let (shared, op) = (shared.clone(), op.clone());
         tasks.push(tokio::spawn(async move {
             let mut h = histogram();
             let (mut misses, mut first_error) = (0u64, None);
+            let mut sent = 0usize;
             while let Some(i) = shared.claim(stop) {
+                let (endpoint, kv) = &targets[sent % targets.len()];
+                sent += 1;
                 let t = Instant::now();
                 match op(kv.clone(), i).await {
                     Ok(found) => {
@@ -183,7 +199,7 @@ where
                     }
                     Err(s) => {
                         shared.errors.fetch_add(1, Ordering::Relaxed);
-                        first_error.get_or_insert_with(|| describe(&endpoint, &s));
+                        first_error.get_or_insert_with(|| describe(endpoint, &s));
                         // No hot loop against an endpoint that refuses at once.
                         tokio::time::sleep(ERROR_PAUSE).await;
                     }
@@ -220,8 +236,9 @@ where
         misses,
         errors,
         secs,
-        // Channels connect lazily: those no client uses never open.
-        conns: pool.conns().min(clients),
+        // Channels connect lazily: those no client uses never open (a client alone uses one
+        // per endpoint, see `Pool::targets`).
+        conns: pool.conns().min(clients.max(endpoints.len())),
     })
 }
 

@@ -36,8 +36,9 @@ use crate::load::{Limit, Load};
     about = "Load generator for etcd v3 endpoints"
 )]
 struct Cli {
-    /// Endpoints, HOST:PORT,... (plain http; clients are spread over them round-robin). The
-    /// default is a Flotilla server's default client address.
+    /// Endpoints, HOST:PORT,... (plain http; clients are spread over them round-robin, and
+    /// when there are fewer clients than endpoints each client sends its successive requests
+    /// to successive endpoints). The default is a Flotilla server's default client address.
     #[arg(long, global = true, default_value = "127.0.0.1:7379")]
     endpoints: String,
     /// Print each result as one JSON object instead of a human-readable line.
