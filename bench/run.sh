@@ -287,6 +287,14 @@ if [ "${SKIP_FILL:-0}" != 1 ]; then
         bench "$sys" 1 fill --keys 10000 --total "$(n 1000000)" --value-size 256 --clients 64
         sleep 10 # let automatic compaction and snapshots run
         measure_members "$sys" disk
+        if [ "$sys" = flotilla ]; then
+            # What the store must keep: the live keys and the retained history, as a backup
+            # (one snapshot file) holds them.
+            if "$FLOTILLA" snapshot save "$work/live.snap" --server "127.0.0.1:$(client_port "$sys" 1)" >/dev/null 2>>"$out/bench.log"; then
+                record "$sys" 1 "{\"bench\":\"live-state\",\"snapshot_bytes\":$(stat -c %s "$work/live.snap")}"
+                rm -f "$work/live.snap"
+            fi
+        fi
         sleep 30 # and what the members' files settle to once idle
         measure_members "$sys" disk-40s
         stop_cluster "$sys"

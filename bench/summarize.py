@@ -30,6 +30,7 @@ METRICS = {
     "disk": (None, [("data_dir_bytes", "data dir MB", 1e-6), ("rss_kib", "RSS MB", 1024e-6)]),
     "disk-40s": (None, [("data_dir_bytes", "data dir MB", 1e-6), ("rss_kib", "RSS MB", 1024e-6)]),
     "idle-100MB": (None, [("data_dir_bytes", "data dir MB", 1e-6), ("rss_kib", "RSS MB", 1024e-6)]),
+    "live-state": (None, [("snapshot_bytes", "live keys + history as a backup, MB", 1e-6)]),
 }
 LABELS = {
     "range-l": "range, linearizable",
@@ -39,6 +40,7 @@ LABELS = {
     "disk": "1M puts over 10k keys, 10 s after",
     "disk-40s": "1M puts over 10k keys, 40 s after",
     "idle-100MB": "idle, 100 MB live",
+    "live-state": "1M puts over 10k keys, after",
 }
 
 
