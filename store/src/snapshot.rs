@@ -70,7 +70,11 @@ pub struct SnapshotWriter {
 
 impl SnapshotWriter {
     pub fn create(path: &Path, header: SnapshotHeader) -> io::Result<Self> {
-        let file = File::create(path)?;
+        Self::new(File::create(path)?, header)
+    }
+
+    /// Writes a snapshot into `file` (empty, opened for writing).
+    pub fn new(file: File, header: SnapshotHeader) -> io::Result<Self> {
         let mut w = Self {
             out: BufWriter::with_capacity(1 << 20, file),
             crc: crc32fast::Hasher::new(),

@@ -500,6 +500,93 @@ async fn concurrent_writes_through_a_follower_each_get_their_own_answer() {
     c.shutdown().await;
 }
 
+/// A leader cut off by a blackhole route (calls to it hang instead of failing) holds on to the
+/// writes already sent to it, but not to the others: once a follower knows the new leader, the
+/// writes it forwards go there at once, instead of waiting for the calls stuck on the old
+/// leader to reach their deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_writes_move_to_the_new_leader_without_waiting_for_the_old() {
+    const TIMEOUT: Duration = Duration::from_secs(20);
+    let c = Cluster::start(3, |cfg| cfg.request_timeout = TIMEOUT).await;
+    let ids = c.ids();
+    let l = c.leader().await;
+    let fi = (l + 1) % 3;
+    let f = c.node(fi).clone();
+    // Enough writers through the follower to keep every forwarding call it may have in
+    // flight busy when the leader drops off.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writers: Vec<_> = (0..32)
+        .map(|w| {
+            let (f, stop, acked) = (f.clone(), stop.clone(), acked.clone());
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let cmd = common::put_cmd(&format!("bh/{w}"), &i.to_string());
+                    if f.propose(cmd).await.is_ok() {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    eventually("writes through the follower are acknowledged", || {
+        acked.load(Ordering::Relaxed) >= 200
+    })
+    .await;
+
+    let cut = Instant::now();
+    c.partition.blackhole(ids[l], &ids);
+    // Writes arriving one by one until the election: each one a call of its own into the
+    // blackhole while the follower still believes in the old leader.
+    let mut trickle = Vec::new();
+    while f.leader() == Some(ids[l]) {
+        assert!(
+            cut.elapsed() < common::DEADLINE,
+            "no new leader was elected"
+        );
+        let f = f.clone();
+        let n = trickle.len();
+        trickle.push(tokio::spawn(async move {
+            let _ = f
+                .propose(common::put_cmd("bh/trickle", &n.to_string()))
+                .await;
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("the follower knows a new leader", || {
+        f.leader().is_some_and(|n| n != ids[l])
+    })
+    .await;
+    let elected = cut.elapsed();
+    let started = Instant::now();
+    let r = f.propose(common::put_cmd("bh/after", "1")).await;
+    let took = started.elapsed();
+    assert!(
+        r.is_ok(),
+        "a write through the follower after the failover failed: {r:?}"
+    );
+    assert!(
+        took < TIMEOUT / 2,
+        "a write through the follower took {took:?} after the new leader was known \
+         ({elected:?} after the cut): it waited for the calls stuck on the old leader"
+    );
+    let before = acked.load(Ordering::Relaxed);
+    eventually("the writers go on through the new leader", || {
+        acked.load(Ordering::Relaxed) >= before + 100
+    })
+    .await;
+
+    stop.store(true, Ordering::Relaxed);
+    // The writers whose calls went into the blackhole would wait out their deadline.
+    for w in writers.iter().chain(&trickle) {
+        w.abort();
+    }
+    c.partition.heal();
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_compaction_keeps_the_configured_window() {
     let c = Cluster::start(3, |cfg| {

@@ -397,12 +397,12 @@ impl Mvcc {
         }
     }
 
-    /// Live keys in `range` with the revision of their current value.
     /// The current value's create revision, version and lease, if `key` exists.
     fn live(&self, key: &[u8]) -> Option<Live> {
         self.index.get(key).and_then(KeyIndex::live)
     }
 
+    /// Live keys in `range` with the revision of their current value.
     fn live_in(&self, range: &KeyRange) -> Vec<(Vec<u8>, Revision)> {
         let Some(bounds) = range.bounds() else {
             return Vec::new();

@@ -81,8 +81,8 @@ pub(crate) struct Inner {
     snapshot_files: Arc<SnapshotFiles>,
     pending: Arc<Semaphore>,
     proposals: tokio::sync::mpsc::UnboundedSender<write::Pending>,
-    /// Writes on their way to the leader (see [`write::batch_forwards`]).
-    forwards: tokio::sync::mpsc::UnboundedSender<write::Forward>,
+    /// Writes on their way to the leader (see [`write::Forwarders`]).
+    forwards: write::Forwarders,
     reads: read::ReadBatcher,
     lessor: lessor::Lessor,
     shutdown: watch::Sender<bool>,
@@ -151,7 +151,8 @@ impl StoreNode {
             identity.cluster_id,
             config.peer_filter.clone(),
         )
-        .with_source_ip(config.peer_source_ip);
+        .with_source_ip(config.peer_source_ip)
+        .with_snapshot_files(snapshot_files.clone());
         let raft_config = raft_config(&config)?;
         let raft = Raft::new(identity.member_id, raft_config, peers.clone(), log, sm)
             .await
@@ -160,8 +161,7 @@ impl StoreNode {
         let (shutdown, _) = watch::channel(false);
         let (proposals, proposal_rx) = tokio::sync::mpsc::unbounded_channel();
         let batcher = tokio::spawn(write::batch_proposals(raft.clone(), proposal_rx));
-        let (forwards, forward_rx) = tokio::sync::mpsc::unbounded_channel();
-        let forwarder = tokio::spawn(write::batch_forwards(peers.clone(), forward_rx));
+        let forwards = write::Forwarders::new(peers.clone(), raft.server_metrics());
         let inner = Arc::new(Inner {
             id: identity.member_id,
             cluster_id: identity.cluster_id,
@@ -187,7 +187,6 @@ impl StoreNode {
         });
         let node = StoreNode { inner };
         node.push_task(batcher);
-        node.push_task(forwarder);
         node.serve_peers(peer_listener);
 
         if fresh && node.inner.config.initial_cluster_state == ClusterState::New {

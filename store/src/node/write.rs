@@ -99,9 +99,7 @@ impl Inner {
             deadline,
             reply,
         };
-        if self.forwards.send(forward).is_err() {
-            return Attempt::Retry("the forwarding batcher has stopped".into());
-        }
+        self.forwards.send(forward);
         match tokio::time::timeout_at(deadline, rx).await {
             Err(_) => Attempt::Done(Err(StoreError::Timeout(
                 "the write was forwarded to the leader but not answered before the deadline; it may still be applied".into(),
@@ -200,46 +198,118 @@ pub(crate) struct Forward {
     reply: oneshot::Sender<Attempt>,
 }
 
-/// Forwarding calls to the leader in flight at once. While this many are out, new writes
-/// wait and go together in the next call: one call for many writes, instead of a call (and
+/// Forwarding calls in flight at once to one leader. While this many are out, new writes for
+/// it wait and go together in the next call: one call for many writes, instead of a call (and
 /// its HTTP/2 stream, headers and wake-ups on both members) for each.
 const MAX_INFLIGHT_FORWARDS: usize = 4;
 
 /// Turns concurrent writes forwarded to the leader into batched calls, in the order they came.
-pub(crate) async fn batch_forwards(
+///
+/// Each leader has its own batcher and its own calls in flight, so calls hanging on a leader
+/// that has just died do not hold up the writes for its successor; and a batcher answers the
+/// writes still queued for a member that no longer leads with a retry (they were never sent).
+pub(crate) struct Forwarders {
     peers: crate::raft::network::Peers,
+    metrics: tokio::sync::watch::Receiver<crate::types::RaftServerMetrics>,
+    batchers: std::sync::Mutex<std::collections::HashMap<NodeId, mpsc::UnboundedSender<Forward>>>,
+}
+
+impl Forwarders {
+    pub(crate) fn new(
+        peers: crate::raft::network::Peers,
+        metrics: tokio::sync::watch::Receiver<crate::types::RaftServerMetrics>,
+    ) -> Self {
+        Self {
+            peers,
+            metrics,
+            batchers: Default::default(),
+        }
+    }
+
+    /// Queues `f` for its leader's batcher (started on the first write for that leader).
+    fn send(&self, f: Forward) {
+        let mut batchers = self.batchers.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = batchers
+            .entry(f.leader)
+            .and_modify(|tx| {
+                if tx.is_closed() {
+                    *tx = self.start(f.leader);
+                }
+            })
+            .or_insert_with(|| self.start(f.leader));
+        if let Err(mpsc::error::SendError(f)) = tx.send(f) {
+            let _ = f
+                .reply
+                .send(Attempt::Retry("the forwarding batcher has stopped".into()));
+        }
+    }
+
+    fn start(&self, leader: NodeId) -> mpsc::UnboundedSender<Forward> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(batch_forwards_to(
+            self.peers.clone(),
+            self.metrics.clone(),
+            leader,
+            rx,
+        ));
+        tx
+    }
+}
+
+/// The batcher of the writes forwarded to `leader`.
+async fn batch_forwards_to(
+    peers: crate::raft::network::Peers,
+    metrics: tokio::sync::watch::Receiver<crate::types::RaftServerMetrics>,
+    leader: NodeId,
     mut rx: mpsc::UnboundedReceiver<Forward>,
 ) {
     let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_FORWARDS));
-    // A write for another leader than the batch being gathered starts the next batch.
-    let mut held: Option<Forward> = None;
-    loop {
-        let first = match held.take() {
-            Some(f) => f,
-            None => match rx.recv().await {
-                Some(f) => f,
-                None => return,
-            },
+    let mut metrics = metrics;
+    while let Some(first) = rx.recv().await {
+        // Wait for a free call, unless the leader changes first: the writes queued here were
+        // never sent, and go again to whoever leads now.
+        let permit = loop {
+            let current = metrics.borrow_and_update().current_leader;
+            if current != Some(leader) {
+                break Err(current);
+            }
+            tokio::select! {
+                p = inflight.clone().acquire_owned() => match p {
+                    Ok(p) => break Ok(p),
+                    Err(_) => return,
+                },
+                changed = metrics.changed() => if changed.is_err() {
+                    break Err(None);
+                },
+            }
         };
-        let Ok(permit) = inflight.clone().acquire_owned().await else {
-            return;
+        let permit = match permit {
+            Ok(p) => p,
+            Err(current) => {
+                let why = format!(
+                    "{} no longer leads (the leader is now {})",
+                    first.addr,
+                    current.map_or("unknown".to_string(), |l| format!("{l:x}"))
+                );
+                let _ = first.reply.send(Attempt::Retry(why.clone()));
+                while let Ok(f) = rx.try_recv() {
+                    let _ = f.reply.send(Attempt::Retry(why.clone()));
+                }
+                continue;
+            }
         };
-        let (leader, addr) = (first.leader, first.addr.clone());
         let mut size = first.cmd.approx_size();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(f) if f.leader == leader => {
+                Ok(f) => {
                     size += f.cmd.approx_size();
                     batch.push(f);
-                }
-                Ok(f) => {
-                    held = Some(f);
-                    break;
                 }
                 Err(_) => break,
             }
         }
+        let addr = batch[0].addr.clone();
         let peers = peers.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -269,7 +339,18 @@ async fn forward_batch(
     let n = cmds.len();
     let req = LeaderRequest::ProposeBatch(cmds);
     let r = peers.leader_call(leader, addr, &req, last - now).await;
-    match leader_outcome(addr, r) {
+    // Once the call went out, an answer that cannot be read leaves the writes' outcome unknown:
+    // the leader may have applied every one of them.
+    let unknown = |why: String| {
+        Attempt::Done(Err(StoreError::Timeout(format!(
+            "{why}; the {n} forwarded writes may have been applied"
+        ))))
+    };
+    let r = match r {
+        Err(e @ PeerCallError::Remote { .. }) => Err(unknown(e.to_string())),
+        r => leader_outcome(addr, r),
+    };
+    match r {
         Ok(LeaderResponse::ProposedBatch(results)) if results.len() == n => {
             for (reply, result) in waiting.into_iter().zip(results) {
                 let attempt = match result {
@@ -280,9 +361,15 @@ async fn forward_batch(
             }
         }
         Ok(other) => {
-            let msg = format!("the leader answered a batch of {n} proposals with {other:?}");
+            let outcome = unknown(format!(
+                "the leader answered a batch of {n} proposals with {}",
+                match other {
+                    LeaderResponse::ProposedBatch(r) => format!("{} outcomes", r.len()),
+                    _ => "an answer to another request".into(),
+                }
+            ));
             for reply in waiting {
-                let _ = reply.send(Attempt::Done(Err(StoreError::Internal(msg.clone()))));
+                let _ = reply.send(outcome.clone());
             }
         }
         Err(outcome) => {

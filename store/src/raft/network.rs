@@ -5,28 +5,34 @@
 //! answers with an error instead of acting on anything.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_proto::raft::PeerMessage;
 use flotilla_proto::raft::raft_peer_client::RaftPeerClient;
+use openraft::error::{Fatal, ReplicationClosed, StreamingError};
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
     Unreachable,
 };
+use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::SnapshotResponse;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::io::AsyncSeekExt;
 use tonic::transport::{Channel, Endpoint};
 
 use super::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
+use super::state_machine::SnapshotFiles;
 use crate::codec;
-use crate::types::{Member, NodeId, TypeConfig};
+use crate::types::{Member, NodeId, Snapshot, TypeConfig, Vote};
 
 /// Largest peer message (a batch of entries, a snapshot chunk).
 pub const PEER_MAX_MESSAGE: usize = 64 * 1024 * 1024;
@@ -34,6 +40,12 @@ pub const PEER_MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// Decides, in tests, whether traffic from one member to another gets through.
 pub trait PeerFilter: Send + Sync + 'static {
     fn allow(&self, from: NodeId, to: NodeId) -> bool;
+
+    /// Whether calls from `from` to `to` vanish, as into a blackhole route: no error, no
+    /// answer, until the caller's deadline (`allow` refuses them at once instead).
+    fn stall(&self, _from: NodeId, _to: NodeId) -> bool {
+        false
+    }
 }
 
 /// What went wrong with a call to a peer.
@@ -92,6 +104,8 @@ pub struct Peers {
     filter: Option<Arc<dyn PeerFilter>>,
     /// Source address of outgoing connections (`--peer-source-ip`); the OS picks when unset.
     source_ip: Option<IpAddr>,
+    /// The snapshot files being written, which a transfer waits for.
+    snapshots: Option<Arc<SnapshotFiles>>,
 }
 
 impl Peers {
@@ -102,7 +116,14 @@ impl Peers {
             channels: Arc::new(Mutex::new(HashMap::new())),
             filter,
             source_ip: None,
+            snapshots: None,
         }
+    }
+
+    /// Makes snapshot transfers wait until the file they send is completely written.
+    pub fn with_snapshot_files(mut self, files: Arc<SnapshotFiles>) -> Self {
+        self.snapshots = Some(files);
+        self
     }
 
     /// Connects to peers from `ip` (a multi-homed host, or a test harness telling members
@@ -160,6 +181,15 @@ impl Peers {
             return Err(PeerCallError::Unreachable {
                 addr: addr.into(),
                 reason: "blocked by the test filter".into(),
+            });
+        }
+        if let (Some(f), Some(to)) = (&self.filter, target)
+            && f.stall(self.me, to)
+        {
+            tokio::time::sleep(timeout).await;
+            return Err(PeerCallError::Timeout {
+                addr: addr.into(),
+                timeout,
             });
         }
         let payload = codec::encode(req).map_err(|e| PeerCallError::Remote {
@@ -356,6 +386,46 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
     > {
         self.raft_call(Method::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        mut snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        // The file is written in the background (`StateMachine::snapshot_file`); send it once
+        // it is complete, and only if this handle holds all of it.
+        if let Some(files) = &self.peers.snapshots {
+            let unsent = |why: String| {
+                StreamingError::Network(NetworkError::new(&std::io::Error::other(format!(
+                    "snapshot {} was not sent: {why}",
+                    snapshot.meta.snapshot_id
+                ))))
+            };
+            match files.written(&snapshot.meta.snapshot_id).await {
+                Err(e) => return Err(unsent(e)),
+                Ok(None) => {}
+                Ok(Some(size)) => {
+                    let len = snapshot
+                        .snapshot
+                        .metadata()
+                        .await
+                        .map_err(|e| unsent(e.to_string()))?
+                        .len();
+                    if len != size {
+                        return Err(unsent(format!("the file holds {len} of its {size} bytes")));
+                    }
+                }
+            }
+            snapshot
+                .snapshot
+                .seek(std::io::SeekFrom::Start(0))
+                .await
+                .map_err(|e| unsent(e.to_string()))?;
+        }
+        Chunked::send_snapshot(self, vote, snapshot, cancel, option).await
     }
 
     async fn vote(

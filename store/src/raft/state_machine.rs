@@ -1,9 +1,11 @@
 //! The Raft state machine: committed entries applied to the key space; the key space itself is
 //! the snapshot.
 //!
-//! Each entry's writes, together with the id of the entry, go to sled in one atomic batch, so
-//! after a crash the key space and "applied up to" always agree; openraft re-applies the rest
-//! from the log. Applying is deterministic: every member computes the same revisions.
+//! The writes of an apply call go to sled record by record, then one entry holding the new
+//! revision and the id of the last entry applied. sled recovers a prefix of its writes, and
+//! opening the key space deletes records above the stored revision, so after a crash the key
+//! space and "applied up to" always agree; openraft re-applies the rest from the log.
+//! Applying is deterministic: every member computes the same revisions.
 //!
 //! A snapshot is a position, not a file: when openraft asks for one (to purge the log behind
 //! it), the key space is flushed to disk, and since it never goes back, it holds everything up
@@ -12,7 +14,8 @@
 //! or a backup ([`Capture`]). It is written from the live key space as it was at one applied
 //! batch: the revision and metadata are captured under the index's lock, records newer than
 //! that revision are skipped, and the history lock keeps compaction from deleting a record
-//! before the writer has read it, so applying goes on meanwhile. The file built for followers
+//! before the writer has read it, so applying goes on meanwhile (the file for a lagging member
+//! is written in the background, and its transfer waits for it). The file built for followers
 //! is kept only while it still covers the newest snapshot position. Installing a received
 //! snapshot replaces the key space; an install interrupted by a crash is redone at start-up
 //! from the snapshot file, which is kept until the install is complete.
@@ -98,10 +101,18 @@ impl SnapshotDir {
     }
 }
 
-/// The snapshot files a member wrote or received, for its metrics.
+/// How writing a snapshot file ended: its size, or why it failed.
+type WriteOutcome = Option<Result<u64, String>>;
+
+/// The snapshot files a member wrote or received, for its metrics, and the ones being
+/// written for lagging members, which a transfer waits for before it sends (see
+/// [`SnapshotFiles::written`]).
 #[derive(Debug, Default)]
 pub struct SnapshotFiles {
     last_bytes: AtomicU64,
+    writing: std::sync::Mutex<
+        std::collections::HashMap<String, tokio::sync::watch::Receiver<WriteOutcome>>,
+    >,
 }
 
 impl SnapshotFiles {
@@ -113,6 +124,65 @@ impl SnapshotFiles {
 
     pub(crate) fn wrote(&self, bytes: u64) {
         self.last_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    fn writing(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<String, tokio::sync::watch::Receiver<WriteOutcome>>,
+    > {
+        self.writing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers the file of snapshot `id` as being written; the sender reports its end.
+    fn start(&self, id: &str) -> tokio::sync::watch::Sender<WriteOutcome> {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        self.writing().insert(id.to_string(), rx);
+        tx
+    }
+
+    /// Reports how writing the file of snapshot `id` ended. A failure stays registered, so
+    /// that a transfer holding the partial file does not send it.
+    fn finish(&self, id: &str, tx: &tokio::sync::watch::Sender<WriteOutcome>, r: io::Result<u64>) {
+        let ok = r.as_ref().ok().copied();
+        tx.send_replace(Some(r.map_err(|e| e.to_string())));
+        if let Some(size) = ok {
+            self.wrote(size);
+            let mut writing = self.writing();
+            if writing
+                .get(id)
+                .is_some_and(|rx| rx.same_channel(&tx.subscribe()))
+            {
+                writing.remove(id);
+            }
+        }
+    }
+
+    /// Whether writing the file of snapshot `id` failed.
+    fn failed(&self, id: &str) -> bool {
+        self.writing()
+            .get(id)
+            .is_some_and(|rx| matches!(*rx.borrow(), Some(Err(_))))
+    }
+
+    /// Waits until the file of snapshot `id` is completely written, if it is being written;
+    /// returns its size then (`None` when nothing was being written), or why writing failed.
+    pub async fn written(&self, id: &str) -> Result<Option<u64>, String> {
+        let rx = self.writing().get(id).cloned();
+        let Some(mut rx) = rx else {
+            return Ok(None);
+        };
+        let outcome = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| "the snapshot writer stopped".to_string())?
+            .clone();
+        match outcome {
+            Some(Ok(size)) => Ok(Some(size)),
+            Some(Err(e)) => Err(e),
+            None => Err("the snapshot writer stopped".into()),
+        }
     }
 }
 
@@ -179,8 +249,13 @@ impl Capture {
     }
 
     fn write_to(self, path: &Path) -> io::Result<u64> {
+        self.write_into(std::fs::File::create(path)?)
+    }
+
+    /// Writes the captured key space into `file` (empty); returns the file's size. Blocks.
+    fn write_into(self, file: std::fs::File) -> io::Result<u64> {
         let revision = self.header.revision;
-        let mut w = SnapshotWriter::create(path, self.header)?;
+        let mut w = SnapshotWriter::new(file, self.header)?;
         let mut from = crate::mvcc::Revision::default();
         loop {
             let records = self
@@ -409,10 +484,19 @@ impl StateMachine {
         }
     }
 
-    /// The current snapshot file, written now from the key space unless the one written last
-    /// still covers the newest snapshot position.
+    /// The current snapshot file, unless the one written last still covers the newest snapshot
+    /// position: the key space is captured now, and the file is written from the capture in
+    /// the background while applying goes on. The handle returned may be read before the file
+    /// is complete; the transfer waits for it ([`SnapshotFiles::written`]).
     async fn snapshot_file(&mut self) -> Result<Snapshot, StorageError> {
         self.drop_stale_file();
+        if self
+            .served
+            .as_ref()
+            .is_some_and(|m| self.files.failed(&m.snapshot_id))
+        {
+            self.served = None;
+        }
         if let Some(meta) = self.served.clone() {
             match tokio::fs::File::open(self.dir.current()).await {
                 Ok(file) => {
@@ -432,26 +516,33 @@ impl StateMachine {
             .await
             .map_err(|e| snap_err(ErrorVerb::Read, e))?;
         let meta = capture.header().meta.clone();
-        let dir = self.dir.clone();
-        let size = tokio::task::spawn_blocking(move || {
-            let (path, size) = capture.write(&dir, "build")?;
-            dir.promote(&path)?;
-            Ok::<_, io::Error>(size)
-        })
-        .await
-        .map_err(|e| snap_err(ErrorVerb::Write, e))?
-        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        self.files.wrote(size);
-        self.served = Some(meta.clone());
-        tracing::info!(
-            snapshot = %meta.snapshot_id,
-            bytes = size,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "wrote a snapshot file for a lagging member"
-        );
-        let file = tokio::fs::File::open(self.dir.current())
+        // A new file (a new inode): a transfer still reading the old one keeps it.
+        self.dir.remove_current();
+        let path = self.dir.current();
+        let out = std::fs::File::create(&path).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let file = tokio::fs::File::open(&path)
             .await
             .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        let id = meta.snapshot_id.clone();
+        let done = self.files.start(&id);
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = capture.write_into(out);
+            match &r {
+                Ok(bytes) => tracing::info!(
+                    snapshot = %id,
+                    bytes,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "wrote a snapshot file for a lagging member"
+                ),
+                // The partial file stays until the next write replaces it.
+                Err(e) => {
+                    tracing::warn!(snapshot = %id, error = %e, "writing a snapshot file failed")
+                }
+            }
+            files.finish(&id, &done, r);
+        });
+        self.served = Some(meta.clone());
         Ok(Snapshot {
             meta,
             snapshot: Box::new(file),
@@ -466,10 +557,9 @@ impl StateMachine {
             let mut mvcc = self.kv.write();
             mvcc.omit_prev(!self.kv.hub().wants_prev());
             let from = mvcc.revision() + 1;
-            // One atomic write for all the entries of this call, the applied log id with them;
-            // each command reads what the ones before it wrote through the overlay. (Every sled
-            // batch costs sled two io-buffer writes of its own, so one per call, not per entry.)
-            // Readers cannot see the new revisions before the write: the index stays
+            // One write for all the entries of this call, the applied log id last (see the
+            // module's doc); each command reads what the ones before it wrote through the
+            // overlay. Readers cannot see the new revisions before the write: the index stays
             // write-locked until it is done.
             let mut overlay = crate::mvcc::Overlay {
                 inner: self.kv.backend(),
@@ -712,5 +802,52 @@ fn unfence(cmd: &Command, term: u64) -> Result<&Command, crate::errors::MvccErro
             actual: term,
         }),
         other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_transfer_waits_for_the_file_and_never_sends_a_failed_one() {
+        let files = Arc::new(SnapshotFiles::default());
+        assert_eq!(
+            files.written("1-10-5").await,
+            Ok(None),
+            "nothing is being written"
+        );
+
+        let done = files.start("1-10-5");
+        let waiter = tokio::spawn({
+            let files = files.clone();
+            async move { files.written("1-10-5").await }
+        });
+        tokio::task::yield_now().await;
+        assert!(
+            !waiter.is_finished(),
+            "the transfer waits while the file is written"
+        );
+        files.finish("1-10-5", &done, Ok(4096));
+        assert_eq!(waiter.await.unwrap(), Ok(Some(4096)));
+        assert_eq!(files.last_bytes(), 4096);
+        assert_eq!(
+            files.written("1-10-5").await,
+            Ok(None),
+            "a finished file is forgotten"
+        );
+
+        let done = files.start("1-20-9");
+        files.finish("1-20-9", &done, Err(io::Error::other("disk full")));
+        assert!(files.failed("1-20-9"));
+        let e = files.written("1-20-9").await.unwrap_err();
+        assert!(e.contains("disk full"), "{e}");
+        assert_eq!(files.last_bytes(), 4096, "a failed file is not counted");
+
+        // A new write of the same snapshot replaces the failed one.
+        let again = files.start("1-20-9");
+        assert!(!files.failed("1-20-9"));
+        files.finish("1-20-9", &again, Ok(100));
+        assert_eq!(files.written("1-20-9").await, Ok(None));
     }
 }

@@ -25,11 +25,17 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 #[derive(Default)]
 pub struct Partition {
     cut: Mutex<HashSet<(NodeId, NodeId)>>,
+    /// Links whose calls hang until their deadline instead of failing.
+    blackholed: Mutex<HashSet<(NodeId, NodeId)>>,
 }
 
 impl PeerFilter for Partition {
     fn allow(&self, from: NodeId, to: NodeId) -> bool {
         !self.cut.lock().unwrap().contains(&(from, to))
+    }
+
+    fn stall(&self, from: NodeId, to: NodeId) -> bool {
+        self.blackholed.lock().unwrap().contains(&(from, to))
     }
 }
 
@@ -43,8 +49,19 @@ impl Partition {
         }
     }
 
+    /// Isolates `id` from every other member, both ways, as a blackhole route does: calls
+    /// get no answer until their deadline.
+    pub fn blackhole(&self, id: NodeId, others: &[NodeId]) {
+        let mut cut = self.blackholed.lock().unwrap();
+        for o in others.iter().filter(|o| **o != id) {
+            cut.insert((id, *o));
+            cut.insert((*o, id));
+        }
+    }
+
     pub fn heal(&self) {
         self.cut.lock().unwrap().clear();
+        self.blackholed.lock().unwrap().clear();
     }
 }
 
