@@ -298,17 +298,7 @@ async fn batch_forwards_to(
                 continue;
             }
         };
-        let mut size = first.cmd.approx_size();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(f) => {
-                    size += f.cmd.approx_size();
-                    batch.push(f);
-                }
-                Err(_) => break,
-            }
-        }
+        let batch = gather(first, &mut rx, |f| f.cmd.approx_size());
         let addr = batch[0].addr.clone();
         let peers = peers.clone();
         tokio::spawn(async move {
@@ -394,6 +384,27 @@ const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
 /// many client writes. An idle member proposes a lone command at once.
 const MAX_INFLIGHT_BATCHES: usize = 2;
 
+/// `first` and what is already waiting behind it in `rx`, up to [`MAX_BATCH`] items or
+/// about [`MAX_BATCH_BYTES`].
+fn gather<T>(
+    first: T,
+    rx: &mut mpsc::UnboundedReceiver<T>,
+    size_of: impl Fn(&T) -> usize,
+) -> Vec<T> {
+    let mut size = size_of(&first);
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(item) => {
+                size += size_of(&item);
+                batch.push(item);
+            }
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
 /// Turns concurrent proposals into batched log entries.
 pub(crate) async fn batch_proposals(
     raft: crate::types::Raft,
@@ -404,17 +415,7 @@ pub(crate) async fn batch_proposals(
         let Ok(permit) = inflight.clone().acquire_owned().await else {
             return;
         };
-        let mut size = first.cmd.approx_size();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(p) => {
-                    size += p.cmd.approx_size();
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+        let batch = gather(first, &mut rx, |p| p.cmd.approx_size());
         let (mut cmds, replies): (Vec<Command>, Vec<oneshot::Sender<Attempt>>) =
             batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
         let single = cmds.len() == 1;

@@ -62,6 +62,10 @@ pub enum PeerCallError {
     Remote { addr: String, reason: String },
 }
 
+/// How long a snapshot transfer waits for its file to be written before it gives up (openraft
+/// asks for the snapshot again, and the transfer waits again if the file is still coming).
+const SNAPSHOT_WRITE_WAIT: Duration = Duration::from_secs(60);
+
 /// How long a connection to a peer may take to open.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -404,7 +408,17 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                     snapshot.meta.snapshot_id
                 ))))
             };
-            match files.written(&snapshot.meta.snapshot_id).await {
+            let written = tokio::time::timeout(
+                SNAPSHOT_WRITE_WAIT,
+                files.written(&snapshot.meta.snapshot_id),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "its file is still being written after {SNAPSHOT_WRITE_WAIT:?}"
+                ))
+            });
+            match written {
                 Err(e) => return Err(unsent(e)),
                 Ok(None) => {}
                 Ok(Some(size)) => {
