@@ -229,14 +229,13 @@ impl Forwarders {
     /// Queues `f` for its leader's batcher (started on the first write for that leader).
     fn send(&self, f: Forward) {
         let mut batchers = self.batchers.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = batchers
-            .entry(f.leader)
-            .and_modify(|tx| {
-                if tx.is_closed() {
-                    *tx = self.start(f.leader);
-                }
-            })
-            .or_insert_with(|| self.start(f.leader));
+        let tx = match batchers.get(&f.leader) {
+            Some(tx) if !tx.is_closed() => tx,
+            _ => {
+                let tx = self.start(f.leader);
+                batchers.entry(f.leader).insert_entry(tx).into_mut()
+            }
+        };
         if let Err(mpsc::error::SendError(f)) = tx.send(f) {
             let _ = f
                 .reply
@@ -259,12 +258,11 @@ impl Forwarders {
 /// The batcher of the writes forwarded to `leader`.
 async fn batch_forwards_to(
     peers: crate::raft::network::Peers,
-    metrics: tokio::sync::watch::Receiver<crate::types::RaftServerMetrics>,
+    mut metrics: tokio::sync::watch::Receiver<crate::types::RaftServerMetrics>,
     leader: NodeId,
     mut rx: mpsc::UnboundedReceiver<Forward>,
 ) {
     let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_FORWARDS));
-    let mut metrics = metrics;
     while let Some(first) = rx.recv().await {
         // Wait for a free call, unless the leader changes first: the writes queued here were
         // never sent, and go again to whoever leads now.

@@ -12,21 +12,18 @@ use std::time::Duration;
 
 use flotilla_proto::raft::PeerMessage;
 use flotilla_proto::raft::raft_peer_client::RaftPeerClient;
-use openraft::error::{Fatal, ReplicationClosed, StreamingError};
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
-    Unreachable,
+    Fatal, InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    ReplicationClosed, StreamingError, Timeout, Unreachable,
 };
 use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::SnapshotResponse;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::io::AsyncSeekExt;
 use tonic::transport::{Channel, Endpoint};
 
 use super::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
@@ -395,7 +392,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     async fn full_snapshot(
         &mut self,
         vote: Vote,
-        mut snapshot: Snapshot,
+        snapshot: Snapshot,
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
@@ -433,11 +430,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                     }
                 }
             }
-            snapshot
-                .snapshot
-                .seek(std::io::SeekFrom::Start(0))
-                .await
-                .map_err(|e| unsent(e.to_string()))?;
         }
         Chunked::send_snapshot(self, vote, snapshot, cancel, option).await
     }
