@@ -200,8 +200,11 @@ pub(crate) struct Forward {
 
 /// Forwarding calls in flight at once to one leader. While this many are out, new writes for
 /// it wait and go together in the next call: one call for many writes, instead of a call (and
-/// its HTTP/2 stream, headers and wake-ups on both members) for each.
-const MAX_INFLIGHT_FORWARDS: usize = 4;
+/// its HTTP/2 stream, headers and wake-ups on both members) for each. Two, not four: fewer
+/// calls make bigger batches, and at 64 clients a write's share of the per-batch work (the
+/// call, the log entry, its flushes, replication and apply on three members) is what decides
+/// throughput on two cores (BENCHMARKS.md, "Morning of 2026-12-02").
+const MAX_INFLIGHT_FORWARDS: usize = 2;
 
 /// Turns concurrent writes forwarded to the leader into batched calls, in the order they came.
 ///
