@@ -146,16 +146,20 @@ impl Cache {
 
     /// The API shows the pod bound to `node` (and not finished): count it there. This
     /// confirms an assumption, or corrects it when someone else bound the pod elsewhere.
-    pub fn pod_bound(&mut self, pod: &PodInfo, node: &str) {
+    /// True when that correction gave room back somewhere (the pod had been counted on
+    /// another node, or as asking for more), so pods waiting for room may fit now.
+    pub fn pod_bound(&mut self, pod: &PodInfo, node: &str) -> bool {
         let usage = PodUsage::from(pod);
         if let Some(p) = self.placements.get_mut(&pod.key)
             && p.node == node
             && p.usage == usage
         {
             p.assumed = false;
-            return;
+            return false;
         }
+        let freed = self.placements.contains_key(&pod.key);
         self.place(&pod.key, node, usage, false);
+        freed
     }
 
     /// The pod is gone or finished: its room is free again.
@@ -342,7 +346,8 @@ mod tests {
         c.upsert_node(&node("n1", "1", "1Gi"));
         let a = pod("a", 600, None);
         assert_eq!(c.schedule(&a), Decision::Bind("n1".into()));
-        c.pod_bound(&a, "n1");
+        // Confirming an assumption gives no room back.
+        assert!(!c.pod_bound(&a, "n1"));
         assert!(!c.is_assumed("default/a"));
         assert_eq!(c.node("n1").unwrap().requested.milli_cpu, 600);
         // A late failure report for a confirmed pod changes nothing.
@@ -362,7 +367,8 @@ mod tests {
             panic!("fits")
         };
         let other = if chosen == "n1" { "n2" } else { "n1" };
-        c.pod_bound(&a, other);
+        // The room it was assumed to take is free again, and the caller is told so.
+        assert!(c.pod_bound(&a, other));
         assert_eq!(c.node(&chosen).unwrap().requested.milli_cpu, 0);
         assert_eq!(c.node(other).unwrap().requested.milli_cpu, 600);
     }
@@ -370,7 +376,7 @@ mod tests {
     #[test]
     fn pods_on_unknown_nodes_are_counted_when_the_node_arrives() {
         let mut c = Cache::new();
-        c.pod_bound(&pod("a", 800, None), "late");
+        assert!(!c.pod_bound(&pod("a", 800, None), "late"));
         assert_eq!(c.node_count(), 0);
         c.upsert_node(&node("late", "1", "1Gi"));
         assert_eq!(c.node("late").unwrap().requested.milli_cpu, 800);

@@ -195,8 +195,10 @@ fn observe_pod(shared: &Shared, st: &mut State, pod: &Pod) -> bool {
             return st.cache.pod_gone(&key)
                 && st.queue.move_unschedulable(false, Instant::now()) > 0;
         }
-        st.cache.pod_bound(&PodInfo::new(pod), node);
-        return false;
+        // Bound by someone else while this scheduler had it assumed elsewhere: that room
+        // is free again.
+        return st.cache.pod_bound(&PodInfo::new(pod), node)
+            && st.queue.move_unschedulable(false, Instant::now()) > 0;
     }
     let scheduler = spec.map(|s| s.scheduler_name.as_str()).unwrap_or("");
     let ours = scheduler.is_empty() || scheduler == shared.config.scheduler_name;
@@ -239,31 +241,7 @@ async fn schedule_loop(client: Client, shared: Arc<Shared>, mut stop: watch::Rec
                 st.queue.move_unschedulable(false, now);
                 last_flush = now;
             }
-            let st = &mut *st;
-            while to_bind.len() + to_report.len() < BATCH {
-                let Some(key) = st.queue.pop(now) else {
-                    break;
-                };
-                let Some(pod) = st.pending.get(&key) else {
-                    st.queue.done(&key);
-                    continue;
-                };
-                if st.cache.is_placed(&key) {
-                    st.queue.done(&key);
-                    continue;
-                }
-                match st.cache.schedule(pod) {
-                    Decision::Bind(node) => {
-                        st.queue.done(&key);
-                        to_bind.push((pod.clone(), node));
-                    }
-                    Decision::Unschedulable(why) => {
-                        st.queue.unschedulable(&key, now);
-                        shared.stats.unschedulable.fetch_add(1, Ordering::Relaxed);
-                        to_report.push((pod.clone(), why));
-                    }
-                }
-            }
+            decide(&shared, &mut st, now, &mut to_bind, &mut to_report);
             st.queue.next_backoff()
         };
         let worked = !to_bind.is_empty() || !to_report.is_empty();
@@ -303,6 +281,41 @@ async fn schedule_loop(client: Client, shared: Arc<Shared>, mut stop: watch::Rec
     }
 }
 
+/// Decides up to [`BATCH`] pods from the active queue: each is assumed onto a node (to
+/// bind) or marked unschedulable (to report why).
+fn decide(
+    shared: &Shared,
+    st: &mut State,
+    now: Instant,
+    to_bind: &mut Vec<(PodInfo, String)>,
+    to_report: &mut Vec<(PodInfo, String)>,
+) {
+    while to_bind.len() + to_report.len() < BATCH {
+        let Some(key) = st.queue.pop(now) else {
+            break;
+        };
+        let Some(pod) = st.pending.get(&key) else {
+            st.queue.done(&key);
+            continue;
+        };
+        if st.cache.is_placed(&key) {
+            st.queue.done(&key);
+            continue;
+        }
+        match st.cache.schedule(pod) {
+            Decision::Bind(node) => {
+                st.queue.done(&key);
+                to_bind.push((pod.clone(), node));
+            }
+            Decision::Unschedulable(why) => {
+                st.queue.unschedulable(&key, now);
+                shared.stats.unschedulable.fetch_add(1, Ordering::Relaxed);
+                to_report.push((pod.clone(), why));
+            }
+        }
+    }
+}
+
 /// What the API says became of a pod whose bind failed.
 enum Outcome {
     BoundTo(String),
@@ -326,27 +339,39 @@ async fn bind(client: &Client, shared: &Shared, pod: PodInfo, node: String) {
     // The room stays taken until the API says where the pod really is: a bind whose reply
     // was lost may have happened.
     let outcome = resolve(client, &pod, &err).await;
+    settle(shared, &pod, &node, outcome, Instant::now());
+    shared.wake.notify_one();
+}
+
+/// Applies what became of a pod whose bind to `node` failed.
+fn settle(shared: &Shared, pod: &PodInfo, node: &str, outcome: Outcome, now: Instant) {
     let mut st = shared.lock();
-    match outcome {
+    // Whether the room the pod was assumed to take is free again. Pods marked
+    // unschedulable while it was held must then be tried again, or they would wait for
+    // the next unrelated change (or the periodic flush) with room standing empty.
+    let freed = match outcome {
         Outcome::BoundTo(n) => {
             if n == node {
                 shared.stats.scheduled.fetch_add(1, Ordering::Relaxed);
             }
-            st.cache.pod_bound(&pod, &n);
             st.pending.remove(&pod.key);
+            st.cache.pod_bound(pod, &n)
         }
         Outcome::Unbound => {
-            if st.cache.forget_assumed(&pod.key) && st.pending.contains_key(&pod.key) {
-                st.queue.backoff(&pod.key, pod.priority, Instant::now());
+            let freed = st.cache.forget_assumed(&pod.key);
+            if freed && st.pending.contains_key(&pod.key) {
+                st.queue.backoff(&pod.key, pod.priority, now);
             }
+            freed
         }
         Outcome::Gone => {
-            st.cache.forget_assumed(&pod.key);
             st.pending.remove(&pod.key);
+            st.cache.forget_assumed(&pod.key)
         }
+    };
+    if freed {
+        st.queue.move_unschedulable(false, now);
     }
-    drop(st);
-    shared.wake.notify_one();
 }
 
 async fn resolve(client: &Client, pod: &PodInfo, err: &ClientError) -> Outcome {
@@ -453,5 +478,156 @@ async fn report_unschedulable(client: Client, pod: PodInfo, why: String) {
     .await;
     if let Err(e) = result {
         tracing::debug!(pod = %pod.key, "reporting an unschedulable pod: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::api::{
+        Container, NodeCondition, NodeSpec, NodeStatus, PodSpec, ResourceRequirements,
+    };
+
+    fn shared() -> Shared {
+        Shared {
+            state: Mutex::new(State {
+                cache: Cache::new(),
+                queue: Queue::new(),
+                pending: HashMap::new(),
+            }),
+            wake: Notify::new(),
+            stats: Arc::default(),
+            config: Config::default(),
+        }
+    }
+
+    fn node(name: &str) -> Node {
+        Node {
+            metadata: Some(ObjectMeta {
+                name: name.into(),
+                ..Default::default()
+            }),
+            spec: Some(NodeSpec::default()),
+            status: Some(NodeStatus {
+                allocatable: [
+                    ("cpu".to_string(), "1".to_string()),
+                    ("memory".to_string(), "1Gi".to_string()),
+                    ("pods".to_string(), "110".to_string()),
+                ]
+                .into(),
+                conditions: vec![NodeCondition {
+                    r#type: "Ready".into(),
+                    status: "True".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn pod(name: &str, node: &str) -> Pod {
+        Pod {
+            metadata: Some(ObjectMeta {
+                name: name.into(),
+                namespace: "default".into(),
+                uid: format!("uid-{name}"),
+                ..Default::default()
+            }),
+            spec: Some(PodSpec {
+                node_name: node.into(),
+                containers: vec![Container {
+                    name: "main".into(),
+                    resources: Some(ResourceRequirements {
+                        requests: [("cpu".to_string(), "600m".to_string())].into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// One node with room for one of two 600m pods: `a` is assumed onto it (bind in
+    /// flight), `b` found no room and waits as unschedulable.
+    fn one_assumed_one_waiting() -> (Shared, PodInfo, Instant) {
+        let shared = shared();
+        on_node(&shared, Change::Added(node("n1")));
+        on_pod(&shared, Change::Added(pod("a", "")));
+        on_pod(&shared, Change::Added(pod("b", "")));
+        let now = Instant::now();
+        let (mut to_bind, mut to_report) = (Vec::new(), Vec::new());
+        decide(
+            &shared,
+            &mut shared.lock(),
+            now,
+            &mut to_bind,
+            &mut to_report,
+        );
+        assert_eq!(to_bind.len(), 1, "{to_bind:?}");
+        assert_eq!(to_report.len(), 1, "{to_report:?}");
+        assert_eq!(shared.lock().queue.lengths(), (0, 0, 1));
+        let assumed = to_bind.remove(0).0;
+        (shared, assumed, now)
+    }
+
+    /// The waiting pod is queued again (now or after its back-off) and gets the room.
+    fn waiting_pod_takes_the_room(shared: &Shared, start: Instant) {
+        let (active, backoff, unschedulable) = shared.lock().queue.lengths();
+        assert_eq!(
+            (active + backoff, unschedulable),
+            (1, 0),
+            "the waiting pod is not queued again"
+        );
+        let later = start + Duration::from_secs(60);
+        let (mut to_bind, mut to_report) = (Vec::new(), Vec::new());
+        decide(
+            shared,
+            &mut shared.lock(),
+            later,
+            &mut to_bind,
+            &mut to_report,
+        );
+        assert_eq!(to_bind.len(), 1, "{to_report:?}");
+        assert_eq!(to_bind[0].1, "n1");
+    }
+
+    #[test]
+    fn room_freed_by_a_bind_elsewhere_is_offered_to_waiting_pods() {
+        let (shared, a, now) = one_assumed_one_waiting();
+        // Someone else binds `a` to another node while our bind is in flight; the watch
+        // shows it before our bind fails.
+        on_pod(&shared, Change::Added(pod(&a.name, "elsewhere")));
+        waiting_pod_takes_the_room(&shared, now);
+    }
+
+    #[test]
+    fn room_freed_by_a_lost_bind_is_offered_to_waiting_pods() {
+        for outcome in [
+            || Outcome::BoundTo("elsewhere".into()),
+            || Outcome::Gone,
+            || Outcome::Unbound,
+        ] {
+            let (shared, a, now) = one_assumed_one_waiting();
+            settle(&shared, &a, "n1", outcome(), now);
+            if shared.lock().pending.contains_key(&a.key) {
+                // Unbound: `a` itself backs off and competes for the room again; either
+                // of the two may get it, but neither may be left waiting for a change.
+                let (active, backoff, unschedulable) = shared.lock().queue.lengths();
+                assert_eq!((active + backoff, unschedulable), (2, 0));
+            } else {
+                waiting_pod_takes_the_room(&shared, now);
+            }
+        }
+    }
+
+    #[test]
+    fn a_confirmed_bind_gives_no_room_back() {
+        let (shared, a, now) = one_assumed_one_waiting();
+        on_pod(&shared, Change::Added(pod(&a.name, "n1")));
+        settle(&shared, &a, "n1", Outcome::BoundTo("n1".into()), now);
+        assert_eq!(shared.lock().queue.lengths(), (0, 0, 1));
     }
 }
