@@ -273,11 +273,12 @@ fn explain(total: usize, failed: &BTreeMap<Reason, usize>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use flotilla_proto::api::{NodeCondition, NodeSpec, NodeStatus, ObjectMeta, Taint};
 
-    fn node(name: &str, cpu: &str, mem: &str) -> Node {
+    /// A ready node offering `cpu` and `mem` (and 110 pods).
+    pub(crate) fn node(name: &str, cpu: &str, mem: &str) -> Node {
         Node {
             metadata: Some(ObjectMeta {
                 name: name.into(),

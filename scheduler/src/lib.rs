@@ -484,9 +484,8 @@ async fn report_unschedulable(client: Client, pod: PodInfo, why: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_proto::api::{
-        Container, NodeCondition, NodeSpec, NodeStatus, PodSpec, ResourceRequirements,
-    };
+    use crate::cache::tests::node;
+    use flotilla_proto::api::{Container, PodSpec, ResourceRequirements};
 
     fn shared() -> Shared {
         Shared {
@@ -498,31 +497,6 @@ mod tests {
             wake: Notify::new(),
             stats: Arc::default(),
             config: Config::default(),
-        }
-    }
-
-    fn node(name: &str) -> Node {
-        Node {
-            metadata: Some(ObjectMeta {
-                name: name.into(),
-                ..Default::default()
-            }),
-            spec: Some(NodeSpec::default()),
-            status: Some(NodeStatus {
-                allocatable: [
-                    ("cpu".to_string(), "1".to_string()),
-                    ("memory".to_string(), "1Gi".to_string()),
-                    ("pods".to_string(), "110".to_string()),
-                ]
-                .into(),
-                conditions: vec![NodeCondition {
-                    r#type: "Ready".into(),
-                    status: "True".into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
         }
     }
 
@@ -554,7 +528,7 @@ mod tests {
     /// flight), `b` found no room and waits as unschedulable.
     fn one_assumed_one_waiting() -> (Shared, PodInfo, Instant) {
         let shared = shared();
-        on_node(&shared, Change::Added(node("n1")));
+        on_node(&shared, Change::Added(node("n1", "1", "1Gi")));
         on_pod(&shared, Change::Added(pod("a", "")));
         on_pod(&shared, Change::Added(pod("b", "")));
         let now = Instant::now();
