@@ -315,15 +315,41 @@ async fn hostile_peer_messages_are_refused_and_harmless() {
         .await
         .unwrap();
     let mut peer = RaftPeerClient::new(ch);
+    // A sender from before peer messages carried a version sends 0, which means version 1.
     let garbage = |cluster_id| PeerMessage {
         cluster_id,
         payload: vec![0xff; 64],
         error: String::new(),
+        wire_version: 0,
     };
     // Wrong cluster, then right cluster with undecodable payloads, on every method.
     let r = peer.append_entries(garbage(1)).await.unwrap().into_inner();
     assert!(r.error.contains("cluster id mismatch"), "{}", r.error);
     let ours = target.cluster_id();
+    // Another version of the encoding is refused before anything is decoded, on every method,
+    // with both versions named.
+    use flotilla_store::raft::network::WIRE_VERSION;
+    let future = || PeerMessage {
+        wire_version: WIRE_VERSION + 1,
+        ..garbage(ours)
+    };
+    for r in [
+        peer.append_entries(future()).await,
+        peer.vote(future()).await,
+        peer.install_snapshot(future()).await,
+        peer.leader(future()).await,
+        peer.hello(future()).await,
+    ] {
+        let r = r.unwrap().into_inner();
+        assert!(
+            r.error.contains("peer protocol version mismatch")
+                && r.error.contains(&format!("version {WIRE_VERSION},"))
+                && r.error.contains(&format!("version {}", WIRE_VERSION + 1)),
+            "{}",
+            r.error
+        );
+        assert!(r.payload.is_empty());
+    }
     for r in [
         peer.append_entries(garbage(ours)).await,
         peer.vote(garbage(ours)).await,
@@ -342,6 +368,7 @@ async fn hostile_peer_messages_are_refused_and_harmless() {
         cluster_id: ours,
         payload: codec::encode(&LeaderRequest::ProposeBatch(cmds)).unwrap(),
         error: String::new(),
+        wire_version: WIRE_VERSION,
     };
     let r = peer
         .leader(propose(vec![
@@ -353,6 +380,7 @@ async fn hostile_peer_messages_are_refused_and_harmless() {
         .unwrap()
         .into_inner();
     assert!(r.error.is_empty(), "{}", r.error);
+    assert_eq!(r.wire_version, WIRE_VERSION);
     let answer: Result<LeaderResponse, LeaderCallError> = codec::decode(&r.payload).unwrap();
     let Ok(LeaderResponse::ProposedBatch(answers)) = answer else {
         panic!("{answer:?}");

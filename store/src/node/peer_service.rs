@@ -17,6 +17,7 @@ use super::{Inner, StoreNode};
 use crate::codec;
 use crate::errors::StoreError;
 use crate::mvcc::{Command, CommandResponse, validate_command};
+use crate::raft::network::{WIRE_VERSION, wire_version_of};
 use crate::raft::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
 use crate::types::{NodeId, TypeConfig};
 
@@ -37,6 +38,16 @@ impl PeerService {
         msg: &PeerMessage,
         any_cluster: bool,
     ) -> Result<T, PeerMessage> {
+        let theirs = wire_version_of(msg);
+        if theirs != WIRE_VERSION {
+            tracing::warn!(
+                sender_version = theirs,
+                "refused a peer message of another peer protocol version"
+            );
+            return Err(error_reply(format!(
+                "peer protocol version mismatch: this member speaks version {WIRE_VERSION}, the sender version {theirs} (are the members running different Flotilla releases?)"
+            )));
+        }
         let mine = self.node.cluster_id();
         if msg.cluster_id != mine && !(any_cluster && msg.cluster_id == 0) {
             tracing::warn!(
@@ -57,6 +68,7 @@ fn error_reply(error: String) -> PeerMessage {
         cluster_id: 0,
         payload: Vec::new(),
         error,
+        wire_version: WIRE_VERSION,
     }
 }
 
@@ -66,6 +78,7 @@ fn reply<T: Serialize>(cluster_id: u64, value: &T) -> Result<Response<PeerMessag
         cluster_id,
         payload,
         error: String::new(),
+        wire_version: WIRE_VERSION,
     }))
 }
 

@@ -34,6 +34,16 @@ use crate::types::{Member, NodeId, Snapshot, TypeConfig, Vote};
 /// Largest peer message (a batch of entries, a snapshot chunk).
 pub const PEER_MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// The version of the peer payloads' encoding (bincode of openraft's messages and of
+/// [`LeaderRequest`] and its kin) this build speaks; bump it with any change to them.
+pub const WIRE_VERSION: u32 = 1;
+
+/// The version a peer message was sent in: 0, from a build before versions were sent,
+/// spoke version 1.
+pub fn wire_version_of(msg: &PeerMessage) -> u32 {
+    msg.wire_version.max(1)
+}
+
 /// Decides, in tests, whether traffic from one member to another gets through.
 pub trait PeerFilter: Send + Sync + 'static {
     fn allow(&self, from: NodeId, to: NodeId) -> bool;
@@ -204,6 +214,7 @@ impl Peers {
             cluster_id: self.cluster_id(),
             payload,
             error: String::new(),
+            wire_version: WIRE_VERSION,
         };
         let mut request = tonic::Request::new(msg);
         request.set_timeout(timeout);
@@ -230,6 +241,15 @@ impl Peers {
             return Err(PeerCallError::Remote {
                 addr: addr.into(),
                 reason: reply.error,
+            });
+        }
+        if wire_version_of(&reply) != WIRE_VERSION {
+            return Err(PeerCallError::Remote {
+                addr: addr.into(),
+                reason: format!(
+                    "the peer answered in peer protocol version {}; this member speaks version {WIRE_VERSION} (are the members running different Flotilla releases?)",
+                    wire_version_of(&reply)
+                ),
             });
         }
         codec::decode(&reply.payload).map_err(|e| PeerCallError::Remote {
@@ -447,5 +467,76 @@ fn entry_size(entry: &crate::types::Entry) -> usize {
     match &entry.payload {
         openraft::EntryPayload::Normal(cmd) => cmd.approx_size(),
         _ => 64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::raft::raft_peer_server::{RaftPeer, RaftPeerServer};
+    use tonic::{Request, Response, Status};
+
+    /// A peer from a later release: it answers every call in another encoding version.
+    struct NewerPeer;
+
+    fn newer() -> Result<Response<PeerMessage>, Status> {
+        Ok(Response::new(PeerMessage {
+            cluster_id: 7,
+            payload: vec![0xff; 8],
+            error: String::new(),
+            wire_version: WIRE_VERSION + 1,
+        }))
+    }
+
+    #[tonic::async_trait]
+    impl RaftPeer for NewerPeer {
+        async fn append_entries(
+            &self,
+            _: Request<PeerMessage>,
+        ) -> Result<Response<PeerMessage>, Status> {
+            newer()
+        }
+        async fn vote(&self, _: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
+            newer()
+        }
+        async fn install_snapshot(
+            &self,
+            _: Request<PeerMessage>,
+        ) -> Result<Response<PeerMessage>, Status> {
+            newer()
+        }
+        async fn leader(&self, _: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
+            newer()
+        }
+        async fn hello(&self, _: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
+            newer()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_in_another_encoding_version_is_refused_not_decoded() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftPeerServer::new(NewerPeer))
+                .serve_with_incoming(incoming),
+        );
+        let peers = Peers::new(1, 7, None);
+        let hello = Hello {
+            peer_addr: "127.0.0.1:1".into(),
+        };
+        let e = peers
+            .hello(&addr, &hello, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, PeerCallError::Remote { .. }), "{msg}");
+        assert!(
+            msg.contains(&format!("version {}", WIRE_VERSION + 1))
+                && msg.contains(&format!("speaks version {WIRE_VERSION}")),
+            "{msg}"
+        );
     }
 }
