@@ -54,9 +54,9 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 100)]
     pub heartbeat_interval: u64,
     /// Minimum election timeout in milliseconds (the maximum is 1.8 times this). A follower
-    /// elects a new leader after max + random(min, max) without hearing from it: 700-900 ms
+    /// elects a new leader after max + random(min, max) without hearing from it: 560-720 ms
     /// with the default.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 200)]
     pub election_timeout: u64,
     /// Entries applied between snapshots (the log is purged behind each).
     #[arg(long, default_value_t = 10_000)]

@@ -77,8 +77,8 @@ impl StoreConfig {
             initial_cluster_state: ClusterState::New,
             cluster_token: "flotilla".into(),
             heartbeat: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(250),
-            election_timeout_max: Duration::from_millis(450),
+            election_timeout_min: Duration::from_millis(200),
+            election_timeout_max: Duration::from_millis(360),
             snapshot_entries: 10_000,
             snapshot_bytes: 1024 * 1024,
             keep_logs: 100,
@@ -97,7 +97,7 @@ impl StoreConfig {
     ///
     /// A follower that hears nothing from its leader starts an election after
     /// `election_timeout_max` (openraft's leader lease) plus a random timeout between the two
-    /// bounds: 700–900 ms of silence with the defaults.
+    /// bounds: 560–720 ms of silence with the defaults.
     pub(crate) fn check(&self) -> Result<(), String> {
         if self.name.is_empty() {
             return Err("--name must not be empty".into());
