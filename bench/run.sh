@@ -14,6 +14,8 @@
 #   RANGE_LEVELS="1:20000 64:150000"                    range levels, each linearizable and
 #                                                       serializable, over 1,000 keys
 #   WATCHERS="1 1000" WATCH_PUTS=1000 WATCH_RATE=200    watch delivery runs
+#   WARM_PUTS=0       puts (64 clients, 100,000 keys, not recorded) before the put levels, to
+#                     measure a steady state: every key written, compaction deleting history
 #   SKIP_FILL=1       skip the disk and memory run (1,000,000 puts over 10,000 keys; measured
 #                     10 s and again 40 s after)
 #   SKIP_IDLE=1       skip the idle-RSS run (100,000 keys of 1,000 bytes)
@@ -39,6 +41,7 @@ WATCH_RATE=${WATCH_RATE:-200}
 ONLY=${ONLY:-}
 BASE_PORT=${BASE_PORT:-23790}
 FLOTILLA_SERVER_ARGS=${FLOTILLA_SERVER_ARGS:-}
+WARM_PUTS=${WARM_PUTS:-0}
 
 out="bench/results/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out/logs"
@@ -185,6 +188,11 @@ bench() {
 suite() {
     local sys=$1 round=$2 level c w
     start_cluster "$sys"
+    if [ "$WARM_PUTS" -gt 0 ]; then
+        log "$sys round $round: warm-up, $WARM_PUTS puts"
+        "$BENCH" --endpoints "$(endpoints "$sys")" put --clients 64 --total "$WARM_PUTS" \
+            --value-size 256 >/dev/null 2>>"$out/bench.log"
+    fi
     for level in $PUT_LEVELS; do
         bench "$sys" "$round" put --clients "${level%%:*}" --total "$(n "${level#*:}")" --value-size 256
     done
@@ -271,7 +279,7 @@ measure_members() {
     echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (modified)')"
     echo "- etcd: $(etcd --version 2>/dev/null | head -1)"
     echo "- machine: $(nproc) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
-    echo "- RUNS=$RUNS FAILOVER_RUNS=$FAILOVER_RUNS SCALE=$SCALE PUT_LEVELS=\"$PUT_LEVELS\" RANGE_LEVELS=\"$RANGE_LEVELS\" WATCHERS=\"$WATCHERS\""
+    echo "- RUNS=$RUNS FAILOVER_RUNS=$FAILOVER_RUNS SCALE=$SCALE PUT_LEVELS=\"$PUT_LEVELS\" RANGE_LEVELS=\"$RANGE_LEVELS\" WATCHERS=\"$WATCHERS\" WARM_PUTS=$WARM_PUTS"
     echo
 } >"$out/header.md"
 

@@ -284,17 +284,22 @@ async fn compact_physically(kv: &KvState, epoch: u64, job: Compaction) -> Result
     let mut removed = job.removed;
     removed.sort_unstable();
     for step in removed.chunks(COMPACTION_STEP) {
-        let lock = kv.history.clone();
-        let _exclusive = lock.write().await;
+        let exclusive = kv.history.clone().write_owned().await;
         if kv.epoch.load(Ordering::Acquire) != epoch {
             return Ok(()); // the state was replaced by a snapshot meanwhile
         }
-        kv.backend.write(Batch {
-            deletes: step.to_vec(),
-            ..Default::default()
-        })?;
-        drop(_exclusive);
-        tokio::task::yield_now().await;
+        // Off the runtime's threads: a step rewrites chunks, which would hold up requests.
+        let backend = kv.backend.clone();
+        let deletes = step.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let _exclusive = exclusive;
+            backend.write(Batch {
+                deletes,
+                ..Default::default()
+            })
+        })
+        .await
+        .map_err(|e| BackendError::Io(format!("compaction step: {e}")))??;
     }
     tracing::debug!(
         revision = job.revision,
