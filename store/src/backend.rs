@@ -518,7 +518,10 @@ impl SledBackend {
             let mut fresh: Vec<Revision> = revs
                 .iter()
                 .copied()
-                .filter(|r| !state.dead.contains_key(r) && !state.chunks.is_empty())
+                .filter(|r| {
+                    // Already listed, or below every chunk (so not stored): nothing to list.
+                    !state.dead.contains_key(r) && state.chunks.range(..=*r).next_back().is_some()
+                })
                 .collect();
             fresh.sort_unstable();
             fresh.dedup();
