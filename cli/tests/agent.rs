@@ -326,6 +326,43 @@ async fn gone(c: &Client, name: &str) -> Duration {
     start.elapsed()
 }
 
+/// A container stopped the moment it was started (a liveness probe can fail that early) gets
+/// its SIGTERM, not the end of its grace period: the signal must not reach only the shim,
+/// which ignores it, before the shim has started the container.
+#[test]
+fn a_process_container_stopped_as_it_starts_gets_its_sigterm() {
+    use flotilla_node_agent::process::ProcessRuntime;
+    use flotilla_node_agent::runtime::{ContainerSpec, ContainerState, Runtime};
+    let dir = tempfile::tempdir().unwrap();
+    let node = format!("stop-early-{}", std::process::id());
+    let rt = ProcessRuntime::new(dir.path(), env!("CARGO_BIN_EXE_flotilla").into(), &node).unwrap();
+    runtime().block_on(async {
+        for n in 0..5 {
+            let spec = ContainerSpec {
+                pod_uid: format!("uid-{n}"),
+                pod_namespace: "default".into(),
+                pod_name: format!("early-{n}"),
+                name: "main".into(),
+                command: vec!["sh".into(), "-c".into(), "sleep 1000".into()],
+                ..Default::default()
+            };
+            let id = rt.start(&spec).await.unwrap();
+            let t = Instant::now();
+            rt.stop(&id, Duration::from_secs(60)).await;
+            let took = t.elapsed();
+            let state = rt.state(&id).await;
+            rt.remove(&id).await;
+            assert!(took < Duration::from_secs(20), "stop took {took:?}");
+            match state {
+                ContainerState::Exited { signal, .. } => {
+                    assert_eq!(signal, 15, "run {n}: not ended by SIGTERM: {state:?}")
+                }
+                other => panic!("run {n}: not stopped: {other:?}"),
+            }
+        }
+    });
+}
+
 #[test]
 fn pods_run_and_stop_within_their_grace_period_process() {
     pods_run_and_stop_within_their_grace_period(Rt::Process);

@@ -28,6 +28,10 @@ use crate::runtime::{ContainerRecord, ContainerSpec, ContainerState, Runtime, Ru
 /// Logs of a container are rotated past this size (one older file is kept).
 pub const LOG_LIMIT: u64 = 10 * 1024 * 1024;
 
+/// The file in a container's directory the shim writes (with the container's pid) once the
+/// container process runs.
+const STARTED: &str = "started";
+
 /// What the agent records about a container it started.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Meta {
@@ -390,11 +394,21 @@ impl Runtime for ProcessRuntime {
         if !matches!(self.state_of(id, &meta), ContainerState::Running { .. }) {
             return;
         }
+        let deadline = Instant::now() + grace;
+        // Until the shim has started the container, SIGTERM would reach only the shim, which
+        // ignores it, and the container would then run out its whole grace period: wait for
+        // the container to be there (or the shim to end) first.
+        let started = self.container_dir(id).join(STARTED);
+        while !started.exists()
+            && Instant::now() < deadline
+            && matches!(self.state_of(id, &meta), ContainerState::Running { .. })
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // SAFETY: kill(2) with a negative pid signals the process group; no memory is shared.
         unsafe {
             libc::kill(-meta.pid, libc::SIGTERM);
         }
-        let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if !matches!(self.state_of(id, &meta), ContainerState::Running { .. }) {
                 return;
@@ -580,6 +594,9 @@ fn run_logged(
         });
     }
     let mut child = cmd.spawn()?;
+    // spawn returns once the command has been exec'd with the default dispositions back: from
+    // now on SIGTERM to the group reaches it. `stop` waits for this mark before signalling.
+    let _ = fs::write(dir.join(STARTED), child.id().to_string());
     // The command holds the pipe's write end until dropped: drop it, so that the read ends
     // when the container (and whatever it left running with the pipe) is done.
     drop(cmd);
