@@ -321,6 +321,7 @@ async fn hostile_peer_messages_are_refused_and_harmless() {
         payload: vec![0xff; 64],
         error: String::new(),
         wire_version: 0,
+        ..Default::default()
     };
     // Wrong cluster, then right cluster with undecodable payloads, on every method.
     let r = peer.append_entries(garbage(1)).await.unwrap().into_inner();
@@ -369,6 +370,7 @@ async fn hostile_peer_messages_are_refused_and_harmless() {
         payload: codec::encode(&LeaderRequest::ProposeBatch(cmds)).unwrap(),
         error: String::new(),
         wire_version: WIRE_VERSION,
+        ..Default::default()
     };
     let r = peer
         .leader(propose(vec![
@@ -417,6 +419,73 @@ async fn hostile_peer_messages_are_refused_and_harmless() {
         Some("ok")
     );
     assert_eq!(common::get(&target, "big").await.unwrap(), None);
+    // The pipe checks every message as the unary calls do, answers each with its call id,
+    // and one bad message does not end it.
+    let (tx, rx) = mpsc::channel(8);
+    let mut replies = peer
+        .pipe(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let on_pipe = |msg: PeerMessage, call_id: u64, method: u32| PeerMessage {
+        call_id,
+        method,
+        ..msg
+    };
+    tx.send(on_pipe(garbage(1), 11, 1)).await.unwrap();
+    tx.send(on_pipe(future(), 12, 4)).await.unwrap();
+    tx.send(on_pipe(garbage(ours), 13, 99)).await.unwrap();
+    tx.send(on_pipe(garbage(ours), 14, 1)).await.unwrap();
+    tx.send(on_pipe(
+        propose(vec![Command::Put(put("piped", "ok"))]),
+        15,
+        4,
+    ))
+    .await
+    .unwrap();
+    let mut answers = std::collections::HashMap::new();
+    while answers.len() < 5 {
+        let r = tokio::time::timeout(Duration::from_secs(10), replies.message())
+            .await
+            .expect("a reply on the pipe")
+            .unwrap()
+            .expect("the pipe stays open");
+        answers.insert(r.call_id, r);
+    }
+    assert!(
+        answers[&11].error.contains("cluster id mismatch"),
+        "{:?}",
+        answers[&11]
+    );
+    assert!(
+        answers[&12]
+            .error
+            .contains("peer protocol version mismatch"),
+        "{:?}",
+        answers[&12]
+    );
+    assert!(
+        answers[&13].error.contains("unknown peer method 99"),
+        "{:?}",
+        answers[&13]
+    );
+    assert!(
+        answers[&14].error.contains("undecodable"),
+        "{:?}",
+        answers[&14]
+    );
+    assert!(answers[&15].error.is_empty(), "{:?}", answers[&15]);
+    let answer: Result<LeaderResponse, LeaderCallError> =
+        codec::decode(&answers[&15].payload).unwrap();
+    assert!(
+        matches!(&answer, Ok(LeaderResponse::ProposedBatch(r)) if matches!(r[..], [Ok(CommandResponse::Put(_))])),
+        "{answer:?}"
+    );
+    assert_eq!(
+        common::get(&target, "piped").await.unwrap().as_deref(),
+        Some("ok")
+    );
+    drop(tx);
     // The member still leads and serves.
     common::put(&target, "still", "alive").await;
     assert_eq!(c.leader().await, l);

@@ -36,7 +36,7 @@ pub use membership::MemberInfo;
 use crate::backend::SledBackend;
 use crate::kv::KvState;
 use crate::raft::log_store::LogStore;
-use crate::raft::network::{PEER_MAX_MESSAGE, Peers};
+use crate::raft::network::{PEER_CONNECTION_WINDOW, PEER_MAX_MESSAGE, PEER_STREAM_WINDOW, Peers};
 use crate::raft::peer::Hello;
 use crate::raft::state_machine::{SnapshotDir, SnapshotFiles, StateMachine, recover_install};
 use crate::types::{Member, NodeId, Raft, RaftMetrics};
@@ -233,6 +233,8 @@ impl StoreNode {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let result = tonic::transport::Server::builder()
+                .initial_stream_window_size(PEER_STREAM_WINDOW)
+                .initial_connection_window_size(PEER_CONNECTION_WINDOW)
                 .serve_with_incoming_shutdown(
                     tonic::service::Routes::new(service),
                     incoming,

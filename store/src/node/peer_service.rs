@@ -3,21 +3,25 @@
 //! Everything here comes from the network: a message for another cluster, or one that does
 //! not decode, is answered with an error and never acted upon.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use flotilla_proto::raft::PeerMessage;
 use flotilla_proto::raft::raft_peer_server::RaftPeer;
+use futures::Stream;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::{Request, Response, Status};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 
 use super::write::Attempt;
 use super::{Inner, StoreNode};
 use crate::codec;
 use crate::errors::StoreError;
 use crate::mvcc::{Command, CommandResponse, validate_command};
-use crate::raft::network::{WIRE_VERSION, wire_version_of};
+use crate::raft::network::{Method, WIRE_VERSION, wire_version_of};
 use crate::raft::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
 use crate::types::{NodeId, TypeConfig};
 
@@ -69,18 +73,109 @@ fn error_reply(error: String) -> PeerMessage {
         payload: Vec::new(),
         error,
         wire_version: WIRE_VERSION,
+        call_id: 0,
+        method: 0,
     }
 }
 
-fn reply<T: Serialize>(cluster_id: u64, value: &T) -> Result<Response<PeerMessage>, Status> {
-    let payload = codec::encode(value).map_err(Status::internal)?;
-    Ok(Response::new(PeerMessage {
-        cluster_id,
-        payload,
-        error: String::new(),
-        wire_version: WIRE_VERSION,
-    }))
+fn reply<T: Serialize>(cluster_id: u64, value: &T) -> PeerMessage {
+    match codec::encode(value) {
+        Ok(payload) => PeerMessage {
+            cluster_id,
+            payload,
+            error: String::new(),
+            wire_version: WIRE_VERSION,
+            call_id: 0,
+            method: 0,
+        },
+        Err(e) => error_reply(format!("the reply could not be encoded: {e}")),
+    }
 }
+
+impl PeerService {
+    /// Serves one request, from a unary call or the pipe: the reply, or an error reply for a
+    /// message that fails the envelope's checks or does not decode.
+    async fn serve(&self, method: Method, msg: &PeerMessage) -> PeerMessage {
+        let cluster = self.node.cluster_id();
+        match method {
+            Method::AppendEntries => {
+                match self.open::<AppendEntriesRequest<TypeConfig>>(msg, false) {
+                    Ok(req) => reply(cluster, &self.node.raft().append_entries(req).await),
+                    Err(e) => e,
+                }
+            }
+            Method::Vote => match self.open::<VoteRequest<NodeId>>(msg, false) {
+                Ok(req) => reply(cluster, &self.node.raft().vote(req).await),
+                Err(e) => e,
+            },
+            Method::InstallSnapshot => {
+                match self.open::<InstallSnapshotRequest<TypeConfig>>(msg, false) {
+                    Ok(req) => reply(cluster, &self.node.raft().install_snapshot(req).await),
+                    Err(e) => e,
+                }
+            }
+            Method::Leader => match self.open::<LeaderRequest>(msg, false) {
+                Ok(req) => reply(cluster, &self.node.serve_leader(req).await),
+                Err(e) => e,
+            },
+            Method::Hello => match self.open::<Hello>(msg, true) {
+                Ok(hello) => {
+                    tracing::debug!(from = %hello.peer_addr, "hello");
+                    let members = self
+                        .node
+                        .members()
+                        .into_iter()
+                        .map(|m| (m.id, m.member, !m.is_learner))
+                        .collect();
+                    let r = HelloReply {
+                        cluster_id: cluster,
+                        member_id: self.node.id(),
+                        name: self.node.name().to_string(),
+                        members,
+                    };
+                    reply(cluster, &r)
+                }
+                Err(e) => e,
+            },
+        }
+    }
+
+    /// A pipe: serves each request on it as a task of its own (a forwarded write waiting to
+    /// commit must not hold up the AppendEntries behind it) and sends each reply back with the
+    /// request's call id. It stops taking requests when the member shuts down; the stream
+    /// ends once the requests taken are answered.
+    fn run_pipe(&self, mut requests: Streaming<PeerMessage>) -> PipeStream {
+        let (out, rx) = mpsc::unbounded_channel();
+        let service = Arc::new(Self {
+            node: self.node.clone(),
+        });
+        let mut stop = self.node.shutdown_signal();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    m = requests.message() => m,
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                let Ok(Some(msg)) = next else { break };
+                let (service, out) = (service.clone(), out.clone());
+                tokio::spawn(async move {
+                    let mut reply = match Method::from_code(msg.method) {
+                        Some(m) => service.serve(m, &msg).await,
+                        None => error_reply(format!(
+                            "unknown peer method {} (are the members running different Flotilla releases?)",
+                            msg.method
+                        )),
+                    };
+                    reply.call_id = msg.call_id;
+                    let _ = out.send(Ok(reply));
+                });
+            }
+        });
+        Box::pin(UnboundedReceiverStream::new(rx))
+    }
+}
+
+type PipeStream = Pin<Box<dyn Stream<Item = Result<PeerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
@@ -88,63 +183,45 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        let req: AppendEntriesRequest<TypeConfig> = match self.open(request.get_ref(), false) {
-            Ok(r) => r,
-            Err(e) => return Ok(Response::new(e)),
-        };
-        let r = self.node.raft().append_entries(req).await;
-        reply(self.node.cluster_id(), &r)
+        Ok(Response::new(
+            self.serve(Method::AppendEntries, request.get_ref()).await,
+        ))
     }
 
     async fn vote(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
-        let req: VoteRequest<NodeId> = match self.open(request.get_ref(), false) {
-            Ok(r) => r,
-            Err(e) => return Ok(Response::new(e)),
-        };
-        let r = self.node.raft().vote(req).await;
-        reply(self.node.cluster_id(), &r)
+        Ok(Response::new(
+            self.serve(Method::Vote, request.get_ref()).await,
+        ))
     }
 
     async fn install_snapshot(
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        let req: InstallSnapshotRequest<TypeConfig> = match self.open(request.get_ref(), false) {
-            Ok(r) => r,
-            Err(e) => return Ok(Response::new(e)),
-        };
-        let r = self.node.raft().install_snapshot(req).await;
-        reply(self.node.cluster_id(), &r)
+        Ok(Response::new(
+            self.serve(Method::InstallSnapshot, request.get_ref()).await,
+        ))
     }
 
     async fn leader(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
-        let req: LeaderRequest = match self.open(request.get_ref(), false) {
-            Ok(r) => r,
-            Err(e) => return Ok(Response::new(e)),
-        };
-        let r = self.node.serve_leader(req).await;
-        reply(self.node.cluster_id(), &r)
+        Ok(Response::new(
+            self.serve(Method::Leader, request.get_ref()).await,
+        ))
     }
 
     async fn hello(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
-        let hello: Hello = match self.open(request.get_ref(), true) {
-            Ok(r) => r,
-            Err(e) => return Ok(Response::new(e)),
-        };
-        tracing::debug!(from = %hello.peer_addr, "hello");
-        let members = self
-            .node
-            .members()
-            .into_iter()
-            .map(|m| (m.id, m.member, !m.is_learner))
-            .collect();
-        let r = HelloReply {
-            cluster_id: self.node.cluster_id(),
-            member_id: self.node.id(),
-            name: self.node.name().to_string(),
-            members,
-        };
-        reply(self.node.cluster_id(), &r)
+        Ok(Response::new(
+            self.serve(Method::Hello, request.get_ref()).await,
+        ))
+    }
+
+    type PipeStream = PipeStream;
+
+    async fn pipe(
+        &self,
+        request: Request<Streaming<PeerMessage>>,
+    ) -> Result<Response<Self::PipeStream>, Status> {
+        Ok(Response::new(self.run_pipe(request.into_inner())))
     }
 }
 

@@ -170,9 +170,11 @@ fn leader_outcome(
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) => Err(refusal(addr, e)),
         Err(e @ PeerCallError::Unreachable { .. }) => Err(Attempt::Retry(e.to_string())),
-        Err(e @ PeerCallError::Timeout { .. }) => Err(Attempt::Done(Err(StoreError::Timeout(
-            format!("{e}; the request may still take effect"),
-        )))),
+        Err(e @ (PeerCallError::Timeout { .. } | PeerCallError::Broken { .. })) => {
+            Err(Attempt::Done(Err(StoreError::Timeout(format!(
+                "{e}; the request may still take effect"
+            )))))
+        }
         Err(e @ PeerCallError::Remote { .. }) => {
             Err(Attempt::Done(Err(StoreError::Internal(e.to_string()))))
         }
@@ -338,7 +340,9 @@ async fn forward_batch(
         ))))
     };
     let r = match r {
-        Err(e @ PeerCallError::Remote { .. }) => Err(unknown(e.to_string())),
+        Err(e @ (PeerCallError::Remote { .. } | PeerCallError::Broken { .. })) => {
+            Err(unknown(e.to_string()))
+        }
         r => leader_outcome(addr, r),
     };
     match r {

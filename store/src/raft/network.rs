@@ -3,6 +3,12 @@
 //! One HTTP/2 connection per peer address, created lazily and shared by every call to it.
 //! Payloads are bincode; the envelope carries the cluster id, and a peer of another cluster
 //! answers with an error instead of acting on anything.
+//!
+//! The frequent calls, AppendEntries and forwarded writes (leader calls), travel on one
+//! long-lived bidirectional stream per peer (`Pipe`), matched with their replies by a call id:
+//! a unary call costs an HTTP/2 stream, its headers and trailers, a task on the server and a
+//! hop through the channel's buffer, and those were about a fifth of a member's CPU at 64
+//! clients (BENCHMARKS.md, "Morning of 2026-12-04"). Votes, snapshots and hellos stay unary.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,6 +30,7 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 use super::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
@@ -67,6 +74,10 @@ pub enum PeerCallError {
     /// The peer answered with an error, or with something that cannot be decoded.
     #[error("peer {addr}: {reason}")]
     Remote { addr: String, reason: String },
+    /// The stream the request went on broke before the answer came; the request may have
+    /// been acted upon.
+    #[error("the connection to peer {addr} broke before it answered ({reason})")]
+    Broken { addr: String, reason: String },
 }
 
 /// How long a snapshot transfer waits for its file to be written before it gives up (openraft
@@ -75,6 +86,11 @@ const SNAPSHOT_WRITE_WAIT: Duration = Duration::from_secs(60);
 
 /// How long a connection to a peer may take to open.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// HTTP/2 flow-control windows of peer connections: a long-lived stream shares one window for
+/// all its messages, and a batch of entries for a lagging member can be megabytes.
+pub const PEER_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+pub const PEER_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// Opens a TCP connection to `uri`'s host and port from the local address `ip`.
 async fn connect_from(
@@ -112,6 +128,10 @@ pub struct Peers {
     me: NodeId,
     cluster_id: Arc<std::sync::atomic::AtomicU64>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// The open pipe to each peer address.
+    pipes: Arc<Mutex<HashMap<String, Arc<Pipe>>>>,
+    /// Peers that offer no pipe (an older release): called with unary calls only.
+    unpiped: Arc<Mutex<std::collections::HashSet<String>>>,
     filter: Option<Arc<dyn PeerFilter>>,
     /// Source address of outgoing connections (`--peer-source-ip`); the OS picks when unset.
     source_ip: Option<IpAddr>,
@@ -125,6 +145,8 @@ impl Peers {
             me,
             cluster_id: Arc::new(cluster_id.into()),
             channels: Arc::new(Mutex::new(HashMap::new())),
+            pipes: Arc::default(),
+            unpiped: Arc::default(),
             filter,
             source_ip: None,
             snapshots: None,
@@ -160,6 +182,8 @@ impl Peers {
             })?
             .connect_timeout(PEER_CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            .initial_stream_window_size(PEER_STREAM_WINDOW)
+            .initial_connection_window_size(PEER_CONNECTION_WINDOW)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
@@ -207,35 +231,19 @@ impl Peers {
             addr: addr.into(),
             reason: e,
         })?;
-        let mut client = RaftPeerClient::new(self.channel(addr)?)
-            .max_decoding_message_size(PEER_MAX_MESSAGE)
-            .max_encoding_message_size(PEER_MAX_MESSAGE);
         let msg = PeerMessage {
             cluster_id: self.cluster_id(),
             payload,
             error: String::new(),
             wire_version: WIRE_VERSION,
+            call_id: 0,
+            method: method.code(),
         };
-        let mut request = tonic::Request::new(msg);
-        request.set_timeout(timeout);
-        let fut = async {
-            match method {
-                Method::AppendEntries => client.append_entries(request).await,
-                Method::Vote => client.vote(request).await,
-                Method::InstallSnapshot => client.install_snapshot(request).await,
-                Method::Leader => client.leader(request).await,
-                Method::Hello => client.hello(request).await,
-            }
-        };
-        let reply = match tokio::time::timeout(timeout, fut).await {
-            Err(_) => {
-                return Err(PeerCallError::Timeout {
-                    addr: addr.into(),
-                    timeout,
-                });
-            }
-            Ok(Err(status)) => return Err(status_error(addr, status, timeout)),
-            Ok(Ok(reply)) => reply.into_inner(),
+        let piped = method.piped() && !self.lock_unpiped().contains(addr);
+        let reply = if piped {
+            self.pipe_call(addr, msg, timeout).await?
+        } else {
+            self.unary_call(addr, method, msg, timeout).await?
         };
         if !reply.error.is_empty() {
             return Err(PeerCallError::Remote {
@@ -256,6 +264,121 @@ impl Peers {
             addr: addr.into(),
             reason: format!("undecodable reply: {e}"),
         })
+    }
+
+    async fn unary_call(
+        &self,
+        addr: &str,
+        method: Method,
+        msg: PeerMessage,
+        timeout: Duration,
+    ) -> Result<PeerMessage, PeerCallError> {
+        let mut client = RaftPeerClient::new(self.channel(addr)?)
+            .max_decoding_message_size(PEER_MAX_MESSAGE)
+            .max_encoding_message_size(PEER_MAX_MESSAGE);
+        let mut request = tonic::Request::new(msg);
+        request.set_timeout(timeout);
+        let fut = async {
+            match method {
+                Method::AppendEntries => client.append_entries(request).await,
+                Method::Vote => client.vote(request).await,
+                Method::InstallSnapshot => client.install_snapshot(request).await,
+                Method::Leader => client.leader(request).await,
+                Method::Hello => client.hello(request).await,
+            }
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Err(_) => Err(PeerCallError::Timeout {
+                addr: addr.into(),
+                timeout,
+            }),
+            Ok(Err(status)) => Err(status_error(addr, status, timeout)),
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+        }
+    }
+
+    fn lock_unpiped(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.unpiped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One call on the pipe to `addr`, opened if there is none (or the last one broke).
+    async fn pipe_call(
+        &self,
+        addr: &str,
+        mut msg: PeerMessage,
+        timeout: Duration,
+    ) -> Result<PeerMessage, PeerCallError> {
+        let (tx, rx) = oneshot::channel();
+        let mut waiter = tx;
+        let mut tries = 0;
+        let (pipe, id) = loop {
+            let pipe = self.pipe(addr)?;
+            match pipe.register(waiter) {
+                Ok(id) => break (pipe, id),
+                // It closed between being handed out and now: open another, a few times.
+                Err(w) if tries < 3 => {
+                    tries += 1;
+                    waiter = w;
+                }
+                Err(_) => {
+                    return Err(PeerCallError::Unreachable {
+                        addr: addr.into(),
+                        reason: "every stream opened to the peer closed at once".into(),
+                    });
+                }
+            }
+        };
+        msg.call_id = id;
+        if pipe.out.send(msg).is_err() {
+            // The stream's receiving end is gone: the message never left.
+            pipe.forget(id);
+            return Err(PeerCallError::Unreachable {
+                addr: addr.into(),
+                reason: "the stream to the peer has closed".into(),
+            });
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Err(_) => {
+                pipe.forget(id);
+                Err(PeerCallError::Timeout {
+                    addr: addr.into(),
+                    timeout,
+                })
+            }
+            Ok(Err(_)) => Err(PeerCallError::Broken {
+                addr: addr.into(),
+                reason: "the stream was dropped".into(),
+            }),
+            Ok(Ok(reply)) => reply,
+        }
+    }
+
+    /// The open pipe to `addr`, or a new one (its stream opens in the background; calls made
+    /// meanwhile wait in it).
+    fn pipe(&self, addr: &str) -> Result<Arc<Pipe>, PeerCallError> {
+        let mut pipes = self.pipes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = pipes.get(addr)
+            && !p.is_closed()
+        {
+            return Ok(p.clone());
+        }
+        let client = RaftPeerClient::new(self.channel(addr)?)
+            .max_decoding_message_size(PEER_MAX_MESSAGE)
+            .max_encoding_message_size(PEER_MAX_MESSAGE);
+        let (out, rx) = mpsc::unbounded_channel();
+        let pipe = Arc::new(Pipe {
+            out,
+            calls: Mutex::default(),
+        });
+        pipes.insert(addr.to_string(), pipe.clone());
+        tokio::spawn(run_pipe(
+            client,
+            rx,
+            pipe.clone(),
+            addr.to_string(),
+            self.unpiped.clone(),
+        ));
+        Ok(pipe)
     }
 
     /// Asks the member at `addr` (the leader, presumably) to serve `req`.
@@ -279,6 +402,131 @@ impl Peers {
     ) -> Result<HelloReply, PeerCallError> {
         self.call(None, addr, Method::Hello, hello, timeout).await
     }
+}
+
+/// Where the reply to a call on a pipe goes.
+type Waiter = oneshot::Sender<Result<PeerMessage, PeerCallError>>;
+
+/// A long-lived stream to one peer and the calls waiting for their replies on it.
+struct Pipe {
+    out: mpsc::UnboundedSender<PeerMessage>,
+    calls: Mutex<PipeCalls>,
+}
+
+#[derive(Default)]
+struct PipeCalls {
+    last_id: u64,
+    waiting: HashMap<u64, Waiter>,
+    /// Once set, the stream has ended and no call is taken any more.
+    closed: bool,
+}
+
+impl Pipe {
+    fn calls(&self) -> std::sync::MutexGuard<'_, PipeCalls> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.calls().closed
+    }
+
+    /// Takes a call's waiter and gives it an id; hands the waiter back once the pipe closed.
+    fn register(&self, waiter: Waiter) -> Result<u64, Waiter> {
+        let mut calls = self.calls();
+        if calls.closed {
+            return Err(waiter);
+        }
+        calls.last_id += 1;
+        let id = calls.last_id;
+        calls.waiting.insert(id, waiter);
+        Ok(id)
+    }
+
+    fn forget(&self, id: u64) {
+        self.calls().waiting.remove(&id);
+    }
+
+    /// Hands a reply to its call (a call that gave up waiting is gone; its reply is dropped).
+    fn answer(&self, reply: PeerMessage) {
+        let waiter = self.calls().waiting.remove(&reply.call_id);
+        if let Some(w) = waiter {
+            let _ = w.send(Ok(reply));
+        }
+    }
+
+    /// Ends the pipe: every call still waiting gets the error `why` makes.
+    fn close(&self, why: impl Fn() -> PeerCallError) {
+        let waiting = {
+            let mut calls = self.calls();
+            calls.closed = true;
+            std::mem::take(&mut calls.waiting)
+        };
+        for (_, w) in waiting {
+            let _ = w.send(Err(why()));
+        }
+    }
+}
+
+/// Opens the pipe's stream, hands every reply to its call, and closes the pipe when the
+/// stream ends.
+async fn run_pipe(
+    mut client: RaftPeerClient<Channel>,
+    rx: mpsc::UnboundedReceiver<PeerMessage>,
+    pipe: Arc<Pipe>,
+    addr: String,
+    unpiped: Arc<Mutex<std::collections::HashSet<String>>>,
+) {
+    let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+    let mut replies = match client.pipe(requests).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            // Nothing sent on a stream that did not open was acted upon, unless the failure
+            // came after the peer had the stream (then its outcome is unknown).
+            if status.code() == tonic::Code::Unimplemented {
+                tracing::info!(peer = %addr, "the peer offers no pipe; calling it unary");
+                unpiped
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(addr.clone());
+                pipe.close(|| PeerCallError::Unreachable {
+                    addr: addr.clone(),
+                    reason: "the peer offers no pipe (an older release); the next call goes unary"
+                        .into(),
+                });
+                return;
+            }
+            let unsent = matches!(
+                status_error(&addr, status.clone(), Duration::ZERO),
+                PeerCallError::Unreachable { .. }
+            );
+            pipe.close(|| {
+                if unsent {
+                    PeerCallError::Unreachable {
+                        addr: addr.clone(),
+                        reason: status.message().to_string(),
+                    }
+                } else {
+                    PeerCallError::Broken {
+                        addr: addr.clone(),
+                        reason: format!("{}: {}", status.code(), status.message()),
+                    }
+                }
+            });
+            return;
+        }
+    };
+    let why = loop {
+        match replies.message().await {
+            Ok(Some(reply)) => pipe.answer(reply),
+            Ok(None) => break "the peer closed the stream".to_string(),
+            Err(status) => break format!("{}: {}", status.code(), status.message()),
+        }
+    };
+    tracing::debug!(peer = %addr, "the pipe closed: {why}");
+    pipe.close(|| PeerCallError::Broken {
+        addr: addr.clone(),
+        reason: why.clone(),
+    });
 }
 
 fn status_error(addr: &str, status: tonic::Status, timeout: Duration) -> PeerCallError {
@@ -319,13 +567,42 @@ fn never_sent(status: &tonic::Status) -> bool {
     false
 }
 
-#[derive(Clone, Copy)]
-enum Method {
+/// The peer calls; `code` is the number a pipe request names its method with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Method {
     AppendEntries,
     Vote,
     InstallSnapshot,
     Leader,
     Hello,
+}
+
+impl Method {
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Method::AppendEntries => 1,
+            Method::Vote => 2,
+            Method::InstallSnapshot => 3,
+            Method::Leader => 4,
+            Method::Hello => 5,
+        }
+    }
+
+    pub(crate) fn from_code(code: u32) -> Option<Self> {
+        Some(match code {
+            1 => Method::AppendEntries,
+            2 => Method::Vote,
+            3 => Method::InstallSnapshot,
+            4 => Method::Leader,
+            5 => Method::Hello,
+            _ => return None,
+        })
+    }
+
+    /// The frequent calls go on the pipe; votes, snapshot chunks and hellos are unary.
+    fn piped(self) -> bool {
+        matches!(self, Method::AppendEntries | Method::Leader)
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Peers {
@@ -376,7 +653,9 @@ impl PeerClient {
                     target: self.target,
                     timeout,
                 }),
-                PeerCallError::Remote { .. } => RPCError::Network(NetworkError::new(&e)),
+                PeerCallError::Remote { .. } | PeerCallError::Broken { .. } => {
+                    RPCError::Network(NetworkError::new(&e))
+                }
             })?;
         reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
@@ -485,6 +764,8 @@ mod tests {
             payload: vec![0xff; 8],
             error: String::new(),
             wire_version: WIRE_VERSION + 1,
+            call_id: 0,
+            method: 0,
         }))
     }
 
@@ -511,6 +792,41 @@ mod tests {
         async fn hello(&self, _: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
             newer()
         }
+        type PipeStream = tokio_stream::Empty<Result<PeerMessage, Status>>;
+        async fn pipe(
+            &self,
+            _: Request<tonic::Streaming<PeerMessage>>,
+        ) -> Result<Response<Self::PipeStream>, Status> {
+            Err(Status::unimplemented("an older release"))
+        }
+    }
+
+    /// A peer without the pipe (an older release) is called unary from then on: the call that
+    /// found out is refused as undelivered (so it is retried), the next goes through.
+    #[tokio::test]
+    async fn a_peer_without_the_pipe_is_called_unary() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftPeerServer::new(NewerPeer))
+                .serve_with_incoming(incoming),
+        );
+        let peers = Peers::new(1, 7, None);
+        let call =
+            || peers.leader_call(2, &addr, &LeaderRequest::ReadIndex, Duration::from_secs(5));
+        let first = call().await.unwrap_err();
+        assert!(
+            matches!(&first, PeerCallError::Unreachable { reason, .. } if reason.contains("no pipe")),
+            "{first}"
+        );
+        // The unary call reaches it: it answers in its own version, which is refused.
+        let second = call().await.unwrap_err();
+        assert!(
+            matches!(&second, PeerCallError::Remote { reason, .. } if reason.contains("protocol version")),
+            "{second}"
+        );
     }
 
     #[tokio::test]
