@@ -14,8 +14,9 @@
 //! writes records before it publishes them, so between history and ring there is no gap; it
 //! skips what it has already delivered, so there are no duplicates.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_proto::mvccpb::{Event, KeyValue, event::EventType};
@@ -82,8 +83,51 @@ pub struct WatchHub {
     tx: broadcast::Sender<Notice>,
     config: WatchConfig,
     watchers: Arc<AtomicI64>,
-    /// Running watchers that want previous values.
-    prev_watchers: Arc<AtomicI64>,
+    /// The ranges of the running watchers that want previous values.
+    prev: Arc<Mutex<PrevRanges>>,
+}
+
+/// The key ranges of the watchers that want previous values, by watcher.
+#[derive(Default)]
+struct PrevRanges {
+    last_id: u64,
+    by_watcher: HashMap<u64, KeyRange>,
+    /// `by_watcher`'s ranges, as the apply path takes them (once per apply call).
+    all: Arc<Vec<KeyRange>>,
+}
+
+impl PrevRanges {
+    fn rebuild(&mut self) {
+        self.all = Arc::new(self.by_watcher.values().cloned().collect());
+    }
+}
+
+/// Keeps a watcher's range among those that want previous values while it lives.
+struct PrevWatch {
+    ranges: Arc<Mutex<PrevRanges>>,
+    id: u64,
+}
+
+impl PrevWatch {
+    fn new(ranges: Arc<Mutex<PrevRanges>>, range: KeyRange) -> Self {
+        let id = {
+            let mut r = ranges.lock().unwrap_or_else(|p| p.into_inner());
+            r.last_id += 1;
+            let id = r.last_id;
+            r.by_watcher.insert(id, range);
+            r.rebuild();
+            id
+        };
+        Self { ranges, id }
+    }
+}
+
+impl Drop for PrevWatch {
+    fn drop(&mut self) {
+        let mut r = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        r.by_watcher.remove(&self.id);
+        r.rebuild();
+    }
 }
 
 impl WatchHub {
@@ -93,14 +137,24 @@ impl WatchHub {
             tx,
             config,
             watchers: Arc::new(AtomicI64::new(0)),
-            prev_watchers: Arc::new(AtomicI64::new(0)),
+            prev: Arc::default(),
         }
     }
 
-    /// Whether any watcher on this member wants previous values. Events published while none
-    /// does may leave them out: a watcher started since reads them from history.
+    /// Whether any watcher on this member wants previous values.
     pub fn wants_prev(&self) -> bool {
-        self.prev_watchers.load(Ordering::Acquire) > 0
+        !self.prev_ranges().is_empty()
+    }
+
+    /// The key ranges of the watchers on this member that want previous values. Events of
+    /// keys outside them may leave previous values out: a watcher started since reads them
+    /// from history.
+    pub fn prev_ranges(&self) -> Arc<Vec<KeyRange>> {
+        self.prev
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .all
+            .clone()
     }
 
     /// Called by the apply path; never waits.
@@ -135,7 +189,7 @@ impl WatchHub {
         out: mpsc::Sender<WatchOutput>,
         control: mpsc::UnboundedSender<WatchOutput>,
     ) -> WatcherHandle {
-        let spec_prev = spec.prev_kv;
+        let prev_range = spec.prev_kv.then(|| spec.range.clone());
         let rx = self.tx.subscribe();
         let progress = Arc::new(AtomicI64::new(spec.start.saturating_sub(1)));
         let watcher = Watcher {
@@ -147,7 +201,7 @@ impl WatchHub {
             config: self.config.clone(),
             progress: progress.clone(),
             _count: WatcherCount::new(self.watchers.clone()),
-            _prev_count: spec_prev.then(|| WatcherCount::new(self.prev_watchers.clone())),
+            _prev: prev_range.map(|r| PrevWatch::new(self.prev.clone(), r)),
         };
         let task = tokio::spawn(watcher.run());
         WatcherHandle { task, progress }
@@ -233,7 +287,7 @@ struct Watcher {
     config: WatchConfig,
     progress: Arc<AtomicI64>,
     _count: WatcherCount,
-    _prev_count: Option<WatcherCount>,
+    _prev: Option<PrevWatch>,
 }
 
 /// Why a watcher stopped delivering.

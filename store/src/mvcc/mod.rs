@@ -22,6 +22,7 @@ mod write;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
+use std::sync::Arc;
 
 use flotilla_proto::etcdserverpb::{
     CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantResponse,
@@ -218,17 +219,36 @@ pub struct Mvcc {
     current: i64,
     compacted: i64,
     leases: BTreeMap<i64, LeaseInfo>,
-    /// Whether put events may leave out the previous value (no watcher wants it); a put then
-    /// reads no record unless its request needs the previous one. See [`Mvcc::omit_prev`].
-    omit_prev: bool,
+    /// Which put events carry the previous value; a put whose event leaves it out reads no
+    /// record unless its request needs the previous one. See [`Mvcc::keep_prev`].
+    keep_prev: PrevValues,
+}
+
+/// Which put events carry the key's previous value.
+#[derive(Clone, Debug, Default)]
+pub enum PrevValues {
+    /// Every one.
+    #[default]
+    All,
+    /// Those of keys in these ranges (the ranges of the watchers that want previous values);
+    /// none when empty.
+    Within(Arc<Vec<KeyRange>>),
 }
 
 impl Mvcc {
-    /// Lets put events leave out the previous value from now on, or not. A watcher that wants
+    /// Says which put events carry the previous value from now on. A watcher that wants
     /// previous values and sees an event without one reads it from history (see
     /// [`crate::watch`]): the writer need not know about watchers that start meanwhile.
-    pub fn omit_prev(&mut self, omit: bool) {
-        self.omit_prev = omit;
+    pub fn keep_prev(&mut self, keep: PrevValues) {
+        self.keep_prev = keep;
+    }
+
+    /// Whether a put of `key` carries the previous value in its event.
+    fn wants_prev(&self, key: &[u8]) -> bool {
+        match &self.keep_prev {
+            PrevValues::All => true,
+            PrevValues::Within(ranges) => ranges.iter().any(|r| r.contains(key)),
+        }
     }
 
     /// The revision of the last write transaction applied.

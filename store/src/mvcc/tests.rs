@@ -779,7 +779,7 @@ fn a_write_cut_short_leaves_nothing_behind_and_applies_again() {
 #[test]
 fn puts_keep_counting_versions_across_compaction_without_reading_values() {
     let mut f = Fixture::default();
-    f.mvcc.omit_prev(true);
+    f.mvcc.keep_prev(PrevValues::Within(Arc::default()));
     f.apply(Command::LeaseGrant { id: 3, ttl: 30 });
     f.put("k", "1");
     f.apply(Command::Put(PutRequest {
@@ -817,12 +817,24 @@ fn puts_keep_counting_versions_across_compaction_without_reading_values() {
         Some(b"3".to_vec())
     );
     assert_eq!(f.mvcc.lease(3).map(|l| l.keys.len()), Some(0), "detached");
-    f.mvcc.omit_prev(false);
+    f.mvcc.keep_prev(PrevValues::All);
     let applied = f.put("k", "5");
     assert_eq!(
         applied.events[0].prev_kv.as_ref().map(|p| p.value.clone()),
         Some(b"4".to_vec())
     );
+    // Kept for the keys some watcher's range holds, and only for those.
+    f.mvcc
+        .keep_prev(PrevValues::Within(Arc::new(vec![KeyRange::new(
+            b"j", b"l",
+        )])));
+    let applied = f.put("k", "6");
+    assert_eq!(
+        applied.events[0].prev_kv.as_ref().map(|p| p.value.clone()),
+        Some(b"5".to_vec())
+    );
+    let applied = f.put("other", "y");
+    assert_eq!(applied.events[0].prev_kv, None, "outside every range");
 }
 
 /// One step of [`compaction_visits_only_what_it_must`].

@@ -232,7 +232,7 @@ fn put(
 ) -> Result<PutResponse, BackendError> {
     let live = mvcc.live(&req.key);
     // The previous value itself only when something will use it: the index knows the rest.
-    let prev = if req.prev_kv || req.ignore_value || !mvcc.omit_prev {
+    let prev = if req.prev_kv || req.ignore_value || mvcc.wants_prev(&req.key) {
         latest_record(mvcc, w, &req.key)?.map(|r| r.kv)
     } else {
         None

@@ -32,7 +32,7 @@ use crate::backend::SledBackend;
 use crate::codec;
 use crate::errors::BackendError;
 use crate::kv::KvState;
-use crate::mvcc::{Backend, Batch, Command, CommandResponse, Mvcc};
+use crate::mvcc::{Backend, Batch, Command, CommandResponse, Mvcc, PrevValues};
 use crate::snapshot::{SnapshotHeader, SnapshotItem, SnapshotReader, SnapshotWriter};
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -555,7 +555,7 @@ impl StateMachine {
         let mut compactions = Vec::new();
         let (from, to) = {
             let mut mvcc = self.kv.write();
-            mvcc.omit_prev(!self.kv.hub().wants_prev());
+            mvcc.keep_prev(PrevValues::Within(self.kv.hub().prev_ranges()));
             let from = mvcc.revision() + 1;
             // One write for all the entries of this call, the applied log id last (see the
             // module's doc); each command reads what the ones before it wrote through the
