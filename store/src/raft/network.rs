@@ -801,10 +801,8 @@ mod tests {
         }
     }
 
-    /// A peer without the pipe (an older release) is called unary from then on: the call that
-    /// found out is refused as undelivered (so it is retried), the next goes through.
-    #[tokio::test]
-    async fn a_peer_without_the_pipe_is_called_unary() {
+    /// Serves [`NewerPeer`] on an ephemeral port; its address.
+    async fn serve_newer_peer() -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
@@ -813,6 +811,14 @@ mod tests {
                 .add_service(RaftPeerServer::new(NewerPeer))
                 .serve_with_incoming(incoming),
         );
+        addr
+    }
+
+    /// A peer without the pipe (an older release) is called unary from then on: the call that
+    /// found out is refused as undelivered (so it is retried), the next goes through.
+    #[tokio::test]
+    async fn a_peer_without_the_pipe_is_called_unary() {
+        let addr = serve_newer_peer().await;
         let peers = Peers::new(1, 7, None);
         let call =
             || peers.leader_call(2, &addr, &LeaderRequest::ReadIndex, Duration::from_secs(5));
@@ -831,14 +837,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_in_another_encoding_version_is_refused_not_decoded() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(RaftPeerServer::new(NewerPeer))
-                .serve_with_incoming(incoming),
-        );
+        let addr = serve_newer_peer().await;
         let peers = Peers::new(1, 7, None);
         let hello = Hello {
             peer_addr: "127.0.0.1:1".into(),
