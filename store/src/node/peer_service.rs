@@ -21,7 +21,7 @@ use super::{Inner, StoreNode};
 use crate::codec;
 use crate::errors::StoreError;
 use crate::mvcc::{Command, CommandResponse, validate_command};
-use crate::raft::network::{Method, WIRE_VERSION, wire_version_of};
+use crate::raft::network::{Method, PEER_MAX_MESSAGE, WIRE_VERSION, wire_version_of};
 use crate::raft::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
 use crate::types::{NodeId, TypeConfig};
 
@@ -166,6 +166,13 @@ impl PeerService {
                             msg.method
                         )),
                     };
+                    // One reply over the limit would end the stream for every call on it.
+                    if reply.payload.len() > PEER_MAX_MESSAGE - 1024 {
+                        reply = error_reply(format!(
+                            "the reply of {} bytes is over the {PEER_MAX_MESSAGE}-byte limit",
+                            reply.payload.len()
+                        ));
+                    }
                     reply.call_id = msg.call_id;
                     let _ = out.send(Ok(reply));
                 });

@@ -203,7 +203,7 @@ impl Peers {
         }
     }
 
-    /// One unary call: encode, send with a deadline, decode.
+    /// One call: encode, send with a deadline (on the pipe, or unary), decode.
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         target: Option<NodeId>,
@@ -241,7 +241,7 @@ impl Peers {
         };
         let piped = method.piped() && !self.lock_unpiped().contains(addr);
         let reply = if piped {
-            self.pipe_call(addr, msg, timeout).await?
+            self.pipe_call(addr, method, msg, timeout).await?
         } else {
             self.unary_call(addr, method, msg, timeout).await?
         };
@@ -301,24 +301,30 @@ impl Peers {
         self.unpiped.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One call on the pipe to `addr`, opened if there is none (or the last one broke).
+    /// One call on the pipe to `addr`, opened if there is none (or the last one closed); a
+    /// unary call once the peer turned out to offer none.
     async fn pipe_call(
         &self,
         addr: &str,
-        mut msg: PeerMessage,
+        method: Method,
+        msg: PeerMessage,
         timeout: Duration,
     ) -> Result<PeerMessage, PeerCallError> {
         let (tx, rx) = oneshot::channel();
-        let mut waiter = tx;
+        let (mut msg, mut waiter) = (msg, tx);
         let mut tries = 0;
         let (pipe, id) = loop {
+            if self.lock_unpiped().contains(addr) {
+                return self.unary_call(addr, method, msg, timeout).await;
+            }
             let pipe = self.pipe(addr)?;
-            match pipe.register(waiter) {
+            match pipe.send(msg, waiter) {
                 Ok(id) => break (pipe, id),
-                // It closed between being handed out and now: open another, a few times.
-                Err(w) if tries < 3 => {
+                // It closed between being handed out and now (nothing was sent): open
+                // another, a few times.
+                Err((m, w)) if tries < 3 => {
                     tries += 1;
-                    waiter = w;
+                    (msg, waiter) = (m, w);
                 }
                 Err(_) => {
                     return Err(PeerCallError::Unreachable {
@@ -328,15 +334,6 @@ impl Peers {
                 }
             }
         };
-        msg.call_id = id;
-        if pipe.out.send(msg).is_err() {
-            // The stream's receiving end is gone: the message never left.
-            pipe.forget(id);
-            return Err(PeerCallError::Unreachable {
-                addr: addr.into(),
-                reason: "the stream to the peer has closed".into(),
-            });
-        }
         match tokio::time::timeout(timeout, rx).await {
             Err(_) => {
                 pipe.forget(id);
@@ -367,8 +364,10 @@ impl Peers {
             .max_encoding_message_size(PEER_MAX_MESSAGE);
         let (out, rx) = mpsc::unbounded_channel();
         let pipe = Arc::new(Pipe {
-            out,
-            calls: Mutex::default(),
+            calls: Mutex::new(PipeCalls {
+                out: Some(out),
+                ..Default::default()
+            }),
         });
         pipes.insert(addr.to_string(), pipe.clone());
         tokio::spawn(run_pipe(
@@ -409,7 +408,6 @@ type Waiter = oneshot::Sender<Result<PeerMessage, PeerCallError>>;
 
 /// A long-lived stream to one peer and the calls waiting for their replies on it.
 struct Pipe {
-    out: mpsc::UnboundedSender<PeerMessage>,
     calls: Mutex<PipeCalls>,
 }
 
@@ -417,8 +415,8 @@ struct Pipe {
 struct PipeCalls {
     last_id: u64,
     waiting: HashMap<u64, Waiter>,
-    /// Once set, the stream has ended and no call is taken any more.
-    closed: bool,
+    /// The stream's sending end; `None` once the pipe takes no more calls (its stream ended).
+    out: Option<mpsc::UnboundedSender<PeerMessage>>,
 }
 
 impl Pipe {
@@ -427,19 +425,29 @@ impl Pipe {
     }
 
     fn is_closed(&self) -> bool {
-        self.calls().closed
+        self.calls().out.is_none()
     }
 
-    /// Takes a call's waiter and gives it an id; hands the waiter back once the pipe closed.
-    fn register(&self, waiter: Waiter) -> Result<u64, Waiter> {
+    /// Sends a call's request, under the same lock as `close`, so a request is either on its
+    /// way with its waiter registered or handed back unsent (the pipe takes no more calls).
+    fn send(&self, mut msg: PeerMessage, waiter: Waiter) -> Result<u64, (PeerMessage, Waiter)> {
         let mut calls = self.calls();
-        if calls.closed {
-            return Err(waiter);
-        }
+        let Some(out) = calls.out.clone() else {
+            return Err((msg, waiter));
+        };
         calls.last_id += 1;
         let id = calls.last_id;
-        calls.waiting.insert(id, waiter);
-        Ok(id)
+        msg.call_id = id;
+        match out.send(msg) {
+            Ok(()) => {
+                calls.waiting.insert(id, waiter);
+                Ok(id)
+            }
+            Err(mpsc::error::SendError(msg)) => {
+                calls.out = None;
+                Err((msg, waiter))
+            }
+        }
     }
 
     fn forget(&self, id: u64) {
@@ -458,7 +466,7 @@ impl Pipe {
     fn close(&self, why: impl Fn() -> PeerCallError) {
         let waiting = {
             let mut calls = self.calls();
-            calls.closed = true;
+            calls.out = None;
             std::mem::take(&mut calls.waiting)
         };
         for (_, w) in waiting {
