@@ -793,7 +793,21 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> (sled::Db, SledBackend) {
-        let db = sled::Config::new().path(dir).open().expect("open sled");
+        // sled's background threads let go of the previous handle's file lock a moment after
+        // it is dropped: a reopen right after a drop waits for it, up to a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => break db,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => panic!("open sled: {e}"),
+            }
+        };
         let backend = SledBackend::open(&db).expect("open backend");
         (db, backend)
     }
