@@ -303,6 +303,59 @@ async fn watch_stream_create_events_cancel_and_progress() {
     c.shutdown().await;
 }
 
+/// A member shutting down answers the calls it read on a pipe, then ends the pipe saying the
+/// last call it read, so its callers know the later ones were never acted upon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_shutting_down_ends_its_pipes_naming_the_last_call_read() {
+    let mut c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    let f = (l + 1) % 3;
+    let addr = c.slots[f].peer_addr.clone();
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let mut replies = RaftPeerClient::new(ch)
+        .pipe(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    use flotilla_store::codec;
+    use flotilla_store::raft::network::{LAST_READ_CALL, WIRE_VERSION};
+    use flotilla_store::raft::peer::Hello;
+    let hello = PeerMessage {
+        payload: codec::encode(&Hello {
+            peer_addr: "127.0.0.1:1".into(),
+        })
+        .unwrap(),
+        wire_version: WIRE_VERSION,
+        call_id: 7,
+        method: 5,
+        ..Default::default()
+    };
+    tx.send(hello).await.unwrap();
+    let r = replies.message().await.unwrap().expect("a reply");
+    assert_eq!((r.call_id, r.error.as_str()), (7, ""));
+    c.stop(f).await;
+    let end = tokio::time::timeout(Duration::from_secs(10), replies.message())
+        .await
+        .expect("the pipe ends");
+    let status = end.expect_err("ended with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get(LAST_READ_CALL)
+            .map(|v| v.to_str().unwrap()),
+        Some("7"),
+        "{status:?}"
+    );
+    drop(tx);
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_peer_messages_are_refused_and_harmless() {
     let c = Cluster::start(3, |_| {}).await;

@@ -21,7 +21,9 @@ use super::{Inner, StoreNode};
 use crate::codec;
 use crate::errors::StoreError;
 use crate::mvcc::{Command, CommandResponse, validate_command};
-use crate::raft::network::{Method, PEER_MAX_MESSAGE, WIRE_VERSION, wire_version_of};
+use crate::raft::network::{
+    LAST_READ_CALL, Method, PEER_MAX_MESSAGE, WIRE_VERSION, wire_version_of,
+};
 use crate::raft::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
 use crate::types::{NodeId, TypeConfig};
 
@@ -151,14 +153,21 @@ impl PeerService {
         });
         let mut stop = self.node.shutdown_signal();
         tokio::spawn(async move {
-            loop {
+            // Each request's task holds a clone: once all are dropped, every request read has
+            // been answered.
+            let (serving, mut all_answered) = mpsc::channel::<()>(1);
+            let mut last_read = 0;
+            let stopped = loop {
                 let next = tokio::select! {
                     m = requests.message() => m,
-                    _ = stop.wait_for(|s| *s) => break,
+                    _ = stop.wait_for(|s| *s) => break true,
                 };
-                let Ok(Some(msg)) = next else { break };
-                let (service, out) = (service.clone(), out.clone());
+                let Ok(Some(msg)) = next else { break false };
+                // The caller numbers its calls in the order it sends them.
+                last_read = msg.call_id;
+                let (service, out, serving) = (service.clone(), out.clone(), serving.clone());
                 tokio::spawn(async move {
+                    let _serving = serving;
                     let mut reply = match Method::from_code(msg.method) {
                         Some(m) => service.serve(m, &msg).await,
                         None => error_reply(format!(
@@ -176,6 +185,13 @@ impl PeerService {
                     reply.call_id = msg.call_id;
                     let _ = out.send(Ok(reply));
                 });
+            };
+            if stopped {
+                // Shutting down: answer what was read, then end the stream telling the caller
+                // the last call read; the later ones were never acted upon.
+                drop(serving);
+                let _ = all_answered.recv().await;
+                let _ = out.send(Err(shutting_down(last_read)));
             }
         });
         Box::pin(UnboundedReceiverStream::new(rx))
@@ -183,6 +199,19 @@ impl PeerService {
 }
 
 type PipeStream = Pin<Box<dyn Stream<Item = Result<PeerMessage, Status>> + Send>>;
+
+/// How a pipe ends when its member shuts down: `Unavailable`, with the last call id it read.
+fn shutting_down(last_read: u64) -> Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(LAST_READ_CALL, last_read.into());
+    Status::with_metadata(
+        tonic::Code::Unavailable,
+        format!(
+            "the member is shutting down; it read the calls up to {last_read} and no later one"
+        ),
+        metadata,
+    )
+}
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {

@@ -41,6 +41,10 @@ use crate::types::{Member, NodeId, Snapshot, TypeConfig, Vote};
 /// Largest peer message (a batch of entries, a snapshot chunk).
 pub const PEER_MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// The metadata key of the status a member shutting down ends a pipe with: the last call id
+/// it read. Calls after it were never acted upon, so they go elsewhere.
+pub const LAST_READ_CALL: &str = "flotilla-last-read-call";
+
 /// The version of the peer payloads' encoding (bincode of openraft's messages and of
 /// [`LeaderRequest`] and its kin) this build speaks; bump it with any change to them.
 pub const WIRE_VERSION: u32 = 1;
@@ -462,15 +466,15 @@ impl Pipe {
         }
     }
 
-    /// Ends the pipe: every call still waiting gets the error `why` makes.
-    fn close(&self, why: impl Fn() -> PeerCallError) {
+    /// Ends the pipe: every call still waiting gets the error `why` makes of its id.
+    fn close(&self, why: impl Fn(u64) -> PeerCallError) {
         let waiting = {
             let mut calls = self.calls();
             calls.out = None;
             std::mem::take(&mut calls.waiting)
         };
-        for (_, w) in waiting {
-            let _ = w.send(Err(why()));
+        for (id, w) in waiting {
+            let _ = w.send(Err(why(id)));
         }
     }
 }
@@ -496,7 +500,7 @@ async fn run_pipe(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(addr.clone());
-                pipe.close(|| PeerCallError::Unreachable {
+                pipe.close(|_| PeerCallError::Unreachable {
                     addr: addr.clone(),
                     reason: "the peer offers no pipe (an older release); the next call goes unary"
                         .into(),
@@ -507,7 +511,7 @@ async fn run_pipe(
                 status_error(&addr, status.clone(), Duration::ZERO),
                 PeerCallError::Unreachable { .. }
             );
-            pipe.close(|| {
+            pipe.close(|_| {
                 if unsent {
                     PeerCallError::Unreachable {
                         addr: addr.clone(),
@@ -523,17 +527,34 @@ async fn run_pipe(
             return;
         }
     };
-    let why = loop {
+    let (why, last_read) = loop {
         match replies.message().await {
             Ok(Some(reply)) => pipe.answer(reply),
-            Ok(None) => break "the peer closed the stream".to_string(),
-            Err(status) => break format!("{}: {}", status.code(), status.message()),
+            Ok(None) => break ("the peer closed the stream".to_string(), None),
+            Err(status) => {
+                let last_read = status
+                    .metadata()
+                    .get(LAST_READ_CALL)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                break (
+                    format!("{}: {}", status.code(), status.message()),
+                    last_read,
+                );
+            }
         }
     };
     tracing::debug!(peer = %addr, "the pipe closed: {why}");
-    pipe.close(|| PeerCallError::Broken {
-        addr: addr.clone(),
-        reason: why.clone(),
+    pipe.close(|id| match last_read {
+        // The peer shut down without reading it: not acted upon.
+        Some(last) if id > last => PeerCallError::Unreachable {
+            addr: addr.clone(),
+            reason: why.clone(),
+        },
+        _ => PeerCallError::Broken {
+            addr: addr.clone(),
+            reason: why.clone(),
+        },
     });
 }
 
