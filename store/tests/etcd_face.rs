@@ -38,6 +38,11 @@ async fn serve(node: &StoreNode) -> Channel {
             },
         ),
     );
+    connect(&addr.to_string()).await
+}
+
+/// A channel to a member's client or peer address.
+async fn connect(addr: &str) -> Channel {
     Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -311,13 +316,8 @@ async fn a_member_shutting_down_ends_its_pipes_naming_the_last_call_read() {
     let l = c.leader().await;
     let f = (l + 1) % 3;
     let addr = c.slots[f].peer_addr.clone();
-    let ch = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
     let (tx, rx) = mpsc::channel(8);
-    let mut replies = RaftPeerClient::new(ch)
+    let mut replies = RaftPeerClient::new(connect(&addr).await)
         .pipe(ReceiverStream::new(rx))
         .await
         .unwrap()
@@ -362,12 +362,7 @@ async fn hostile_peer_messages_are_refused_and_harmless() {
     let l = c.leader().await;
     let target = c.node(l).clone();
     let addr = &c.slots[l].peer_addr;
-    let ch = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut peer = RaftPeerClient::new(ch);
+    let mut peer = RaftPeerClient::new(connect(addr).await);
     // A sender from before peer messages carried a version sends 0, which means version 1.
     let garbage = |cluster_id| PeerMessage {
         cluster_id,

@@ -243,8 +243,7 @@ impl Peers {
             call_id: 0,
             method: method.code(),
         };
-        let piped = method.piped() && !self.lock_unpiped().contains(addr);
-        let reply = if piped {
+        let reply = if method.piped() {
             self.pipe_call(addr, method, msg, timeout).await?
         } else {
             self.unary_call(addr, method, msg, timeout).await?
