@@ -35,8 +35,26 @@ unsafe impl Send for AlignedBuf {}
 #[allow(unsafe_code)]
 unsafe impl Sync for AlignedBuf {}
 
+/// Io buffers given back, for the next segments to reuse (Flotilla's change 3, see
+/// `FLOTILLA.md`): a buffer is a whole segment (512 KiB by default), which the allocator
+/// serves as fresh pages from the kernel and returns to it when freed, so every segment
+/// cost a page fault and a zeroed page per 4 KiB written to the log. A buffer's contents are
+/// uninitialized to its users either way: `write_to_log` writes only bytes its messages or
+/// its padding put there.
+static SPARE_BUFS: Mutex<Vec<(usize, usize)>> = parking_lot::const_mutex(Vec::new());
+
+/// Spare buffers kept at most, over every database of the process.
+const MAX_SPARE_BUFS: usize = 32;
+
 impl AlignedBuf {
     fn new(len: usize) -> AlignedBuf {
+        {
+            let mut spare = SPARE_BUFS.lock();
+            if let Some(i) = spare.iter().position(|&(_, l)| l == len) {
+                let (ptr, len) = spare.swap_remove(i);
+                return AlignedBuf(ptr as *mut u8, len);
+            }
+        }
         let layout = Layout::from_size_align(len, 8192).unwrap();
         let ptr = unsafe { alloc(layout) };
 
@@ -48,6 +66,13 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        {
+            let mut spare = SPARE_BUFS.lock();
+            if spare.len() < MAX_SPARE_BUFS {
+                spare.push((self.0 as usize, self.1));
+                return;
+            }
+        }
         let layout = Layout::from_size_align(self.1, 8192).unwrap();
         unsafe {
             dealloc(self.0, layout);
@@ -623,12 +648,9 @@ impl IoBufs {
             let header_bytes = header.serialize();
 
             // initialize the remainder of this buffer (only pad_len of this
-            // will be part of the Cap message)
-            let padding_bytes = vec![
-                MessageKind::Corrupted.into();
-                unused_space - header_bytes.len()
-            ];
-
+            // will be part of the Cap message). Flotilla's change 3: written
+            // in place rather than copied from a zeroed vector as large as the
+            // remainder (up to a whole segment, fresh pages from the kernel).
             #[allow(unsafe_code)]
             unsafe {
                 std::ptr::copy_nonoverlapping(
@@ -636,17 +658,17 @@ impl IoBufs {
                     data.as_mut_ptr(),
                     header_bytes.len(),
                 );
-                std::ptr::copy_nonoverlapping(
-                    padding_bytes.as_ptr(),
+                std::ptr::write_bytes(
                     data.as_mut_ptr().add(header_bytes.len()),
-                    padding_bytes.len(),
+                    MessageKind::Corrupted.into(),
+                    unused_space - header_bytes.len(),
                 );
             }
 
             // this as to stay aligned with the hashing
             let crc32_arr = u32_to_arr(calculate_message_crc32(
                 &header_bytes,
-                &padding_bytes[..pad_len],
+                &data[header_bytes.len()..header_bytes.len() + pad_len],
             ));
 
             #[allow(unsafe_code)]

@@ -96,7 +96,14 @@ pub(crate) struct SegmentAccountant {
     segment_cleaner: SegmentCleaner,
     ordering: BTreeMap<Lsn, LogOffset>,
     async_truncations: BTreeMap<LogOffset, OneShot<Result<()>>>,
+    /// Segments deactivated since the file's last inactive segment was last
+    /// drained to shrink the file (Flotilla's change 4, see `FLOTILLA.md`).
+    deactivated_since_tail_drain: usize,
 }
+
+/// Segments deactivated at least, between two drains of the file's last
+/// inactive segment to shrink the file (Flotilla's change 4).
+const TAIL_DRAIN_EVERY: usize = 8;
 
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SegmentCleaner {
@@ -487,6 +494,7 @@ impl SegmentAccountant {
             segment_cleaner,
             ordering: BTreeMap::default(),
             async_truncations: BTreeMap::default(),
+            deactivated_since_tail_drain: 0,
         };
 
         ret.initialize_from_snapshot(snapshot)?;
@@ -966,7 +974,17 @@ impl SegmentAccountant {
             self.segments.iter().filter(|s| s.is_inactive()).count();
         let free_ratio = (free_segs * 100) / (1 + free_segs + inactive_segs);
 
-        if free_ratio >= SEGMENT_CLEANUP_THRESHOLD && inactive_segs > 5 {
+        // Flotilla's change 4: at most once every `TAIL_DRAIN_EVERY`
+        // deactivations. Upstream drained the last inactive segment at every
+        // one while half the file was free, which under a steady write load
+        // that frees segments quickly (as appends to a tree do) relocated the
+        // same cold pages over and over.
+        self.deactivated_since_tail_drain += 1;
+        if free_ratio >= SEGMENT_CLEANUP_THRESHOLD
+            && inactive_segs > 5
+            && self.deactivated_since_tail_drain >= TAIL_DRAIN_EVERY
+        {
+            self.deactivated_since_tail_drain = 0;
             let last_index =
                 self.segments.iter().rposition(Segment::is_inactive).unwrap();
 
