@@ -7,7 +7,8 @@
 #              2,000 not counted; prints throughput, p50/p99, the members' CPU per put (from
 #              /proc/PID/stat) and their disk writes per put (/proc/PID/io write_bytes)
 #   MODE=fill  TOTAL (1000000) puts over 10,000 keys at 64 clients; prints the members' data
-#              dir sizes 10 s and 40 s after, and the size of a snapshot of the live state
+#              dir sizes 10 s and 40 s after (and, for Flotilla, of db/ and log/ at 40 s), and
+#              the size of a snapshot of the live state
 #   BENCH=target/release/flotilla-bench
 # Example: for i in 1 2 3; do bench/ab.sh /tmp/old old; bench/ab.sh target/release new; done
 set -euo pipefail
@@ -49,6 +50,8 @@ done
 cpu() { for p in "${pids[@]}"; do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk '{s += $1} END {print s}'; }
 written() { for p in "${pids[@]}"; do awk '/^write_bytes/ {print $2}' "/proc/$p/io"; done | awk '{s += $1} END {print s}'; }
 sizes() { for i in 1 2 3; do du -sb "$work/n$i" | cut -f1; done | paste -sd' '; }
+# Each member's db/ and log/ (Flotilla's key space and Raft log) as db+log bytes.
+parts() { for i in 1 2 3; do echo "$(du -sb "$work/n$i/db" | cut -f1)+$(du -sb "$work/n$i/log" | cut -f1)"; done | paste -sd' '; }
 
 if [ "$MODE" = fill ]; then
     cpu0=$(cpu)
@@ -61,7 +64,7 @@ if [ "$MODE" = fill ]; then
         snap=$(stat -c %s "$work/live.snap")
     fi
     sleep 30
-    echo "$LABEL $(grep -oE 'throughput=[0-9.]+' <<<"$out") cpu_us_per_put=$(((cpu1 - cpu0) * 10000 / TOTAL)) snapshot_bytes=$snap data_dir_bytes_10s=[$at10] data_dir_bytes_40s=[$(sizes)]"
+    echo "$LABEL $(grep -oE 'throughput=[0-9.]+' <<<"$out") cpu_us_per_put=$(((cpu1 - cpu0) * 10000 / TOTAL)) snapshot_bytes=$snap data_dir_bytes_10s=[$at10] data_dir_bytes_40s=[$(sizes)]$([ "$BIN" = etcd ] || echo " db+log_bytes_40s=[$(parts)]")"
 else
     "$BENCH" --endpoints "$eps" put --clients "$CLIENTS" --total 2000 --value-size 256 >/dev/null
     cpu0=$(cpu)

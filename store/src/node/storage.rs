@@ -145,6 +145,75 @@ mod tests {
         );
     }
 
+    fn file_size(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join("db")).map_or(0, |m| m.len())
+    }
+
+    fn value_of(i: u32) -> Vec<u8> {
+        let mut v = vec![(i % 251) as u8; 3 * 1024];
+        v[..4].copy_from_slice(&i.to_be_bytes());
+        v
+    }
+
+    /// What a member at rest relies on (the vendored sled's change 5, vendor/sled/FLOTILLA.md):
+    /// once writes stop, the database's file shrinks towards its live pages, and every live
+    /// value is still there, before and after a restart. Without change 5 the file keeps its
+    /// size (~20 MB here) for good.
+    #[test]
+    fn a_database_at_rest_shrinks_its_file_and_keeps_its_values() {
+        const N: u32 = 3_000;
+        const KEPT_FROM: u32 = N * 3 / 4;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("db");
+        {
+            let db = open_db(&path, MIN_LOG_CACHE).expect("open");
+            let tree = db.open_tree("kv").expect("tree");
+            for i in 0..N {
+                tree.insert(i.to_be_bytes(), value_of(i)).expect("insert");
+            }
+            db.flush().expect("flush");
+            // The older three quarters go: the live pages are at the file's end.
+            for i in 0..KEPT_FROM {
+                tree.remove(i.to_be_bytes()).expect("remove");
+            }
+            db.flush().expect("flush");
+            let live = u64::from(N - KEPT_FROM) * 3 * 1024;
+            let written = file_size(&path);
+            assert!(
+                written > 3 * live,
+                "the file is {written} bytes after the writes, expected over 3x the {live} live"
+            );
+            // Without writes, the file sheds at least half of what it had (it went from ~20 MB
+            // to under 7 MB here; sled keeps segments up to half dead, so not to `live`).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            let mut size = written;
+            while size > written / 2 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                size = file_size(&path);
+            }
+            assert!(
+                size <= written / 2,
+                "the file at rest stayed at {size} bytes (from {written}) for {live} live bytes"
+            );
+            for i in 0..N {
+                let got = tree.get(i.to_be_bytes()).expect("get");
+                assert_eq!(
+                    got.as_deref(),
+                    (i >= KEPT_FROM).then(|| value_of(i)).as_deref()
+                );
+            }
+        }
+        let db = retrying(|| open_db(&path, MIN_LOG_CACHE).map_err(|e| e.to_string()));
+        let tree = db.open_tree("kv").expect("tree");
+        assert_eq!(tree.len(), (N - KEPT_FROM) as usize);
+        for i in KEPT_FROM..N {
+            assert_eq!(
+                tree.get(i.to_be_bytes()).expect("get").as_deref(),
+                Some(&value_of(i)[..])
+            );
+        }
+    }
+
     #[test]
     fn an_old_data_dir_has_its_log_moved_and_nothing_else() {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -4,6 +4,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 
 use super::*;
+use crate::pagecache::IdleStep;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum ShutdownState {
@@ -53,6 +54,10 @@ impl Flusher {
     }
 }
 
+/// Growth of the file, in segments, after which an idle database shrinks its
+/// file again (Flotilla's change 5).
+const REARM_SEGMENTS: usize = 4;
+
 fn run(
     shutdown: &Arc<Mutex<ShutdownState>>,
     sc: &Arc<Condvar>,
@@ -62,6 +67,9 @@ fn run(
     let flush_every = Duration::from_millis(flush_every_ms);
     let mut shutdown = shutdown.lock();
     let mut wrote_data = false;
+    let mut links = pagecache.links();
+    let mut idle_budget = 0_usize;
+    let mut settled_at: Option<usize> = None;
     while shutdown.is_running() || wrote_data {
         let before = std::time::Instant::now();
         let cc = concurrency_control::read();
@@ -136,6 +144,42 @@ fn run(
                 && shutdown.is_running()
                 && before.elapsed() < flush_every / 8
         } {}
+
+        // Flotilla's change 5: a database no tree was written to during the
+        // last interval takes a step towards a smaller file. The steps of an
+        // idle stretch are at most as many as the file has segments; once they
+        // end, more are taken only after the file grew by `REARM_SEGMENTS`, so
+        // that a trickle of writes never keeps a database relocating pages.
+        let links_now = pagecache.links();
+        if links_now == links && shutdown.is_running() {
+            let segments = pagecache.segments_in_file();
+            if idle_budget == 0
+                && settled_at.map_or(true, |s| segments >= s + REARM_SEGMENTS)
+            {
+                idle_budget = segments;
+            }
+            if idle_budget > 0 {
+                match pagecache.shrink_when_idle() {
+                    Ok(IdleStep::Busy) => {}
+                    Ok(IdleStep::Drain) | Ok(IdleStep::Complete) => {
+                        idle_budget -= 1;
+                        if idle_budget == 0 {
+                            settled_at = Some(pagecache.segments_in_file());
+                        }
+                    }
+                    Ok(IdleStep::Nothing) => {
+                        idle_budget = 0;
+                        settled_at = Some(segments);
+                    }
+                    Err(e) => {
+                        error!("failed to shrink the file while idle: {}", e);
+                        idle_budget = 0;
+                        settled_at = Some(segments);
+                    }
+                }
+            }
+        }
+        links = links_now;
 
         if let Err(e) = pagecache.config.file.sync_all() {
             error!("failed to fsync from periodic flush thread: {}", e);

@@ -56,6 +56,7 @@ pub(crate) use self::{
     snapshot::{read_snapshot_or_default, PageState, Snapshot},
 };
 
+pub(crate) use self::segment::IdleStep;
 pub use self::{
     constants::{
         MAX_MSG_HEADER_LEN, MAX_SPACE_AMPLIFICATION, MINIMUM_ITEMS_PER_SEGMENT,
@@ -517,6 +518,9 @@ pub struct PageCache {
     idgen_persists: Arc<AtomicU64>,
     idgen_persist_mu: Arc<Mutex<()>>,
     was_recovered: bool,
+    /// Updates linked to pages since the cache was opened: writes to trees
+    /// (Flotilla's change 5 tells an idle database by it, see `FLOTILLA.md`).
+    links: AtomicU64,
 }
 
 unsafe impl Send for PageCache {}
@@ -657,6 +661,7 @@ impl PageCache {
             idgen: Arc::new(AtomicU64::new(0)),
             idgen_persists: Arc::new(AtomicU64::new(0)),
             was_recovered: false,
+            links: AtomicU64::new(0),
         };
 
         // now we read it back in
@@ -839,6 +844,42 @@ impl PageCache {
             });
 
         Ok((pid, new_pointer))
+    }
+
+    /// Updates linked to pages so far: every write to a tree links one
+    /// (Flotilla's change 5).
+    pub(crate) fn links(&self) -> u64 {
+        self.links.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Segments in the database's file (Flotilla's change 5).
+    pub(crate) fn segments_in_file(&self) -> usize {
+        self.log.iobufs.with_sa(|sa| sa.segments_in_file())
+    }
+
+    /// Flotilla's change 5: takes one step towards a smaller file while no
+    /// tree is written (`SegmentAccountant::idle_step`): marks the file's last
+    /// segment for relocation, or completes the active segment (padding it,
+    /// as a write that does not fit does) so that the segments emptied before
+    /// it may be reused and the file truncated. Returns the step taken.
+    pub(crate) fn shrink_when_idle(&self) -> Result<IdleStep> {
+        let cc = concurrency_control::read();
+        let step = self.log.iobufs.with_sa(SegmentAccountant::idle_step);
+        match step {
+            IdleStep::Nothing | IdleStep::Busy | IdleStep::Drain => {}
+            IdleStep::Complete => {
+                let iobuf = self.log.iobufs.current_iobuf();
+                let header = iobuf.get_header();
+                iobuf::maybe_seal_and_write_iobuf(
+                    &self.log.iobufs,
+                    &iobuf,
+                    header,
+                    true,
+                )?;
+            }
+        }
+        drop(cc);
+        Ok(step)
     }
 
     /// Attempt to opportunistically rewrite data from a Draining
@@ -1031,6 +1072,8 @@ impl PageCache {
                 }
             }
         }
+
+        self.links.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
         let mut node: Node = old.as_node().clone();
         node.apply(&new);

@@ -105,6 +105,19 @@ pub(crate) struct SegmentAccountant {
 /// inactive segment to shrink the file (Flotilla's change 4).
 const TAIL_DRAIN_EVERY: usize = 8;
 
+/// What `SegmentAccountant::idle_step` did or asks for (Flotilla's change 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IdleStep {
+    /// Nothing to do: the file is as small as these steps make it.
+    Nothing,
+    /// Pages still wait to be relocated.
+    Busy,
+    /// The file's last inactive segment was marked for draining.
+    Drain,
+    /// Emptied segments wait for the active segment to be complete.
+    Complete,
+}
+
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SegmentCleaner {
     inner: Arc<Mutex<BTreeMap<LogOffset, BTreeSet<PageId>>>>,
@@ -132,6 +145,11 @@ impl SegmentCleaner {
         let mut inner = self.inner.lock();
         let prev = inner.insert(offset, pids);
         assert!(prev.is_none());
+    }
+
+    /// Whether no page waits to be relocated (Flotilla's change 5).
+    fn is_empty(&self) -> bool {
+        self.inner.lock().values().all(BTreeSet::is_empty)
     }
 
     fn remove_pids(&self, offset: LogOffset) {
@@ -996,6 +1014,50 @@ impl SegmentAccountant {
         }
 
         Ok(())
+    }
+
+    /// Flotilla's change 5: one step towards a smaller file, taken by the
+    /// flusher while no tree is written (see `PageCache::shrink_when_idle`).
+    ///
+    /// `Busy` while pages wait to be relocated. Otherwise, if a reusable
+    /// segment lies below the file's last inactive segment, that segment is
+    /// marked for draining, as the tail drain above does: its live pages are
+    /// rewritten into the active segment (new segments are taken from the
+    /// lowest free offset), and once it is free the file is truncated. Else,
+    /// if segments already emptied wait for an active segment to be complete
+    /// before they may be reused (a free is deferred until the segment that
+    /// holds the relocated pages is complete), the caller is told to complete
+    /// it: at rest nothing else would, and those segments would stay in the
+    /// file for good. `Nothing` when neither applies.
+    pub(super) fn idle_step(&mut self) -> IdleStep {
+        if !self.segment_cleaner.is_empty() {
+            return IdleStep::Busy;
+        }
+        if let Some(last) = self.segments.iter().rposition(Segment::is_inactive) {
+            let segment_start = (last * self.config.segment_size) as LogOffset;
+            let hole_below =
+                self.free.iter().next().map_or(false, |&f| f < segment_start);
+            let has_pids = match &self.segments[last] {
+                Segment::Inactive(inactive) => !inactive.pids.is_empty(),
+                _ => false,
+            };
+            if hole_below && has_pids {
+                let lsn = self.segments[last].lsn();
+                let to_clean = self.segments[last].inactive_to_draining(lsn);
+                self.segment_cleaner.add_pids(segment_start, to_clean);
+                return IdleStep::Drain;
+            }
+        }
+        let deferred = self.segments.iter().any(|s| match s {
+            Segment::Active(active) => !active.can_free_upon_deactivation.is_empty(),
+            _ => false,
+        });
+        if deferred { IdleStep::Complete } else { IdleStep::Nothing }
+    }
+
+    /// Segments in the file.
+    pub(super) fn segments_in_file(&self) -> usize {
+        usize::try_from(self.tip / self.config.segment_size as LogOffset).unwrap()
     }
 
     fn bump_tip(&mut self) -> Result<LogOffset> {
