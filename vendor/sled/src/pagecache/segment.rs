@@ -1057,7 +1057,8 @@ impl SegmentAccountant {
 
     /// Segments in the file.
     pub(super) fn segments_in_file(&self) -> usize {
-        usize::try_from(self.tip / self.config.segment_size as LogOffset).unwrap()
+        usize::try_from(self.tip / self.config.segment_size as LogOffset)
+            .unwrap_or(usize::MAX)
     }
 
     fn bump_tip(&mut self) -> Result<LogOffset> {
