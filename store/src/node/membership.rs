@@ -323,3 +323,28 @@ pub(crate) async fn publish_attributes(node: StoreNode) {
         }
     }
 }
+
+/// Whenever the membership changes, closes the pipes and connections to addresses no member
+/// has any more (see [`crate::raft::network::Peers::retain_peers`]).
+pub(crate) async fn forget_departed_peers(node: StoreNode) {
+    let mut metrics = node.inner.raft.server_metrics();
+    let mut last = std::collections::HashSet::new();
+    loop {
+        let addrs: std::collections::HashSet<String> = metrics
+            .borrow_and_update()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(_, m)| m.peer_addr.clone())
+            .collect();
+        // A member that has not received any membership yet (a learner being added) knows
+        // no one: nothing to close.
+        if !addrs.is_empty() && addrs != last {
+            node.inner.peers.retain_peers(&addrs);
+            last = addrs;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -258,6 +258,7 @@ impl StoreNode {
         let tasks = [
             tokio::spawn(lessor::run(self.clone())),
             tokio::spawn(membership::publish_attributes(self.clone())),
+            tokio::spawn(membership::forget_departed_peers(self.clone())),
             tokio::spawn(write::auto_compaction(self.clone())),
             tokio::spawn(snapshot_by_size(self.clone())),
         ];

@@ -12,7 +12,8 @@ use futures::Stream;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -142,63 +143,103 @@ impl PeerService {
         }
     }
 
-    /// A pipe: serves each request on it as a task of its own (a forwarded write waiting to
-    /// commit must not hold up the AppendEntries behind it) and sends each reply back with the
-    /// request's call id. It stops taking requests when the member shuts down; the stream
-    /// ends once the requests taken are answered.
-    fn run_pipe(&self, mut requests: Streaming<PeerMessage>) -> PipeStream {
-        let (out, rx) = mpsc::unbounded_channel();
+    /// A pipe: see [`serve_pipe`].
+    fn run_pipe(&self, requests: Streaming<PeerMessage>) -> PipeStream {
         let service = Arc::new(Self {
             node: self.node.clone(),
         });
-        let mut stop = self.node.shutdown_signal();
-        tokio::spawn(async move {
-            // Each request's task holds a clone: once all are dropped, every request read has
-            // been answered.
-            let (serving, mut all_answered) = mpsc::channel::<()>(1);
-            let mut last_read = 0;
-            let stopped = loop {
-                let next = tokio::select! {
-                    m = requests.message() => m,
-                    _ = stop.wait_for(|s| *s) => break true,
-                };
-                let Ok(Some(msg)) = next else { break false };
-                // The caller numbers its calls in the order it sends them.
-                last_read = msg.call_id;
-                let (service, out, serving) = (service.clone(), out.clone(), serving.clone());
-                tokio::spawn(async move {
-                    let _serving = serving;
-                    let mut reply = match Method::from_code(msg.method) {
+        serve_pipe(
+            requests,
+            self.node.shutdown_signal(),
+            MAX_PIPE_CALLS,
+            move |msg: PeerMessage| {
+                let service = service.clone();
+                async move {
+                    match Method::from_code(msg.method) {
                         Some(m) => service.serve(m, &msg).await,
                         None => error_reply(format!(
                             "unknown peer method {} (are the members running different Flotilla releases?)",
                             msg.method
                         )),
-                    };
-                    // One reply over the limit would end the stream for every call on it.
-                    if reply.payload.len() > PEER_MAX_MESSAGE - 1024 {
-                        reply = error_reply(format!(
-                            "the reply of {} bytes is over the {PEER_MAX_MESSAGE}-byte limit",
-                            reply.payload.len()
-                        ));
                     }
-                    reply.call_id = msg.call_id;
-                    let _ = out.send(Ok(reply));
-                });
-            };
-            if stopped {
-                // Shutting down: answer what was read, then end the stream telling the caller
-                // the last call read; the later ones were never acted upon.
-                drop(serving);
-                let _ = all_answered.recv().await;
-                let _ = out.send(Err(shutting_down(last_read)));
-            }
-        });
-        Box::pin(UnboundedReceiverStream::new(rx))
+                }
+            },
+        )
     }
 }
 
+/// Serves a pipe: each request on it as a task of its own (a forwarded write waiting to commit
+/// must not hold up the AppendEntries behind it), each reply sent back with the request's call
+/// id. It stops taking requests when `stop` turns true; the stream then ends once the requests
+/// taken are answered.
+///
+/// At most `max_calls` requests are taken and not yet answered, or answered and not yet taken
+/// by the reply stream: a peer that sends and never reads is held back by HTTP/2 flow control
+/// instead of piling tasks and replies up in this member's memory.
+fn serve_pipe<S, F, Fut>(
+    mut requests: S,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    max_calls: usize,
+    serve: F,
+) -> PipeStream
+where
+    S: Stream<Item = Result<PeerMessage, Status>> + Send + Unpin + 'static,
+    F: Fn(PeerMessage) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = PeerMessage> + Send + 'static,
+{
+    type Reply = (Result<PeerMessage, Status>, Option<OwnedSemaphorePermit>);
+    let (out, rx) = mpsc::unbounded_channel::<Reply>();
+    let calls = Arc::new(Semaphore::new(max_calls));
+    tokio::spawn(async move {
+        // Each request's task holds a clone: once all are dropped, every request read has
+        // been answered.
+        let (serving, mut all_answered) = mpsc::channel::<()>(1);
+        let mut last_read = 0;
+        let stopped = loop {
+            let (permit, next) = tokio::select! {
+                m = async {
+                    let permit = calls.clone().acquire_owned().await.ok();
+                    (permit, requests.next().await)
+                } => m,
+                _ = stop.wait_for(|s| *s) => break true,
+            };
+            let Some(Ok(msg)) = next else { break false };
+            // The caller numbers its calls in the order it sends them.
+            last_read = msg.call_id;
+            let call_id = msg.call_id;
+            let (reply, out, serving) = (serve(msg), out.clone(), serving.clone());
+            tokio::spawn(async move {
+                let _serving = serving;
+                let mut reply = reply.await;
+                // One reply over the limit would end the stream for every call on it.
+                if reply.payload.len() > PEER_MAX_MESSAGE - 1024 {
+                    reply = error_reply(format!(
+                        "the reply of {} bytes is over the {PEER_MAX_MESSAGE}-byte limit",
+                        reply.payload.len()
+                    ));
+                }
+                reply.call_id = call_id;
+                let _ = out.send((Ok(reply), permit));
+            });
+        };
+        if stopped {
+            // Shutting down: answer what was read, then end the stream telling the caller
+            // the last call read; the later ones were never acted upon.
+            drop(serving);
+            let _ = all_answered.recv().await;
+            let _ = out.send((Err(shutting_down(last_read)), None));
+        }
+    });
+    // A reply's permit is released once the stream hands the reply to HTTP/2.
+    Box::pin(UnboundedReceiverStream::new(rx).map(|(reply, _permit)| reply))
+}
+
 type PipeStream = Pin<Box<dyn Stream<Item = Result<PeerMessage, Status>> + Send>>;
+
+/// Requests one pipe may have taken and not yet answered (and sent back). Far more than a
+/// member sends at once: a leader sends one AppendEntries at a time, a follower a few batches
+/// of forwarded writes and read-index calls.
+const MAX_PIPE_CALLS: usize = 1024;
 
 /// How a pipe ends when its member shuts down: `Unavailable`, with the last call id it read.
 fn shutting_down(last_read: u64) -> Status {
@@ -331,5 +372,61 @@ impl StoreNode {
             Attempt::Done(Err(StoreError::Mvcc(e))) => Ok(CommandResponse::Rejected(e)),
             Attempt::Done(Err(e)) => Err(LeaderCallError::Failed(e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A peer that sends and never reads: the pipe takes its limit of calls and no more until
+    /// replies are taken; then every call is answered, once.
+    #[tokio::test]
+    async fn a_pipe_takes_no_more_calls_than_its_limit_until_replies_are_taken() {
+        const CALLS: u64 = 500;
+        const LIMIT: usize = 64;
+        let taken = Arc::new(AtomicUsize::new(0));
+        let requests = {
+            let taken = taken.clone();
+            tokio_stream::iter(1..=CALLS).map(move |id| {
+                taken.fetch_add(1, Ordering::SeqCst);
+                Ok(PeerMessage {
+                    call_id: id,
+                    ..Default::default()
+                })
+            })
+        };
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        // Every call is answered at once; only the replies not taken hold the pipe back.
+        let mut replies = serve_pipe(requests, stop, LIMIT, |msg| async move { msg });
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while taken.load(Ordering::SeqCst) < LIMIT {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the pipe took its first calls"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // Let its loop and the calls' tasks run: it stays at its limit.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(taken.load(Ordering::SeqCst), LIMIT);
+        let mut answered = std::collections::HashSet::new();
+        while answered.len() < CALLS as usize {
+            let r = replies
+                .next()
+                .await
+                .expect("a reply")
+                .expect("not an error");
+            assert!(
+                answered.insert(r.call_id),
+                "call {} answered twice",
+                r.call_id
+            );
+        }
+        assert_eq!(taken.load(Ordering::SeqCst), CALLS as usize);
     }
 }

@@ -30,7 +30,7 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tonic::transport::{Channel, Endpoint};
 
 use super::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
@@ -88,6 +88,11 @@ pub enum PeerCallError {
 /// asks for the snapshot again, and the transfer waits again if the file is still coming).
 const SNAPSHOT_WRITE_WAIT: Duration = Duration::from_secs(60);
 
+/// How long a peer found to offer no pipe is called unary before the pipe is tried again.
+const UNPIPED_RECHECK: Duration = Duration::from_secs(60);
+
+type Unpiped = Arc<Mutex<HashMap<String, std::time::Instant>>>;
+
 /// How long a connection to a peer may take to open.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -134,8 +139,9 @@ pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// The open pipe to each peer address.
     pipes: Arc<Mutex<HashMap<String, Arc<Pipe>>>>,
-    /// Peers that offer no pipe (an older release): called with unary calls only.
-    unpiped: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Peers that offer no pipe (an older release), and when that was found: called with
+    /// unary calls only, until [`UNPIPED_RECHECK`] later (the peer may have been upgraded).
+    unpiped: Unpiped,
     filter: Option<Arc<dyn PeerFilter>>,
     /// Source address of outgoing connections (`--peer-source-ip`); the OS picks when unset.
     source_ip: Option<IpAddr>,
@@ -300,8 +306,58 @@ impl Peers {
         }
     }
 
-    fn lock_unpiped(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-        self.unpiped.lock().unwrap_or_else(|p| p.into_inner())
+    /// Whether `addr` offers no pipe, as found less than [`UNPIPED_RECHECK`] ago.
+    fn is_unpiped(&self, addr: &str) -> bool {
+        let mut unpiped = self.unpiped.lock().unwrap_or_else(|p| p.into_inner());
+        match unpiped.get(addr) {
+            Some(since) if since.elapsed() < UNPIPED_RECHECK => true,
+            Some(_) => {
+                unpiped.remove(addr);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Closes the pipes and drops the connections to every address not in `addrs` (the
+    /// members' peer addresses): a removed member's stream ends instead of being kept alive
+    /// with pings for as long as this member runs.
+    pub fn retain_peers(&self, addrs: &std::collections::HashSet<String>) {
+        let gone: Vec<(String, Arc<Pipe>)> = {
+            let mut pipes = self.pipes.lock().unwrap_or_else(|p| p.into_inner());
+            let gone = pipes
+                .iter()
+                .filter(|(a, _)| !addrs.contains(*a))
+                .map(|(a, p)| (a.clone(), p.clone()))
+                .collect();
+            pipes.retain(|a, _| addrs.contains(a));
+            gone
+        };
+        for (addr, pipe) in gone {
+            tracing::debug!(peer = %addr, "closing the pipe to a former member");
+            pipe.close(|_, sent| {
+                let reason = "the peer left the cluster".to_string();
+                if sent {
+                    PeerCallError::Broken {
+                        addr: addr.clone(),
+                        reason,
+                    }
+                } else {
+                    PeerCallError::Unreachable {
+                        addr: addr.clone(),
+                        reason,
+                    }
+                }
+            });
+        }
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|a, _| addrs.contains(a));
+        self.unpiped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|a, _| addrs.contains(a));
     }
 
     /// One call on the pipe to `addr`, opened if there is none (or the last one closed); a
@@ -317,7 +373,7 @@ impl Peers {
         let (mut msg, mut waiter) = (msg, tx);
         let mut tries = 0;
         let (pipe, id) = loop {
-            if self.lock_unpiped().contains(addr) {
+            if self.is_unpiped(addr) {
                 return self.unary_call(addr, method, msg, timeout).await;
             }
             let pipe = self.pipe(addr)?;
@@ -338,13 +394,16 @@ impl Peers {
             }
         };
         match tokio::time::timeout(timeout, rx).await {
-            Err(_) => {
-                pipe.forget(id);
-                Err(PeerCallError::Timeout {
-                    addr: addr.into(),
-                    timeout,
-                })
-            }
+            Err(_) if pipe.forget(id) => Err(PeerCallError::Unreachable {
+                addr: addr.into(),
+                reason: format!(
+                    "the connection took no request for {timeout:?}; this one was never sent"
+                ),
+            }),
+            Err(_) => Err(PeerCallError::Timeout {
+                addr: addr.into(),
+                timeout,
+            }),
             Ok(Err(_)) => Err(PeerCallError::Broken {
                 addr: addr.into(),
                 reason: "the stream was dropped".into(),
@@ -365,17 +424,10 @@ impl Peers {
         let client = RaftPeerClient::new(self.channel(addr)?)
             .max_decoding_message_size(PEER_MAX_MESSAGE)
             .max_encoding_message_size(PEER_MAX_MESSAGE);
-        let (out, rx) = mpsc::unbounded_channel();
-        let pipe = Arc::new(Pipe {
-            calls: Mutex::new(PipeCalls {
-                out: Some(out),
-                ..Default::default()
-            }),
-        });
+        let pipe = Arc::new(Pipe::default());
         pipes.insert(addr.to_string(), pipe.clone());
         tokio::spawn(run_pipe(
             client,
-            rx,
             pipe.clone(),
             addr.to_string(),
             self.unpiped.clone(),
@@ -410,16 +462,23 @@ impl Peers {
 type Waiter = oneshot::Sender<Result<PeerMessage, PeerCallError>>;
 
 /// A long-lived stream to one peer and the calls waiting for their replies on it.
+#[derive(Default)]
 struct Pipe {
     calls: Mutex<PipeCalls>,
+    /// Woken when a request is queued or the pipe closes.
+    ready: tokio::sync::Notify,
 }
 
 #[derive(Default)]
 struct PipeCalls {
     last_id: u64,
     waiting: HashMap<u64, Waiter>,
-    /// The stream's sending end; `None` once the pipe takes no more calls (its stream ended).
-    out: Option<mpsc::UnboundedSender<PeerMessage>>,
+    /// Requests the stream has not taken yet, in call-id order. A call that gives up while
+    /// its request is still here takes it back: it is never sent, and a connection that
+    /// stalls holds no more than the requests of the calls still waiting on it.
+    queued: std::collections::VecDeque<PeerMessage>,
+    /// The pipe takes no more calls (its stream ended, or the peer left the cluster).
+    closed: bool,
 }
 
 impl Pipe {
@@ -428,33 +487,54 @@ impl Pipe {
     }
 
     fn is_closed(&self) -> bool {
-        self.calls().out.is_none()
+        self.calls().closed
     }
 
-    /// Sends a call's request, under the same lock as `close`, so a request is either on its
+    /// Queues a call's request, under the same lock as `close`, so a request is either on its
     /// way with its waiter registered or handed back unsent (the pipe takes no more calls).
     fn send(&self, mut msg: PeerMessage, waiter: Waiter) -> Result<u64, (PeerMessage, Waiter)> {
-        let mut calls = self.calls();
-        let Some(out) = calls.out.clone() else {
-            return Err((msg, waiter));
+        let id = {
+            let mut calls = self.calls();
+            if calls.closed {
+                return Err((msg, waiter));
+            }
+            calls.last_id += 1;
+            let id = calls.last_id;
+            msg.call_id = id;
+            calls.queued.push_back(msg);
+            calls.waiting.insert(id, waiter);
+            id
         };
-        calls.last_id += 1;
-        let id = calls.last_id;
-        msg.call_id = id;
-        match out.send(msg) {
-            Ok(()) => {
-                calls.waiting.insert(id, waiter);
-                Ok(id)
+        self.ready.notify_one();
+        Ok(id)
+    }
+
+    /// The next request to send, waiting for one; `None` once the pipe is closed.
+    async fn next_request(&self) -> Option<PeerMessage> {
+        loop {
+            {
+                let mut calls = self.calls();
+                if calls.closed {
+                    return None;
+                }
+                if let Some(msg) = calls.queued.pop_front() {
+                    return Some(msg);
+                }
             }
-            Err(mpsc::error::SendError(msg)) => {
-                calls.out = None;
-                Err((msg, waiter))
-            }
+            // A notification sent between the check and here is kept for this wait.
+            self.ready.notified().await;
         }
     }
 
-    fn forget(&self, id: u64) {
-        self.calls().waiting.remove(&id);
+    /// Gives up on call `id`: its reply, if one comes, is dropped. Whether its request was
+    /// still queued, and so was never sent.
+    fn forget(&self, id: u64) -> bool {
+        let mut calls = self.calls();
+        calls.waiting.remove(&id);
+        match calls.queued.binary_search_by_key(&id, |m| m.call_id) {
+            Ok(i) => calls.queued.remove(i).is_some(),
+            Err(_) => false,
+        }
     }
 
     /// Hands a reply to its call (a call that gave up waiting is gone; its reply is dropped).
@@ -465,15 +545,19 @@ impl Pipe {
         }
     }
 
-    /// Ends the pipe: every call still waiting gets the error `why` makes of its id.
-    fn close(&self, why: impl Fn(u64) -> PeerCallError) {
-        let waiting = {
+    /// Ends the pipe: the requests not yet sent are dropped, its stream ends, and every call
+    /// still waiting gets the error `why` makes of its id and of whether its request was sent.
+    fn close(&self, why: impl Fn(u64, bool) -> PeerCallError) {
+        let (waiting, unsent) = {
             let mut calls = self.calls();
-            calls.out = None;
-            std::mem::take(&mut calls.waiting)
+            calls.closed = true;
+            let unsent: std::collections::HashSet<u64> =
+                calls.queued.drain(..).map(|m| m.call_id).collect();
+            (std::mem::take(&mut calls.waiting), unsent)
         };
+        self.ready.notify_one();
         for (id, w) in waiting {
-            let _ = w.send(Err(why(id)));
+            let _ = w.send(Err(why(id, !unsent.contains(&id))));
         }
     }
 }
@@ -482,12 +566,13 @@ impl Pipe {
 /// stream ends.
 async fn run_pipe(
     mut client: RaftPeerClient<Channel>,
-    rx: mpsc::UnboundedReceiver<PeerMessage>,
     pipe: Arc<Pipe>,
     addr: String,
-    unpiped: Arc<Mutex<std::collections::HashSet<String>>>,
+    unpiped: Unpiped,
 ) {
-    let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+    let requests = futures::stream::unfold(pipe.clone(), |pipe| async move {
+        pipe.next_request().await.map(|msg| (msg, pipe))
+    });
     let mut replies = match client.pipe(requests).await {
         Ok(r) => r.into_inner(),
         Err(status) => {
@@ -498,8 +583,8 @@ async fn run_pipe(
                 unpiped
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(addr.clone());
-                pipe.close(|_| PeerCallError::Unreachable {
+                    .insert(addr.clone(), std::time::Instant::now());
+                pipe.close(|_, _| PeerCallError::Unreachable {
                     addr: addr.clone(),
                     reason: "the peer offers no pipe (an older release); the next call goes unary"
                         .into(),
@@ -510,8 +595,8 @@ async fn run_pipe(
                 status_error(&addr, status.clone(), Duration::ZERO),
                 PeerCallError::Unreachable { .. }
             );
-            pipe.close(|_| {
-                if unsent {
+            pipe.close(|_, sent| {
+                if unsent || !sent {
                     PeerCallError::Unreachable {
                         addr: addr.clone(),
                         reason: status.message().to_string(),
@@ -544,8 +629,12 @@ async fn run_pipe(
         }
     };
     tracing::debug!(peer = %addr, "the pipe closed: {why}");
-    pipe.close(|id| match last_read {
-        // The peer shut down without reading it: not acted upon.
+    pipe.close(|id, sent| match last_read {
+        // Never sent, or the peer shut down without reading it: not acted upon.
+        _ if !sent => PeerCallError::Unreachable {
+            addr: addr.clone(),
+            reason: why.clone(),
+        },
         Some(last) if id > last => PeerCallError::Unreachable {
             addr: addr.clone(),
             reason: why.clone(),
@@ -861,6 +950,63 @@ mod tests {
             matches!(&second, PeerCallError::Remote { reason, .. } if reason.contains("protocol version")),
             "{second}"
         );
+    }
+
+    /// A call whose request was never taken by the connection (here: one that does not open)
+    /// gives up as undelivered, so that a forwarded write is retried instead of reported as
+    /// maybe applied, and its request is dropped instead of waiting in memory to go out
+    /// whenever the connection opens.
+    #[tokio::test]
+    async fn a_request_the_connection_never_took_is_not_sent() {
+        // A listener whose accept queue is full: the kernel drops further connection attempts,
+        // which hang (until the 1 s connect timeout) instead of being refused.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut fillers = Vec::new();
+        for _ in 0..3 {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            if let Ok(Ok(c)) = tokio::time::timeout(
+                Duration::from_millis(200),
+                s.connect(listener.local_addr().unwrap()),
+            )
+            .await
+            {
+                fillers.push(c);
+            }
+        }
+        let peers = Peers::new(1, 7, None);
+        let e = peers
+            .leader_call(
+                2,
+                &addr,
+                &LeaderRequest::ReadIndex,
+                Duration::from_millis(300),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, PeerCallError::Unreachable { reason, .. } if reason.contains("never sent")),
+            "{e}"
+        );
+        let pipe = peers.pipe(&addr).unwrap();
+        let calls = pipe.calls();
+        assert!(calls.queued.is_empty() && calls.waiting.is_empty());
+    }
+
+    /// A former member's pipe is closed and its connection dropped; calls to a member that
+    /// stays keep their pipe.
+    #[tokio::test]
+    async fn retain_peers_closes_the_pipes_of_former_members() {
+        let (gone, kept) = (serve_newer_peer().await, serve_newer_peer().await);
+        let peers = Peers::new(1, 7, None);
+        let (p_gone, p_kept) = (peers.pipe(&gone).unwrap(), peers.pipe(&kept).unwrap());
+        peers.retain_peers(&[kept.clone()].into_iter().collect());
+        assert!(p_gone.is_closed());
+        assert!(!peers.pipes.lock().unwrap().contains_key(&gone));
+        assert!(!peers.channels.lock().unwrap().contains_key(&gone));
+        assert!(Arc::ptr_eq(&peers.pipe(&kept).unwrap(), &p_kept));
     }
 
     #[tokio::test]
