@@ -47,8 +47,8 @@ done
 "$BENCH" --endpoints "$eps" health --wait 60 >/dev/null
 
 # Sum of one /proc field over the members: stat's utime+stime (ticks), or an io line.
-cpu() { for p in "${pids[@]}"; do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk '{s += $1} END {print s}'; }
-written() { for p in "${pids[@]}"; do awk '/^write_bytes/ {print $2}' "/proc/$p/io"; done | awk '{s += $1} END {print s}'; }
+cpu() { for p in "${pids[@]}"; do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk '{s += $1} END {printf "%.0f\n", s}'; }
+written() { for p in "${pids[@]}"; do awk '/^write_bytes/ {print $2}' "/proc/$p/io"; done | awk '{s += $1} END {printf "%.0f\n", s}'; }
 sizes() { for i in 1 2 3; do du -sb "$work/n$i" | cut -f1; done | paste -sd' '; }
 # Each member's db/ and log/ (Flotilla's key space and Raft log) as db+log bytes.
 parts() { for i in 1 2 3; do echo "$(du -sb "$work/n$i/db" | cut -f1)+$(du -sb "$work/n$i/log" | cut -f1)"; done | paste -sd' '; }

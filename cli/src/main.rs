@@ -94,7 +94,17 @@ fn main() -> std::process::ExitCode {
     }
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    // A task woken by another does not jump the queue: the responses that one finished batch
+    // of writes wakes are all written before hyper flushes their connection, in one write
+    // instead of one each (.cargo/config.toml; `FLOTILLA_TOKIO_LIFO_SLOT=1` keeps tokio's
+    // default, for comparison).
+    #[cfg(tokio_unstable)]
+    if std::env::var_os("FLOTILLA_TOKIO_LIFO_SLOT").is_none_or(|v| v != "1") {
+        builder.disable_lifo_slot();
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
