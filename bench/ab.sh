@@ -66,7 +66,7 @@ if [ "$MODE" = fill ]; then
     sleep 30
     echo "$LABEL $(grep -oE 'throughput=[0-9.]+' <<<"$out") cpu_us_per_put=$(((cpu1 - cpu0) * 10000 / TOTAL)) snapshot_bytes=$snap data_dir_bytes_10s=[$at10] data_dir_bytes_40s=[$(sizes)]$([ "$BIN" = etcd ] || echo " db+log_bytes_40s=[$(parts)]")"
 else
-    "$BENCH" --endpoints "$eps" put --clients "$CLIENTS" --total 2000 --value-size 256 >/dev/null
+    "$BENCH" --endpoints "$eps" put --clients "$CLIENTS" --total "${WARM:-2000}" --value-size 256 >/dev/null
     cpu0=$(cpu)
     w0=$(written)
     out=$("$BENCH" --endpoints "$eps" put --clients "$CLIENTS" --total "$TOTAL" --value-size 256 2>&1)
