@@ -9,6 +9,8 @@
 #   MODE=fill  TOTAL (1000000) puts over 10,000 keys at 64 clients; prints the members' data
 #              dir sizes 10 s and 40 s after (and, for Flotilla, of db/ and log/ at 40 s), and
 #              the size of a snapshot of the live state
+#   WARM=2000 WARM_CLIENTS=$CLIENTS   puts not counted before a put run, and at how many
+#              clients (a history written at 1 or 16 clients, as the full run's levels leave)
 #   BENCH=target/release/flotilla-bench
 # Example: for i in 1 2 3; do bench/ab.sh /tmp/old old; bench/ab.sh target/release new; done
 set -euo pipefail
@@ -66,7 +68,7 @@ if [ "$MODE" = fill ]; then
     sleep 30
     echo "$LABEL $(grep -oE 'throughput=[0-9.]+' <<<"$out") cpu_us_per_put=$(((cpu1 - cpu0) * 10000 / TOTAL)) snapshot_bytes=$snap data_dir_bytes_10s=[$at10] data_dir_bytes_40s=[$(sizes)]$([ "$BIN" = etcd ] || echo " db+log_bytes_40s=[$(parts)]")"
 else
-    "$BENCH" --endpoints "$eps" put --clients "$CLIENTS" --total "${WARM:-2000}" --value-size 256 >/dev/null
+    "$BENCH" --endpoints "$eps" put --clients "${WARM_CLIENTS:-$CLIENTS}" --total "${WARM:-2000}" --value-size 256 >/dev/null
     cpu0=$(cpu)
     w0=$(written)
     out=$("$BENCH" --endpoints "$eps" put --clients "$CLIENTS" --total "$TOTAL" --value-size 256 2>&1)
