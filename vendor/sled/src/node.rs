@@ -2,6 +2,15 @@ use std::{num::NonZeroU64, ops::Bound};
 
 use super::*;
 
+/// Flotilla: a leaf larger than this (keys and values) is split once it has
+/// `LEAF_SPLIT_MIN_ENTRIES` entries, where sled splits only at 17.
+const LEAF_SPLIT_BYTES: usize = 32 * 1024;
+
+/// The fewest entries a leaf split for its size has: sled splits at `len / 2 + 1`, so each half
+/// keeps at least 4 entries, which is what keeps a leaf from being merged back (`should_merge`
+/// merges a leaf of fewer than 4).
+const LEAF_SPLIT_MIN_ENTRIES: usize = 10;
+
 #[derive(Default, Debug, Clone, PartialEq)]
 pub struct Node {
     pub(crate) prefix_len: u8,
@@ -605,10 +614,29 @@ impl Node {
             16
         };
 
-        let size_checks = self.data.len() > threshold;
+        let size_checks = self.data.len() > threshold || self.leaf_too_big();
         let safety_checks = self.merging_child.is_none() && !self.merging;
 
         size_checks && safety_checks
+    }
+
+    /// Flotilla: true for a leaf of at least `LEAF_SPLIT_MIN_ENTRIES` entries whose keys and
+    /// values exceed `LEAF_SPLIT_BYTES` (see FLOTILLA.md, change 6). Every update of a leaf is
+    /// eventually written again as part of the whole leaf (a consolidation every
+    /// `PAGE_CONSOLIDATION_THRESHOLD` updates, or a relocation by the segment cleaner), so
+    /// the size of a leaf, not only its number of entries, decides what an update costs.
+    fn leaf_too_big(&self) -> bool {
+        if cfg!(any(test, feature = "lock_free_delays")) {
+            return false;
+        }
+        match &self.data {
+            Data::Leaf(leaf) if leaf.keys.len() >= LEAF_SPLIT_MIN_ENTRIES => {
+                let bytes = leaf.keys.iter().map(|k| k.len()).sum::<usize>()
+                    + leaf.values.iter().map(|v| v.len()).sum::<usize>();
+                bytes > LEAF_SPLIT_BYTES
+            }
+            _ => false,
+        }
     }
 
     pub(crate) fn should_merge(&self) -> bool {
