@@ -10,7 +10,11 @@
 #              dir sizes 10 s and 40 s after (and, for Flotilla, of db/ and log/ at 40 s), and
 #              the size of a snapshot of the live state
 #   WARM=2000 WARM_CLIENTS=$CLIENTS   puts not counted before a put run, and at how many
-#              clients (a history written at 1 or 16 clients, as the full run's levels leave)
+#              clients (a history written at 1 or 16 clients, as the full run's levels leave);
+#              WARM may also list CLIENTS:PUTS[:KEYS] steps, as WARM="1:10000 16:40000" (run.sh's
+#              levels); KEYS is the step's key space (100,000 as the counted puts, by default)
+#   PERF_STAT=FILE  perf stat of the members' syscalls (PERF_EVENTS) during the counted puts
+#   PERF=FILE  perf record (499 Hz, all members) during the counted puts, into FILE
 #   BENCH=target/release/flotilla-bench
 # Example: for i in 1 2 3; do bench/ab.sh /tmp/old old; bench/ab.sh target/release new; done
 set -euo pipefail
@@ -68,11 +72,27 @@ if [ "$MODE" = fill ]; then
     sleep 30
     echo "$LABEL $(grep -oE 'throughput=[0-9.]+' <<<"$out") cpu_us_per_put=$(((cpu1 - cpu0) * 10000 / TOTAL)) snapshot_bytes=$snap data_dir_bytes_10s=[$at10] data_dir_bytes_40s=[$(sizes)]$([ "$BIN" = etcd ] || echo " db+log_bytes_40s=[$(parts)]")"
 else
-    "$BENCH" --endpoints "$eps" put --clients "${WARM_CLIENTS:-$CLIENTS}" --total "${WARM:-2000}" --value-size 256 >/dev/null
+    for w in ${WARM:-2000}; do
+        IFS=: read -r a b k <<<"$w"
+        if [ -n "$b" ]; then wc=$a w=$b; else wc=${WARM_CLIENTS:-$CLIENTS}; fi
+        "$BENCH" --endpoints "$eps" put --clients "$wc" --total "$w" --value-size 256 \
+            --key-space "${k:-100000}" >/dev/null
+    done
+    if [ -n "${PERF_STAT:-}" ]; then
+        perf stat -x, -o "$PERF_STAT" -e "${PERF_EVENTS:-syscalls:sys_enter_openat,syscalls:sys_enter_unlink,syscalls:sys_enter_unlinkat,syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync,syscalls:sys_enter_sync_file_range,syscalls:sys_enter_pwrite64,syscalls:sys_enter_writev,syscalls:sys_enter_write,context-switches}" \
+            -p "$(IFS=,; echo "${pids[*]}")" 2>/dev/null &
+        statpid=$!
+    fi
+    if [ -n "${PERF:-}" ]; then
+        perf record -q -F ${PERF_HZ:-499} ${PERF_ARGS:-} -o "$PERF" -p "$(IFS=,; echo "${pids[*]}")" 2>/dev/null &
+        perfpid=$!
+    fi
     cpu0=$(cpu)
     w0=$(written)
     out=$("$BENCH" --endpoints "$eps" put --clients "$CLIENTS" --total "$TOTAL" --value-size 256 2>&1)
     cpu1=$(cpu)
     w1=$(written)
+    if [ -n "${PERF:-}" ]; then kill -INT "$perfpid"; wait "$perfpid" || true; fi
+    if [ -n "${PERF_STAT:-}" ]; then kill -INT "$statpid"; wait "$statpid" || true; fi
     echo "$LABEL $(grep -oE '(throughput|p50_ms|p99_ms|errors)=[0-9.]+' <<<"$out" | paste -sd' ') cpu_us_per_put=$(((cpu1 - cpu0) * 10000 / TOTAL)) disk_bytes_per_put=$(((w1 - w0) / TOTAL))"
 fi
