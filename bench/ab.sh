@@ -12,9 +12,10 @@
 #   WARM=2000 WARM_CLIENTS=$CLIENTS   puts not counted before a put run, and at how many
 #              clients (a history written at 1 or 16 clients, as the full run's levels leave);
 #              WARM may also list CLIENTS:PUTS[:KEYS] steps, as WARM="1:10000 16:40000" (run.sh's
-#              levels); KEYS is the step's key space (100,000 as the counted puts, by default)
+#              levels); KEYS is the step's key space (by default the counted puts' own)
 #   PERF_STAT=FILE  perf stat of the members' syscalls (PERF_EVENTS) during the counted puts
-#   PERF=FILE  perf record (499 Hz, all members) during the counted puts, into FILE
+#   PERF=FILE  perf record of all members during the counted puts, into FILE (PERF_HZ=499;
+#              PERF_ARGS="--call-graph dwarf,16384" for call graphs)
 #   BENCH=target/release/flotilla-bench
 # Example: for i in 1 2 3; do bench/ab.sh /tmp/old old; bench/ab.sh target/release new; done
 set -euo pipefail
@@ -74,9 +75,9 @@ if [ "$MODE" = fill ]; then
 else
     for w in ${WARM:-2000}; do
         IFS=: read -r a b k <<<"$w"
-        if [ -n "$b" ]; then wc=$a w=$b; else wc=${WARM_CLIENTS:-$CLIENTS}; fi
-        "$BENCH" --endpoints "$eps" put --clients "$wc" --total "$w" --value-size 256 \
-            --key-space "${k:-100000}" >/dev/null
+        if [ -n "$b" ]; then warm_clients=$a w=$b; else warm_clients=${WARM_CLIENTS:-$CLIENTS}; fi
+        "$BENCH" --endpoints "$eps" put --clients "$warm_clients" --total "$w" --value-size 256 \
+            ${k:+--key-space "$k"} >/dev/null
     done
     if [ -n "${PERF_STAT:-}" ]; then
         perf stat -x, -o "$PERF_STAT" -e "${PERF_EVENTS:-syscalls:sys_enter_openat,syscalls:sys_enter_unlink,syscalls:sys_enter_unlinkat,syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync,syscalls:sys_enter_sync_file_range,syscalls:sys_enter_pwrite64,syscalls:sys_enter_writev,syscalls:sys_enter_write,context-switches}" \
