@@ -208,6 +208,12 @@ fn render(s: &Sources) -> String {
         failed.to_string(),
     );
     metric(
+        "flotilla_peer_requests_refused_total",
+        "counter",
+        "Raft requests from peers refused because a correct member could not have sent them (docs/store.md, \"What a member refuses\").",
+        s.node.refused_peer_requests().to_string(),
+    );
+    metric(
         "flotilla_store_revision",
         "gauge",
         "The key space's revision.",

@@ -132,7 +132,37 @@ impl ServerArgs {
     }
 }
 
+/// A member fails stop: any panic ends the process at once, non-zero, with one line saying
+/// where, instead of leaving it up with a broken Raft core, state machine or storage, still
+/// answering clients and forwarding writes. A supervisor (systemd, docker's restart policy,
+/// Kubernetes) restarts it; sled and the Raft log recover from the crash as from a power cut.
+fn fail_stop_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let at = info
+            .location()
+            .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+        let thread = std::thread::current();
+        eprintln!(
+            "flotilla: fatal: panic in thread {}{at}: {what}; this member stops (exit code {PANIC_EXIT})",
+            thread.name().unwrap_or("unnamed")
+        );
+        std::process::exit(PANIC_EXIT);
+    }));
+}
+
+/// The exit code of a member that panicked (EX_SOFTWARE).
+pub const PANIC_EXIT: i32 = 70;
+/// The exit code of a member whose Raft core stopped on a fatal error.
+pub const FATAL_EXIT: i32 = 71;
+
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    fail_stop_on_panic();
     let mut config = args.config()?;
     if args.initial_cluster.is_none() && config.data_dir.join("member.json").exists() {
         // Restarting from the data dir alone: it knows the cluster.
@@ -175,7 +205,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         args.client_addr,
         args.peer_addr
     );
-    wait_for_signal().await?;
+    let mut fatal = node.fatal_signal();
+    tokio::select! {
+        r = wait_for_signal() => r?,
+        reason = fatal.wait_for(|f| f.is_some()) => {
+            let reason = reason.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
+            eprintln!("flotilla: fatal: {reason}; this member stops (exit code {FATAL_EXIT})");
+            std::process::exit(FATAL_EXIT);
+        }
+    }
     eprintln!("shutting down");
     node.shutdown().await;
     match tokio::time::timeout(Duration::from_secs(5), serving).await {

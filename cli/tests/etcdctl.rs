@@ -219,6 +219,7 @@ fn a_conflicting_restart_is_refused_and_sigterm_stops_cleanly() {
         dir: data.clone(),
         child: Some(child),
         extra: Vec::new(),
+        env: Vec::new(),
     };
     eventually("the single member serves", || {
         etcdctl(&client, &["put", "k", "v"]).status.success()
@@ -293,6 +294,7 @@ fn membership_changes_through_etcdctl() {
         dir: c.dir.path().join("n4"),
         child: None,
         extra: Vec::new(),
+        env: Vec::new(),
     };
     let joined = format!("{},n4={peer}", c.initial);
     let log = std::fs::File::create(n4.dir.with_extension("log")).unwrap();

@@ -33,6 +33,12 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     Ok(value)
 }
 
+/// Decodes a value from the start of `bytes`, returning it and the bytes it took (a message
+/// whose first field is all that is wanted, such as a log entry's id).
+pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), String> {
+    bincode::serde::decode_from_slice(bytes, config()).map_err(|e| e.to_string())
+}
+
 /// `#[serde(with = "prost_message")]`: a protobuf message as its encoded bytes.
 pub mod prost_message {
     use serde::de;

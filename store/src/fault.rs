@@ -5,6 +5,8 @@
 //!
 //! - `stale-reads`: a follower answers linearizable reads from its local state without
 //!   obtaining the read index from the leader.
+//! - `panic-on-apply`, `fail-on-apply`: applying a put of the key `flotilla-test/fatal`
+//!   panics, or fails as a storage error does (to show that the member then stops).
 
 /// Whether the fault `name` is switched on.
 #[cfg(debug_assertions)]

@@ -325,7 +325,9 @@ async fn a_member_shutting_down_ends_its_pipes_naming_the_last_call_read() {
     use flotilla_store::codec;
     use flotilla_store::raft::network::{LAST_READ_CALL, WIRE_VERSION};
     use flotilla_store::raft::peer::Hello;
+    // A member of the cluster's hello (a stranger's, without the cluster id, is refused).
     let hello = PeerMessage {
+        cluster_id: c.node(f).cluster_id(),
         payload: codec::encode(&Hello {
             peer_addr: "127.0.0.1:1".into(),
         })

@@ -46,6 +46,8 @@ pub struct Member {
     pub child: Option<Child>,
     /// Extra `flotilla server` flags.
     pub extra: Vec<String>,
+    /// Extra environment variables of the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Member {
@@ -58,6 +60,7 @@ impl Member {
             dir,
             child: None,
             extra: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -69,6 +72,7 @@ impl Member {
             .args(["--client-addr", &self.client, "--peer-addr", &self.peer])
             .args(["--initial-cluster", initial])
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

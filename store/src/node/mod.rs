@@ -39,7 +39,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::{PEER_CONNECTION_WINDOW, PEER_MAX_MESSAGE, PEER_STREAM_WINDOW, Peers};
 use crate::raft::peer::Hello;
 use crate::raft::state_machine::{SnapshotDir, SnapshotFiles, StateMachine, recover_install};
-use crate::types::{Member, NodeId, Raft, RaftMetrics};
+use crate::types::{LogId, Member, NodeId, Raft, RaftMetrics};
 
 /// Why a member could not start. The message says what to change.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,9 @@ pub enum StartError {
     Storage(String),
     #[error("raft: {0}")]
     Raft(String),
+    /// The data dir holds a log and a key space that contradict each other.
+    #[error("refusing to start: {0}")]
+    Damaged(String),
 }
 
 /// A running member. Cheap to clone; every clone is the same member.
@@ -86,10 +89,16 @@ pub(crate) struct Inner {
     reads: read::ReadBatcher,
     lessor: lessor::Lessor,
     shutdown: watch::Sender<bool>,
+    /// Why this member can no longer serve, once it cannot (see [`StoreNode::fatal_signal`]).
+    fatal: watch::Sender<Option<String>>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     peer_server: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// Proposals made through this member: (applied, failed).
     proposed: (AtomicU64, AtomicU64),
+    /// Reads the Raft log's ids, for the checks on peer requests.
+    log_ids: crate::raft::log_store::LogIds,
+    /// Raft requests from peers refused by [`crate::raft::guard`].
+    refused_peer_requests: AtomicU64,
 }
 
 /// A member's view of the cluster, for `cluster status` and etcd's `Status`.
@@ -146,6 +155,8 @@ impl StoreNode {
         let log = LogStore::open(&log_db, &db).map_err(|e| StartError::Storage(e.to_string()))?;
         let committed = log.committed_index();
         let appended = log.appended_bytes();
+        let log_ids = log.log_ids();
+        check_data(&log_ids, sm.applied())?;
         let peers = Peers::new(
             identity.member_id,
             identity.cluster_id,
@@ -181,9 +192,12 @@ impl StoreNode {
             reads: read::ReadBatcher::default(),
             lessor: lessor::Lessor::default(),
             shutdown,
+            fatal: watch::channel(None).0,
             tasks: std::sync::Mutex::new(Vec::new()),
             peer_server: std::sync::Mutex::new(None),
             proposed: (AtomicU64::new(0), AtomicU64::new(0)),
+            log_ids,
+            refused_peer_requests: AtomicU64::new(0),
         });
         let node = StoreNode { inner };
         node.push_task(batcher);
@@ -261,6 +275,7 @@ impl StoreNode {
             tokio::spawn(membership::forget_departed_peers(self.clone())),
             tokio::spawn(write::auto_compaction(self.clone())),
             tokio::spawn(snapshot_by_size(self.clone())),
+            tokio::spawn(watch_core(self.clone())),
         ];
         for t in tasks {
             self.push_task(t);
@@ -362,6 +377,20 @@ impl StoreNode {
         )
     }
 
+    /// Raft requests from peers this member refused because a correct member could not have
+    /// sent them (see [`crate::raft::guard`]).
+    pub fn refused_peer_requests(&self) -> u64 {
+        self.inner.refused_peer_requests.load(Ordering::Relaxed)
+    }
+
+    /// A receiver that holds, once the member can no longer serve, why: its Raft core stopped
+    /// on a fatal error (a storage failure, a panic). The member must not go on answering
+    /// clients with a broken core: its process should exit, non-zero, so that a supervisor
+    /// restarts it (`flotilla server` does).
+    pub fn fatal_signal(&self) -> watch::Receiver<Option<String>> {
+        self.inner.fatal.subscribe()
+    }
+
     /// A receiver that turns true when the member begins shutting down.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.inner.shutdown.subscribe()
@@ -404,6 +433,26 @@ impl StoreNode {
     }
 }
 
+/// Watches the Raft core: once it stops on its own (a fatal storage error, or a panic that
+/// ended its task and with it the metrics it publishes), the member is failed (see
+/// [`StoreNode::fatal_signal`]).
+async fn watch_core(node: StoreNode) {
+    let mut metrics = node.inner.raft.metrics();
+    let reason = loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            break format!("the Raft core stopped: {fatal}");
+        }
+        if metrics.changed().await.is_err() {
+            break "the Raft core ended unexpectedly (it panicked)".to_string();
+        }
+    };
+    if *node.inner.shutdown.borrow() {
+        return;
+    }
+    tracing::error!(%reason, "this member can no longer serve");
+    node.inner.fatal.send_replace(Some(reason));
+}
+
 /// Triggers a snapshot whenever the log grew by `snapshot_bytes` since the last trigger, so
 /// that the log, which is purged behind snapshots, stays about that size. A snapshot costs a
 /// flush of the key space, not a copy of it (see [`crate::raft::state_machine`]).
@@ -426,6 +475,72 @@ async fn snapshot_by_size(node: StoreNode) {
             tracing::debug!("snapshot triggered by log size");
         }
     }
+}
+
+/// Refuses to start on a data dir whose Raft log and key space cannot both be right: a
+/// correct member never leaves one, but a disk that lost writes, a copy of another member's
+/// files or (before the checks of [`crate::raft::guard`]) a forged peer message can.
+///
+/// - the log's entry at the applied index is not the one applied (the log was rewritten
+///   under entries the key space holds);
+/// - entries committed and not yet applied are missing from the log (they cannot be
+///   applied again);
+/// - the stored vote's term is beyond what a cluster reaches ([`crate::raft::guard::MAX_TERM`]),
+///   or the log holds an entry of a term after it.
+///
+/// A log that ends before the applied index is not refused: a crash after the key space
+/// reached disk and before the log's last entries did leaves one, and those entries were
+/// committed; openraft purges the log up to the applied index.
+fn check_data(
+    log: &crate::raft::log_store::LogIds,
+    applied: Option<LogId>,
+) -> Result<(), StartError> {
+    let damaged = |what: String| {
+        StartError::Damaged(format!(
+            "{what}. The data dir is damaged: remove this member from the cluster, wipe its data dir and add it back as a new member (README, \"Replace a dead member\")"
+        ))
+    };
+    let read = |e: String| StartError::Storage(format!("reading the Raft log: {e}"));
+    let (last, _purged) = log.bounds().map_err(read)?;
+    let vote = log.vote().map_err(read)?.unwrap_or_default();
+    let term = vote.leader_id().term;
+    if term >= crate::raft::guard::MAX_TERM {
+        return Err(damaged(format!(
+            "the stored vote is for term {term}, which no cluster reaches"
+        )));
+    }
+    if let Some(last) = last
+        && last.leader_id.term > term
+    {
+        return Err(damaged(format!(
+            "the log's last entry {last} is of a term after the stored vote's ({term})"
+        )));
+    }
+    if let Some(applied) = applied
+        && let Some(ours) = log.at(applied.index).map_err(read)?
+        && ours != applied
+    {
+        return Err(damaged(format!(
+            "the key space applied entry {applied}, but the log holds {ours} at that index"
+        )));
+    }
+    let committed = log.committed().map_err(read)?;
+    if committed > applied && committed > last {
+        return Err(damaged(format!(
+            "entries up to {} are committed and applied only up to {}, but the log ends at {}",
+            committed.map_or(0, |c| c.index),
+            applied.map_or(0, |a| a.index),
+            last.map_or(0, |l| l.index)
+        )));
+    }
+    if applied > last {
+        tracing::warn!(
+            applied = %applied.map_or(0, |a| a.index),
+            last_log = %last.map_or(0, |l| l.index),
+            "the log ends before the applied index (a crash before the log's flush); openraft purges up to it"
+        );
+    }
+    Ok(())
 }
 
 fn raft_config(config: &StoreConfig) -> Result<Arc<openraft::Config>, StartError> {
@@ -550,7 +665,9 @@ async fn discover_identity(config: &StoreConfig) -> Result<Identity, StartError>
 /// Refuses to start when a reachable peer belongs to another cluster: its data dir and ours
 /// disagree, and acting on either would mix two clusters' state.
 async fn probe_peers(config: &StoreConfig, identity: &Identity) -> Result<(), StartError> {
-    let peers = Peers::new(0, 0, None).with_source_ip(config.peer_source_ip);
+    // Sent with this member's cluster id: a member of another cluster refuses it, naming
+    // neither cluster's id but the sender's.
+    let peers = Peers::new(0, identity.cluster_id, None).with_source_ip(config.peer_source_ip);
     let hello = Hello {
         peer_addr: config.peer_addr.clone(),
     };
@@ -570,13 +687,18 @@ async fn probe_peers(config: &StoreConfig, identity: &Identity) -> Result<(), St
             }
         });
     for (name, addr, reply) in futures::future::join_all(probes).await {
-        if let Ok(reply) = reply
-            && reply.cluster_id != identity.cluster_id
-        {
+        let other = match reply {
+            Ok(reply) => reply.cluster_id != identity.cluster_id,
+            Err(crate::raft::network::PeerCallError::Remote { reason, .. }) => {
+                reason.contains(peer_service::CLUSTER_MISMATCH)
+            }
+            Err(_) => false,
+        };
+        if other {
             return Err(StartError::Identity(format!(
-                "peer `{name}` at {addr} belongs to cluster {:x}, but this member's is {:x}; \
+                "peer `{name}` at {addr} belongs to another cluster than this member's ({:x}); \
                  check --initial-cluster, --initial-cluster-token and --data-dir",
-                reply.cluster_id, identity.cluster_id
+                identity.cluster_id
             )));
         }
     }

@@ -3,8 +3,11 @@
 //! Everything here comes from the network: a message for another cluster, or one that does
 //! not decode, is answered with an error and never acted upon.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use flotilla_proto::raft::PeerMessage;
 use flotilla_proto::raft::raft_peer_server::RaftPeer;
@@ -22,6 +25,7 @@ use super::{Inner, StoreNode};
 use crate::codec;
 use crate::errors::StoreError;
 use crate::mvcc::{Command, CommandResponse, validate_command};
+use crate::raft::guard;
 use crate::raft::network::{
     LAST_READ_CALL, Method, PEER_MAX_MESSAGE, WIRE_VERSION, wire_version_of,
 };
@@ -30,12 +34,14 @@ use crate::types::{NodeId, TypeConfig};
 
 pub(crate) struct PeerService {
     node: StoreNode,
+    vouches: Arc<Vouches>,
 }
 
 impl PeerService {
     pub(crate) fn new(inner: Arc<Inner>) -> Self {
         Self {
             node: StoreNode { inner },
+            vouches: Arc::default(),
         }
     }
 
@@ -61,14 +67,18 @@ impl PeerService {
                 sender_cluster = %format!("{:x}", msg.cluster_id),
                 "refused a peer message from another cluster"
             );
+            // This member's cluster id is not named: it is what a stranger would need.
             return Err(error_reply(format!(
-                "cluster id mismatch: this member belongs to cluster {mine:x}, the sender to {:x}",
+                "{CLUSTER_MISMATCH}: the sender belongs to cluster {:x}, this member to another",
                 msg.cluster_id
             )));
         }
         codec::decode(&msg.payload).map_err(|e| error_reply(format!("undecodable request: {e}")))
     }
 }
+
+/// How a member answers a message of another cluster (a prober looks for it).
+pub(crate) const CLUSTER_MISMATCH: &str = "cluster id mismatch";
 
 fn error_reply(error: String) -> PeerMessage {
     PeerMessage {
@@ -103,17 +113,26 @@ impl PeerService {
         match method {
             Method::AppendEntries => {
                 match self.open::<AppendEntriesRequest<TypeConfig>>(msg, false) {
-                    Ok(req) => reply(cluster, &self.node.raft().append_entries(req).await),
+                    Ok(req) => match self.guard(|v| guard::check_append_entries(v, &req)) {
+                        Ok(()) => reply(cluster, &self.node.raft().append_entries(req).await),
+                        Err(e) => e,
+                    },
                     Err(e) => e,
                 }
             }
             Method::Vote => match self.open::<VoteRequest<NodeId>>(msg, false) {
-                Ok(req) => reply(cluster, &self.node.raft().vote(req).await),
+                Ok(req) => match self.guard(|v| guard::check_vote(v, &req)) {
+                    Ok(()) => reply(cluster, &self.node.raft().vote(req).await),
+                    Err(e) => e,
+                },
                 Err(e) => e,
             },
             Method::InstallSnapshot => {
                 match self.open::<InstallSnapshotRequest<TypeConfig>>(msg, false) {
-                    Ok(req) => reply(cluster, &self.node.raft().install_snapshot(req).await),
+                    Ok(req) => match self.guard(|v| guard::check_install_snapshot(v, &req)) {
+                        Ok(()) => reply(cluster, &self.node.raft().install_snapshot(req).await),
+                        Err(e) => e,
+                    },
                     Err(e) => e,
                 }
             }
@@ -124,6 +143,15 @@ impl PeerService {
             Method::Hello => match self.open::<Hello>(msg, true) {
                 Ok(hello) => {
                     tracing::debug!(from = %hello.peer_addr, "hello");
+                    // A caller that does not know the cluster id is told it only when it is a
+                    // member added and not yet started (learning its id and cluster, as
+                    // `--initial-cluster-state existing` does).
+                    if msg.cluster_id == 0 && !self.awaits(&hello.peer_addr) {
+                        return error_reply(format!(
+                            "no member of this cluster that has not started yet has peer address {}; add it first (`flotilla cluster add NAME {}`)",
+                            hello.peer_addr, hello.peer_addr
+                        ));
+                    }
                     let members = self
                         .node
                         .members()
@@ -143,10 +171,64 @@ impl PeerService {
         }
     }
 
+    /// Whether `peer_addr` is the peer address of a member added and not started yet (one
+    /// that has never published its client address).
+    fn awaits(&self, peer_addr: &str) -> bool {
+        self.node
+            .members()
+            .iter()
+            .any(|m| m.member.peer_addr == peer_addr && m.member.client_addr.is_empty())
+    }
+
+    /// Runs one of [`guard`]'s checks against what this member knows; a refusal is logged
+    /// with the sender and answered as an error, and a sender this member does not know is
+    /// asked about (see [`Vouches`]).
+    fn guard(
+        &self,
+        check: impl FnOnce(&guard::LocalView<'_>) -> Result<(), guard::Refusal>,
+    ) -> Result<(), PeerMessage> {
+        let inner = &self.node.inner;
+        let (term, voters, applied) = {
+            let m = inner.raft.metrics();
+            let m = m.borrow();
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            (
+                m.current_term,
+                voters,
+                m.last_applied.map_or(0, |l| l.index),
+            )
+        };
+        let committed = inner.committed.load(Ordering::Relaxed).max(applied);
+        let vouched = |id| self.vouches.vouched(id);
+        let log_id_at = |index| inner.log_ids.at(index);
+        let view = guard::LocalView {
+            me: inner.id,
+            term,
+            voters: &voters,
+            vouched: &vouched,
+            committed,
+            log_id_at: &log_id_at,
+        };
+        let Err(refusal) = check(&view) else {
+            return Ok(());
+        };
+        inner.refused_peer_requests.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            sender = %format!("{:x}", refusal.sender()),
+            reason = %refusal,
+            "refused a Raft request"
+        );
+        if let guard::Refusal::Stranger { from } = refusal {
+            self.vouches.ask(&self.node, from);
+        }
+        Err(error_reply(format!("refused: {refusal}")))
+    }
+
     /// A pipe: see [`serve_pipe`].
     fn run_pipe(&self, requests: Streaming<PeerMessage>) -> PipeStream {
         let service = Arc::new(Self {
             node: self.node.clone(),
+            vouches: self.vouches.clone(),
         });
         serve_pipe(
             requests,
@@ -165,6 +247,82 @@ impl PeerService {
                 }
             },
         )
+    }
+}
+
+/// Senders this member does not know that the voters it knows vouch for.
+///
+/// A member that was down while another was added, and that other then became leader, gets
+/// requests from a leader its own membership does not list (its log will, once it has caught
+/// up from that leader). Turned away for good, it would never catch up. So a sender it does not
+/// know is asked about: the voters it knows are sent a hello, and a sender one of them lists
+/// as a voter is taken for [`VOUCH_FOR`]. A stranger's requests are refused meanwhile; the
+/// sender retries.
+#[derive(Default)]
+pub(crate) struct Vouches {
+    /// Vouched-for senders, until when.
+    vouched: Mutex<HashMap<NodeId, Instant>>,
+    /// Senders asked about, when.
+    asked: Mutex<HashMap<NodeId, Instant>>,
+}
+
+/// How long a voter's word for a sender holds.
+const VOUCH_FOR: Duration = Duration::from_secs(60);
+/// How often the voters are asked about one sender at most.
+const ASK_EVERY: Duration = Duration::from_secs(2);
+
+impl Vouches {
+    fn vouched(&self, id: NodeId) -> bool {
+        let vouched = self.vouched.lock().unwrap_or_else(|p| p.into_inner());
+        vouched
+            .get(&id)
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
+    fn ask(self: &Arc<Self>, node: &StoreNode, id: NodeId) {
+        let now = Instant::now();
+        {
+            let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
+            asked.retain(|_, at| now.duration_since(*at) < ASK_EVERY);
+            if asked.len() >= 64 || asked.insert(id, now).is_some() {
+                return;
+            }
+        }
+        let voters: Vec<String> = node
+            .members()
+            .into_iter()
+            .filter(|m| !m.is_learner && m.id != node.id())
+            .map(|m| m.member.peer_addr)
+            .collect();
+        let (vouches, node) = (self.clone(), node.clone());
+        tokio::spawn(async move {
+            let hello = Hello {
+                peer_addr: node.config().peer_addr.clone(),
+            };
+            for addr in voters {
+                let Ok(reply) = node
+                    .inner
+                    .peers
+                    .hello(&addr, &hello, Duration::from_secs(1))
+                    .await
+                else {
+                    continue;
+                };
+                if reply.cluster_id == node.cluster_id()
+                    && reply.members.iter().any(|(m, _, voter)| *m == id && *voter)
+                {
+                    tracing::info!(
+                        sender = %format!("{id:x}"),
+                        voter = %addr,
+                        "a voter lists a member this member's log does not know yet; its requests are taken"
+                    );
+                    let mut vouched = vouches.vouched.lock().unwrap_or_else(|p| p.into_inner());
+                    vouched.retain(|_, until| Instant::now() < *until);
+                    vouched.insert(id, Instant::now() + VOUCH_FOR);
+                    return;
+                }
+            }
+        });
     }
 }
 

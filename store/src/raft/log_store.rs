@@ -80,6 +80,14 @@ impl LogStore {
         self.committed.clone()
     }
 
+    /// Reads the log ids of this log's entries, for the checks on peer requests.
+    pub fn log_ids(&self) -> LogIds {
+        LogIds {
+            logs: self.logs.clone(),
+            meta: self.meta.clone(),
+        }
+    }
+
     fn read_meta<T: serde::de::DeserializeOwned>(
         &self,
         key: &[u8],
@@ -102,6 +110,54 @@ impl LogStore {
             .insert(key, bytes)
             .map_err(|e| write_err(ErrorSubject::Store, &e))?;
         Ok(())
+    }
+}
+
+/// The log ids of a log's entries, read without decoding their payloads.
+#[derive(Clone)]
+pub struct LogIds {
+    logs: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl LogIds {
+    /// The log id of the entry at `index`, or the last purged log id when that is at
+    /// `index`; `None` when the log holds neither.
+    pub fn at(&self, index: u64) -> Result<Option<LogId>, String> {
+        if let Some(bytes) = self.logs.get(index_key(index)).map_err(|e| e.to_string())? {
+            // An entry is encoded as its log id, then its payload.
+            let (id, _) = codec::decode_prefix::<LogId>(&bytes)?;
+            return Ok(Some(id));
+        }
+        let purged = self.meta_value::<Option<LogId>>(LAST_PURGED)?.flatten();
+        Ok(purged.filter(|p| p.index == index))
+    }
+
+    /// The stored vote.
+    pub fn vote(&self) -> Result<Option<Vote>, String> {
+        self.meta_value(VOTE)
+    }
+
+    /// The stored commit index.
+    pub fn committed(&self) -> Result<Option<LogId>, String> {
+        Ok(self.meta_value::<Option<LogId>>(COMMITTED)?.flatten())
+    }
+
+    fn meta_value<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, String> {
+        match self.meta.get(key).map_err(|e| e.to_string())? {
+            Some(b) => codec::decode(&b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The last log id the log holds (or last purged), and the last purged one.
+    pub fn bounds(&self) -> Result<(Option<LogId>, Option<LogId>), String> {
+        let purged = self.meta_value::<Option<LogId>>(LAST_PURGED)?.flatten();
+        let last = match self.logs.last().map_err(|e| e.to_string())? {
+            Some((_, bytes)) => Some(codec::decode_prefix::<LogId>(&bytes)?.0),
+            None => purged,
+        };
+        Ok((last, purged))
     }
 }
 

@@ -3,6 +3,7 @@
 
 // openraft's `StorageError` is the error type its storage traits require; boxing it here would
 // only be unboxed again at the trait boundary.
+pub mod guard;
 #[allow(clippy::result_large_err)]
 pub mod log_store;
 pub mod network;

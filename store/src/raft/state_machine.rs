@@ -314,6 +314,31 @@ pub struct StateMachine {
     files: Arc<SnapshotFiles>,
 }
 
+/// The key the test faults `panic-on-apply` and `fail-on-apply` ([`crate::fault`]) act on.
+#[cfg(debug_assertions)]
+pub const FAULT_KEY: &[u8] = b"flotilla-test/fatal";
+
+/// In test builds with a fault switched on, applying a put of [`FAULT_KEY`] panics, or fails
+/// as a storage error would, to show that the member then stops.
+#[cfg(debug_assertions)]
+fn injected_fault(cmd: &Command) -> Result<(), StorageError> {
+    let hits = |c: &Command| matches!(c, Command::Put(p) if p.key == FAULT_KEY);
+    let hit = match cmd {
+        Command::Batch(cmds) => cmds.iter().any(hits),
+        c => hits(c),
+    };
+    if hit && crate::fault::enabled("panic-on-apply") {
+        panic!("test fault panic-on-apply: a put of the fault key");
+    }
+    if hit && crate::fault::enabled("fail-on-apply") {
+        return Err(sm_err(
+            ErrorVerb::Write,
+            "test fault fail-on-apply: a put of the fault key",
+        ));
+    }
+    Ok(())
+}
+
 fn sm_err(verb: ErrorVerb, e: impl ToString) -> StorageError {
     StorageIOError::new(
         ErrorSubject::StateMachine,
@@ -471,6 +496,11 @@ impl StateMachine {
         })
     }
 
+    /// The last log id applied to the key space.
+    pub fn applied(&self) -> Option<LogId> {
+        self.applied
+    }
+
     /// Forgets the current snapshot file once it no longer covers the newest snapshot
     /// position: a member sent it would still need entries the log no longer has.
     fn drop_stale_file(&mut self) {
@@ -568,6 +598,10 @@ impl StateMachine {
             let mut last = None;
             for entry in entries {
                 let log_id = entry.log_id;
+                #[cfg(debug_assertions)]
+                if let EntryPayload::Normal(cmd) = &entry.payload {
+                    injected_fault(cmd)?;
+                }
                 let response = match entry.payload {
                     EntryPayload::Blank => CommandResponse::Empty,
                     EntryPayload::Normal(Command::Batch(cmds)) => {

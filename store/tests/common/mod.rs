@@ -85,7 +85,7 @@ async fn free_listener() -> TcpListener {
 }
 
 /// Binds `addr` again after its member stopped; the port may take a moment to be released.
-async fn rebind(addr: &str) -> TcpListener {
+pub async fn rebind(addr: &str) -> TcpListener {
     let deadline = Instant::now() + DEADLINE;
     loop {
         match TcpListener::bind(addr).await {
@@ -136,7 +136,12 @@ impl Cluster {
         c
     }
 
-    fn config(&self, i: usize, initial: Vec<(String, String)>, state: ClusterState) -> StoreConfig {
+    pub fn config(
+        &self,
+        i: usize,
+        initial: Vec<(String, String)>,
+        state: ClusterState,
+    ) -> StoreConfig {
         let slot = &self.slots[i];
         let mut config = StoreConfig::new(&slot.name, self.dir.path().join(&slot.name));
         config.peer_addr = slot.peer_addr.clone();
