@@ -77,6 +77,9 @@ impl ApiError {
                 StoreError::Mvcc(MvccError::Compacted { .. }) => Code::OutOfRange,
                 StoreError::Mvcc(MvccError::FutureRevision { .. }) => Code::OutOfRange,
                 StoreError::Mvcc(MvccError::Fenced { .. }) => Code::FailedPrecondition,
+                // The store's alarms (etcd's NOSPACE and CORRUPT) refuse writes.
+                StoreError::Mvcc(MvccError::NoSpace) => Code::ResourceExhausted,
+                StoreError::Mvcc(MvccError::Corrupt) => Code::DataLoss,
                 StoreError::Mvcc(_) | StoreError::Invalid(_) => Code::InvalidArgument,
                 StoreError::RequestTooLarge { .. } => Code::ResourceExhausted,
                 StoreError::TooManyRequests => Code::Unavailable,

@@ -76,6 +76,19 @@ pub struct ServerArgs {
     /// Largest client request accepted, in bytes.
     #[arg(long, default_value_t = 1536 * 1024)]
     pub max_request_bytes: usize,
+    /// The key space's size on disk beyond which writes are refused with etcd's `mvcc:
+    /// database space exceeded` (the NOSPACE alarm) until space is freed (delete, compact)
+    /// and the alarm disarmed (`etcdctl alarm disarm`); 0: no quota.
+    #[arg(long, default_value_t = 2 * 1024 * 1024 * 1024)]
+    pub quota_backend_bytes: u64,
+    /// How often the leader compares the members' key spaces and raises the CORRUPT alarm
+    /// (which stops writes) for one that differs; 0s: never.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub corrupt_check_interval: Duration,
+    /// Compare this member's key space with the others' once at start, and stop if it
+    /// differs from all of them.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub initial_corrupt_check: bool,
     /// Share of feasible nodes the scheduler looks for before scoring, in percent (0:
     /// adaptive, as kube-scheduler: all nodes up to 100, then 50% falling to 5% at 5,625
     /// nodes; 100: every node).
@@ -128,6 +141,9 @@ impl ServerArgs {
         c.keep_logs = self.snapshot_catchup_entries;
         c.compaction_retention = self.auto_compaction_retention;
         c.max_request_bytes = self.max_request_bytes;
+        c.quota_backend_bytes = self.quota_backend_bytes;
+        c.corrupt_check_interval = self.corrupt_check_interval;
+        c.initial_corrupt_check = self.initial_corrupt_check;
         Ok(c)
     }
 }

@@ -362,3 +362,39 @@ fn membership_changes_through_etcdctl() {
         out.status.success() && out.stdout == b"v\n"
     });
 }
+
+/// `--quota-backend-bytes`: once the key space outgrows it, etcdctl's puts are refused with
+/// etcd's words, `etcdctl alarm list` shows NOSPACE, gets and deletes still work, and
+/// `etcdctl alarm disarm` lifts it.
+#[test]
+fn a_key_space_over_its_quota_refuses_puts_as_etcd_does() {
+    let c = Cluster::start_with(&["--quota-backend-bytes", "4194304"]);
+    let ep = c.endpoints();
+    let value = "v".repeat(100 * 1024);
+    let mut refused = None;
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    for i in 0.. {
+        let out = etcdctl(&ep, &["put", &format!("big/{i}"), &value]);
+        if !out.status.success() {
+            refused = Some(String::from_utf8_lossy(&out.stderr).to_string());
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+    }
+    let refused = refused.expect("puts are refused once over the quota");
+    assert!(
+        refused.contains("etcdserver: mvcc: database space exceeded"),
+        "{refused}"
+    );
+    let alarms = ok(etcdctl(&ep, &["alarm", "list"]));
+    assert!(alarms.contains("alarm:NOSPACE"), "{alarms}");
+    assert_eq!(
+        ok(etcdctl(&ep, &["get", "big/0", "--print-value-only"])).trim(),
+        value
+    );
+    ok(etcdctl(&ep, &["del", "--prefix", "big/"]));
+    let disarmed = ok(etcdctl(&ep, &["alarm", "disarm"]));
+    assert!(disarmed.contains("alarm:NOSPACE"), "{disarmed}");
+}

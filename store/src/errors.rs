@@ -31,6 +31,12 @@ pub enum MvccError {
         "write fenced: made for leadership term {required}, appended in term {actual} (the writer no longer leads)"
     )]
     Fenced { required: u64, actual: u64 },
+    /// A `NOSPACE` alarm is active (see [`crate::mvcc::alarm`]).
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
+    /// A `CORRUPT` alarm is active.
+    #[error("corrupt cluster")]
+    Corrupt,
 }
 
 /// A request that is malformed, found before anything is proposed.

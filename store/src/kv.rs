@@ -117,8 +117,17 @@ impl KvState {
         self.hub.watch(spec, self.clone(), out, control)
     }
 
-    /// A CRC-32 of every record up to `revision` (0: the newest), for comparing members.
+    /// A CRC-32 of every record up to `revision` (0: the newest), for comparing members:
+    /// `(crc, compact revision, revision hashed)`.
     pub fn hash(&self, revision: i64) -> Result<(u32, i64, i64), StoreError> {
+        self.hash_from(0, revision)
+    }
+
+    /// A CRC-32 of the records from revision `from` (or the compact revision, if later) up to
+    /// `revision` (0: the newest): `(crc, first revision hashed, revision hashed)`. Two
+    /// members that hashed the same span hold the same records in it if their key spaces
+    /// agree, whatever each has compacted below it.
+    pub fn hash_from(&self, from: i64, revision: i64) -> Result<(u32, i64, i64), StoreError> {
         let (current, compacted) = {
             let m = self.read();
             (m.revision(), m.compact_revision())
@@ -133,8 +142,9 @@ impl KvState {
             }
             .into());
         }
+        let first = from.max(compacted);
         let mut crc = crc32fast::Hasher::new();
-        let mut from = Revision::new(compacted, 0);
+        let mut from = Revision::new(first, 0);
         loop {
             let records = self.backend.scan(from, at, COMPACTION_STEP)?;
             let Some((last, _)) = records.last() else {
@@ -146,7 +156,7 @@ impl KvState {
                 crc.update(&record.encode());
             }
         }
-        Ok((crc.finalize(), compacted, at))
+        Ok((crc.finalize(), first, at))
     }
 
     pub(crate) fn schedule_compaction(&self, job: Compaction) {

@@ -541,3 +541,137 @@ async fn hostile_peer_messages_are_refused_and_harmless() {
     assert_eq!(c.leader().await, l);
     c.shutdown().await;
 }
+
+/// etcd's alarms through the Maintenance service, as `etcdctl alarm list|disarm` use them:
+/// NOSPACE refuses puts, writing txns and lease grants with etcd's code and words, and lets
+/// reads, deletes and compaction through; CORRUPT refuses every write; disarming lifts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarms_refuse_writes_as_etcd_does_until_disarmed() {
+    use flotilla_proto::etcdserverpb::alarm_request::AlarmAction;
+    use flotilla_proto::etcdserverpb::{
+        AlarmMember, AlarmRequest, DeleteRangeRequest, LeaseGrantRequest,
+    };
+    let c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    let follower = c.node((l + 1) % 3).clone();
+    let ch = serve(&follower).await;
+    let (mut kv, mut m) = (
+        KvClient::new(ch.clone()),
+        MaintenanceClient::new(ch.clone()),
+    );
+    let mut lease = LeaseClient::new(ch);
+    kv.put(put("a", "1")).await.unwrap();
+    let alarm = |action: AlarmAction, member, alarm| AlarmRequest {
+        action: action as i32,
+        member_id: member,
+        alarm,
+    };
+    let id = follower.id();
+    let raised = m
+        .alarm(alarm(AlarmAction::Activate, id, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        raised.alarms,
+        vec![AlarmMember {
+            member_id: id,
+            alarm: 1
+        }]
+    );
+    // Raising it again changes nothing; every member knows it.
+    let again = m.alarm(alarm(AlarmAction::Activate, id, 1)).await.unwrap();
+    assert!(again.into_inner().alarms.is_empty());
+    common::eventually("every member has the alarm", || {
+        c.running().iter().all(|i| c.node(*i).alarms().len() == 1)
+    })
+    .await;
+    let listed = m.alarm(alarm(AlarmAction::Get, 0, 0)).await.unwrap();
+    assert_eq!(listed.into_inner().alarms.len(), 1);
+    let status = m.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(
+        status.errors.iter().any(|e| e.contains("NOSPACE")),
+        "{:?}",
+        status.errors
+    );
+
+    let refused = kv.put(put("b", "2")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(
+        refused.message(),
+        "etcdserver: mvcc: database space exceeded"
+    );
+    let writing_txn = TxnRequest {
+        success: vec![RequestOp {
+            request: Some(request_op::Request::RequestPut(put("c", "3"))),
+        }],
+        ..Default::default()
+    };
+    let refused = kv.txn(writing_txn.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    let refused = lease
+        .lease_grant(LeaseGrantRequest { ttl: 10, id: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    // Reads, read-only txns and deletes still go, so space can be freed.
+    let got = kv
+        .range(RangeRequest {
+            key: b"a".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.kvs.len(), 1);
+    let reading_txn = TxnRequest {
+        success: vec![RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: b"a".to_vec(),
+                ..Default::default()
+            })),
+        }],
+        ..Default::default()
+    };
+    kv.txn(reading_txn).await.unwrap();
+    kv.delete_range(DeleteRangeRequest {
+        key: b"a".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // CORRUPT refuses every write, deletes too.
+    m.alarm(alarm(AlarmAction::Activate, id, 2)).await.unwrap();
+    let refused = kv
+        .delete_range(DeleteRangeRequest {
+            key: b"a".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), refused.message()),
+        (Code::DataLoss, "etcdserver: corrupt cluster")
+    );
+
+    // `alarm disarm`: list, then deactivate each.
+    for a in m
+        .alarm(alarm(AlarmAction::Get, 0, 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .alarms
+    {
+        let r = m
+            .alarm(alarm(AlarmAction::Deactivate, a.member_id, a.alarm))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.alarms, vec![a]);
+    }
+    kv.txn(writing_txn).await.unwrap();
+    kv.put(put("b", "2")).await.unwrap();
+    assert!(c.node(l).alarms().is_empty());
+    c.shutdown().await;
+}

@@ -1,11 +1,11 @@
-//! etcd's Maintenance service: status, hashes, snapshots (Flotilla's format); alarms and
-//! defragmentation are no-ops here.
+//! etcd's Maintenance service: status, hashes, alarms, snapshots (Flotilla's format);
+//! defragmentation is a no-op here.
 
 use std::pin::Pin;
 
 use flotilla_proto::etcdserverpb::maintenance_server::Maintenance;
 use flotilla_proto::etcdserverpb::{
-    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest,
+    AlarmMember, AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest,
     HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse,
     SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
@@ -13,6 +13,7 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{EtcdFace, to_status};
+use crate::mvcc::alarm::{Alarm, AlarmKind};
 
 /// The etcd API version this face implements (clients use it to pick features).
 pub const ETCD_API_VERSION: &str = "3.4.0";
@@ -24,14 +25,45 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>
 
 #[tonic::async_trait]
 impl Maintenance for EtcdFace {
+    /// etcd's alarms (`etcdctl alarm list|disarm`): GET lists them; ACTIVATE and DEACTIVATE
+    /// raise or disarm one through the log and answer it if it changed (etcd's way:
+    /// `alarm disarm` lists, then deactivates each). The `NONE` type changes nothing.
     async fn alarm(
         &self,
-        _request: Request<AlarmRequest>,
+        request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
-        // Flotilla raises no alarms (no space quota): the list is always empty.
+        use flotilla_proto::etcdserverpb::alarm_request::AlarmAction;
+        let req = request.into_inner();
+        let action = AlarmAction::try_from(req.action).map_err(|_| {
+            Status::invalid_argument(format!(
+                "etcdserver: invalid request: action: unknown alarm action {}",
+                req.action
+            ))
+        })?;
+        let alarms = match (action, AlarmKind::from_code(req.alarm)) {
+            (AlarmAction::Get, _) => self.node.alarms(),
+            (_, None) => Vec::new(),
+            (action, Some(kind)) => self
+                .node
+                .set_alarm(
+                    action == AlarmAction::Activate,
+                    Alarm {
+                        member: req.member_id,
+                        kind,
+                    },
+                )
+                .await
+                .map_err(to_status)?,
+        };
         Ok(Response::new(AlarmResponse {
             header: Some(self.node.header(0)),
-            alarms: Vec::new(),
+            alarms: alarms
+                .into_iter()
+                .map(|a| AlarmMember {
+                    member_id: a.member,
+                    alarm: a.kind.code(),
+                })
+                .collect(),
         }))
     }
 
@@ -48,7 +80,13 @@ impl Maintenance for EtcdFace {
             raft_index: s.commit_index,
             raft_term: s.term,
             raft_applied_index: s.applied_index,
-            errors: Vec::new(),
+            // etcd lists the active alarms here, as `etcdctl endpoint status` shows them.
+            errors: self
+                .node
+                .alarms()
+                .iter()
+                .map(|a| format!("memberID:{} alarm:{} ", a.member, a.kind.name()))
+                .collect(),
             db_size_in_use: s.db_size as i64,
             is_learner: s.is_learner,
         }))

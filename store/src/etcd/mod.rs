@@ -81,6 +81,12 @@ pub fn to_status(e: StoreError) -> Status {
             MvccError::Fenced { .. } => (Code::FailedPrecondition, format!("etcdserver: {m}")),
             MvccError::KeyNotFound => (Code::InvalidArgument, "etcdserver: key not found".into()),
             MvccError::InvalidCommand(m) => (Code::InvalidArgument, format!("etcdserver: {m}")),
+            // etcd's codes and words, which its clients match on.
+            MvccError::NoSpace => (
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded".into(),
+            ),
+            MvccError::Corrupt => (Code::DataLoss, "etcdserver: corrupt cluster".into()),
         },
         StoreError::Invalid(i) => (
             Code::InvalidArgument,

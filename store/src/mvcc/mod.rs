@@ -13,6 +13,7 @@
 //! machine feeds it committed [`Command`]s in log order, so every member computes the same
 //! revisions, responses and events.
 
+pub mod alarm;
 pub mod backend;
 pub mod key_index;
 mod read;
@@ -89,6 +90,11 @@ pub enum Command {
         term: u64,
         cmd: Box<Command>,
     },
+    /// Raise (`activate`) or disarm an alarm ([`alarm`]); changes no revision.
+    Alarm {
+        activate: bool,
+        alarm: alarm::Alarm,
+    },
 }
 
 impl Command {
@@ -120,6 +126,8 @@ pub enum CommandResponse {
     Batch(Vec<CommandResponse>),
     /// A Raft entry without a command (a leader's blank entry, a membership change).
     Empty,
+    /// The alarms a [`Command::Alarm`] raised or disarmed (none if nothing changed).
+    Alarms(Vec<alarm::Alarm>),
 }
 
 /// What applying a command produced: the response, the watch events in revision order, and
@@ -219,6 +227,8 @@ pub struct Mvcc {
     current: i64,
     compacted: i64,
     leases: BTreeMap<i64, LeaseInfo>,
+    /// The active alarms ([`alarm`]).
+    alarms: BTreeSet<alarm::Alarm>,
     /// Which put events carry the previous value; a put whose event leaves it out reads no
     /// record unless its request needs the previous one. See [`Mvcc::keep_prev`].
     keep_prev: PrevValues,
@@ -316,6 +326,11 @@ impl Mvcc {
                 },
             );
         }
+        for (key, _) in backend.scan_meta(alarm::PREFIX)? {
+            if let Some(a) = alarm::from_meta_key(&key) {
+                mvcc.alarms.insert(a);
+            }
+        }
         let mut lease_of: HashMap<Vec<u8>, i64> = HashMap::new();
         let mut last_main = 0;
         backend.for_each(&mut |rev, record| {
@@ -347,6 +362,11 @@ impl Mvcc {
     /// [`CommandResponse::Rejected`] with an empty batch; only storage failures are errors.
     pub fn apply(&mut self, backend: &dyn Backend, cmd: &Command) -> Result<Applied, BackendError> {
         write::apply(self, backend, cmd)
+    }
+
+    /// The active alarms.
+    pub fn alarms(&self) -> Vec<alarm::Alarm> {
+        self.alarms.iter().copied().collect()
     }
 
     /// Resolves a range to the revisions to read, under whatever lock guards `self`. The

@@ -41,7 +41,7 @@ pub fn validate_command(cmd: &Command) -> Result<(), InvalidRequest> {
         Command::Put(p) => validate_put(p),
         Command::DeleteRange(d) => validate_delete(d),
         Command::Txn(t) => validate_txn(t),
-        Command::Compact { .. } | Command::LeaseRevoke { .. } => Ok(()),
+        Command::Compact { .. } | Command::LeaseRevoke { .. } | Command::Alarm { .. } => Ok(()),
         Command::LeaseGrant { ttl, .. } => {
             if *ttl > MAX_LEASE_TTL {
                 Err(InvalidRequest::LeaseTtlTooLarge)

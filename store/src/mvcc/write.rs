@@ -102,7 +102,31 @@ pub(super) fn apply(
 ) -> Result<Applied, BackendError> {
     let mut w = WriteTxn::new(backend, mvcc.current + 1);
     let mut compaction = None;
+    if let Some(e) = super::alarm::refusal(mvcc.alarms.iter(), cmd) {
+        return Ok(Applied {
+            response: CommandResponse::Rejected(e),
+            events: Vec::new(),
+            batch: w.batch,
+            compaction: None,
+        });
+    }
     let response = match cmd {
+        Command::Alarm { activate, alarm } => {
+            let changed = if *activate {
+                mvcc.alarms.insert(*alarm)
+            } else {
+                mvcc.alarms.remove(alarm)
+            };
+            if changed {
+                let key = super::alarm::meta_key(alarm);
+                if *activate {
+                    w.batch.put_meta(key, Vec::new());
+                } else {
+                    w.batch.delete_meta(key);
+                }
+            }
+            CommandResponse::Alarms(if changed { vec![*alarm] } else { Vec::new() })
+        }
         // Batches are unrolled by the state machine; one that reaches here was nested.
         Command::Batch(_) => {
             CommandResponse::Rejected(MvccError::InvalidCommand("a batch inside a batch".into()))
@@ -194,7 +218,10 @@ fn with_revision(mut response: CommandResponse, revision: i64) -> CommandRespons
         CommandResponse::Compact(r) => r.header = header,
         CommandResponse::LeaseGrant(r) => r.header = header,
         CommandResponse::LeaseRevoke(r) => r.header = header,
-        CommandResponse::Rejected(_) | CommandResponse::Empty | CommandResponse::Batch(_) => {}
+        CommandResponse::Rejected(_)
+        | CommandResponse::Empty
+        | CommandResponse::Batch(_)
+        | CommandResponse::Alarms(_) => {}
     }
     response
 }

@@ -49,6 +49,13 @@ pub struct StoreConfig {
     pub request_timeout: Duration,
     /// Largest client request accepted (etcd's `--max-request-bytes`).
     pub max_request_bytes: usize,
+    /// The key space's size on disk beyond which the `NOSPACE` alarm is raised (etcd's
+    /// `--quota-backend-bytes`; 0: no quota).
+    pub quota_backend_bytes: u64,
+    /// How often the leader compares the members' key spaces (zero: never).
+    pub corrupt_check_interval: Duration,
+    /// Whether a member compares its key space with the others' once at start.
+    pub initial_corrupt_check: bool,
     /// Proposals waiting for commit beyond which new ones are refused with "too many requests".
     pub max_pending_proposals: usize,
     pub watch: WatchConfig,
@@ -87,6 +94,9 @@ impl StoreConfig {
             request_timeout: Duration::from_secs(5),
             max_request_bytes: 1536 * 1024,
             max_pending_proposals: 20_000,
+            quota_backend_bytes: 2 * 1024 * 1024 * 1024,
+            corrupt_check_interval: Duration::from_secs(300),
+            initial_corrupt_check: true,
             watch: WatchConfig::default(),
             cache_bytes: 64 * 1024 * 1024,
             peer_filter: None,

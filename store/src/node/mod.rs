@@ -6,6 +6,7 @@
 //! has applied the leader's read index. Leases are timed by the leader alone; their expiry is
 //! a replicated revoke, so it survives failover.
 
+mod alarm;
 mod backup;
 mod config;
 mod identity;
@@ -276,7 +277,12 @@ impl StoreNode {
             tokio::spawn(write::auto_compaction(self.clone())),
             tokio::spawn(snapshot_by_size(self.clone())),
             tokio::spawn(watch_core(self.clone())),
+            tokio::spawn(alarm::watch_quota(self.clone())),
+            tokio::spawn(alarm::periodic_check(self.clone())),
         ];
+        if self.inner.config.initial_corrupt_check {
+            self.push_task(tokio::spawn(alarm::initial_check(self.clone())));
+        }
         for t in tasks {
             self.push_task(t);
         }
@@ -446,11 +452,22 @@ async fn watch_core(node: StoreNode) {
             break "the Raft core ended unexpectedly (it panicked)".to_string();
         }
     };
-    if *node.inner.shutdown.borrow() {
-        return;
+    node.fail(reason);
+}
+
+impl StoreNode {
+    /// Fails the member: it can no longer serve correctly (see [`StoreNode::fatal_signal`]).
+    pub(crate) fn fail(&self, reason: String) {
+        if *self.inner.shutdown.borrow() {
+            return;
+        }
+        tracing::error!(%reason, "this member can no longer serve");
+        self.inner.fatal.send_replace(Some(reason));
+        // And stop serving (from a task of its own: the caller may be one of the tasks a
+        // shutdown ends).
+        let node = self.clone();
+        tokio::spawn(async move { node.shutdown().await });
     }
-    tracing::error!(%reason, "this member can no longer serve");
-    node.inner.fatal.send_replace(Some(reason));
 }
 
 /// Triggers a snapshot whenever the log grew by `snapshot_bytes` since the last trigger, so

@@ -469,6 +469,9 @@ impl StoreNode {
         &self,
         req: LeaderRequest,
     ) -> Result<LeaderResponse, LeaderCallError> {
+        if let LeaderRequest::HashKv { from, revision } = req {
+            return self.serve_hash(from, revision).await;
+        }
         if !self.is_leader() {
             return Err(LeaderCallError::NotLeader {
                 leader: self.leader(),
@@ -499,6 +502,8 @@ impl StoreNode {
             | LeaderRequest::RemoveMember { .. }
             | LeaderRequest::PromoteMember { .. }
             | LeaderRequest::UpdateMember { .. } => self.serve_membership(req).await,
+            // Served above, by any member.
+            LeaderRequest::HashKv { from, revision } => self.serve_hash(from, revision).await,
         }
     }
 

@@ -37,6 +37,13 @@ pub enum LeaderRequest {
         id: NodeId,
         member: Member,
     },
+    /// The CRC of the records from `from` to `revision` (see
+    /// [`crate::kv::KvState::hash_from`]), for the corruption checks. The one call every
+    /// member serves, leader or not; it waits a little for `revision` to be applied.
+    HashKv {
+        from: i64,
+        revision: i64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -53,6 +60,11 @@ pub enum LeaderResponse {
         id: NodeId,
     },
     Done,
+    /// The answer to [`LeaderRequest::HashKv`]: the CRC and the first revision hashed.
+    Hash {
+        hash: u32,
+        from: i64,
+    },
 }
 
 /// Why a leader call failed.
