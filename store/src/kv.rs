@@ -123,14 +123,20 @@ impl KvState {
         self.hash_from(0, revision)
     }
 
-    /// A CRC-32 of the records from revision `from` (or the compact revision, if later) up to
-    /// `revision` (0: the newest): `(crc, first revision hashed, revision hashed)`. Two
+    /// A CRC-32 of the key space from revision `from` (or the compact revision, if later)
+    /// up to `revision` (0: the newest): `(crc, first revision hashed, revision hashed)`.
+    ///
+    /// It covers each key's value as of the first revision (the record a read at it would
+    /// return, as etcd's hash covers what compaction keeps) and every record after it. Two
     /// members that hashed the same span hold the same records in it if their key spaces
-    /// agree, whatever each has compacted below it.
+    /// agree, whatever each has compacted below it. A compaction past the first revision while
+    /// hashing makes it fail with `Compacted` (what it removes was being hashed).
     pub fn hash_from(&self, from: i64, revision: i64) -> Result<(u32, i64, i64), StoreError> {
-        let (current, compacted) = {
+        let (current, compacted, visible) = {
             let m = self.read();
-            (m.revision(), m.compact_revision())
+            let compacted = m.compact_revision();
+            let first = from.max(compacted);
+            (m.revision(), compacted, m.visible_at(first))
         };
         let at = if revision <= 0 { current } else { revision };
         if at > current {
@@ -144,7 +150,7 @@ impl KvState {
         }
         let first = from.max(compacted);
         let mut crc = crc32fast::Hasher::new();
-        let mut from = Revision::new(first, 0);
+        let mut from = Revision::new(0, 0);
         loop {
             let records = self.backend.scan(from, at, COMPACTION_STEP)?;
             let Some((last, _)) = records.last() else {
@@ -152,9 +158,18 @@ impl KvState {
             };
             from = Revision::new(last.main, last.sub + 1);
             for (rev, record) in &records {
-                crc.update(&rev.to_bytes());
-                crc.update(&record.encode());
+                if rev.main > first || visible.contains(rev) {
+                    crc.update(&rev.to_bytes());
+                    crc.update(&record.encode());
+                }
             }
+        }
+        let now = self.read().compact_revision();
+        if now > first {
+            return Err(MvccError::Compacted {
+                compact_revision: now,
+            }
+            .into());
         }
         Ok((crc.finalize(), first, at))
     }

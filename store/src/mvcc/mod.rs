@@ -364,6 +364,11 @@ impl Mvcc {
         write::apply(self, backend, cmd)
     }
 
+    /// The revision of each key's value visible at main revision `at` (for hashing).
+    pub fn visible_at(&self, at: i64) -> HashSet<Revision> {
+        self.index.values().filter_map(|ki| ki.get(at)).collect()
+    }
+
     /// The active alarms.
     pub fn alarms(&self) -> Vec<alarm::Alarm> {
         self.alarms.iter().copied().collect()
