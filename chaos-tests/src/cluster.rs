@@ -631,6 +631,98 @@ impl Cluster {
         Ok(())
     }
 
+    /// Damages member `i`'s key space on disk between a kill and a restart, as a disk that
+    /// changed a stored value would, and checks that the member refuses to serve: it must
+    /// exit once it started (its corruption check finds its key space differs from the
+    /// others'). Returns what happened; an error is a finding. A marker value written through
+    /// the cluster is what is changed; when it had not reached the member's disk by the kill,
+    /// nothing is damaged and the member just restarts.
+    pub async fn corrupt(
+        &mut self,
+        i: usize,
+        seed: u64,
+        within: Duration,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + within;
+        let key = format!("chaos/corrupt/{seed:016x}");
+        let value = format!("intact-{seed:016x}");
+        let damaged = format!("broken-{seed:016x}");
+        // Written through any member that takes it, retried across leader changes.
+        'write: loop {
+            for m in self.members.iter().filter(|m| m.is_running() && !m.paused) {
+                let mut kv = KvClient::new(m.channel());
+                let put = flotilla_proto::etcdserverpb::PutRequest {
+                    key: key.clone().into_bytes(),
+                    value: value.clone().into_bytes(),
+                    ..Default::default()
+                };
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(3), kv.put(put)).await {
+                    break 'write;
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("no member took the marker write");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Until the member has applied it, and its key space has been flushed (sled writes
+        // every 500 ms).
+        let mut kv = KvClient::new(self.members[i].channel());
+        loop {
+            let req = flotilla_proto::etcdserverpb::RangeRequest {
+                key: key.clone().into_bytes(),
+                serializable: true,
+                ..Default::default()
+            };
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), kv.range(req)).await
+                && !r.into_inner().kvs.is_empty()
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("{} never applied the marker", self.members[i].name);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        self.kill(i).await;
+        let changed = tamper(
+            &self.members[i].data_dir,
+            value.as_bytes(),
+            damaged.as_bytes(),
+        )?;
+        self.start_member(i).await?;
+        if changed == 0 {
+            return Ok(format!(
+                "{}: the marker had not reached its disk; nothing damaged, restarted",
+                self.members[i].name
+            ));
+        }
+        let m = &mut self.members[i];
+        loop {
+            if exited(self.docker.as_ref(), &m.name, &mut m.running, &mut m.child).await {
+                let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+                if !log.contains("initial corruption check failed") {
+                    bail!(
+                        "{} exited after its key space was damaged, but not because its corruption check failed",
+                        m.name
+                    );
+                }
+                return Ok(format!(
+                    "{}: damaged ({changed} stored value(s) changed), refused to serve: its corruption check failed and it stopped",
+                    m.name
+                ));
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} still runs {within:?} after it restarted with a damaged key space",
+                    m.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Replaces member `i`: kills it, wipes its data dir, removes it from the cluster, adds a
     /// new member at the same peer address as a learner, starts it empty, and promotes it once
     /// it has caught up.
@@ -785,6 +877,26 @@ async fn member_at(
         .into_iter()
         .find(|m| m.peer_ur_ls.iter().any(|u| u == url))
         .map(|m| m.id))
+}
+
+/// Replaces `from` by `to` (of the same length) in every value of a stopped member's key
+/// space tree; how many were changed.
+fn tamper(data_dir: &std::path::Path, from: &[u8], to: &[u8]) -> anyhow::Result<usize> {
+    let db = sled::open(data_dir.join("db"))
+        .with_context(|| format!("opening {}", data_dir.display()))?;
+    let tree = db.open_tree("kv")?;
+    let mut changed = 0;
+    for item in tree.iter() {
+        let (k, v) = item?;
+        if let Some(at) = v.windows(from.len()).position(|w| w == from) {
+            let mut v = v.to_vec();
+            v[at..at + from.len()].copy_from_slice(to);
+            tree.insert(k, v)?;
+            changed += 1;
+        }
+    }
+    db.flush()?;
+    Ok(changed)
 }
 
 /// Whether a process the harness believes running has exited; if so, it no longer is.

@@ -38,6 +38,9 @@ pub enum FaultKind {
     Replace,
     /// `kill -9` a worker's agent for long enough that its pods are evicted and replaced.
     KillWorker,
+    /// `kill -9` a member, change a value in its key space on disk, restart it: it must stop
+    /// (its corruption check fails); then replace it.
+    Corrupt,
 }
 
 impl FaultKind {
@@ -49,9 +52,10 @@ impl FaultKind {
             self,
             Kill | Pause | PartitionMajority | IsolateLeader | Replace | KillWorker
         )
+        // (Corrupt needs the data dir on this machine's disk.)
     }
 
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::PartitionMajority,
@@ -62,6 +66,7 @@ impl FaultKind {
         FaultKind::Loss,
         FaultKind::Replace,
         FaultKind::KillWorker,
+        FaultKind::Corrupt,
     ];
 }
 
@@ -117,16 +122,18 @@ pub struct Event {
     pub what: String,
 }
 
-/// Carries out `steps` on `cluster`, returning what it did when, and the workers' outages.
-/// `workers_down` is set while a worker is down.
+/// Carries out `steps` on `cluster`, returning what it did when, the workers' outages, and
+/// what went wrong in a fault that checks the cluster's response itself (a damaged member
+/// that kept serving). `workers_down` is set while a worker is down.
 pub async fn run(
     cluster: &mut Cluster,
     steps: &[Step],
     clock: Clock,
     workers_down: &AtomicBool,
-) -> (Vec<Event>, Vec<Outage>) {
+) -> (Vec<Event>, Vec<Outage>, Vec<String>) {
     let mut timeline = Vec::new();
     let mut outages = Vec::new();
+    let mut failures = Vec::new();
     let mut note = |what: String| {
         tracing::info!("{what}");
         timeline.push(Event {
@@ -292,9 +299,30 @@ pub async fn run(
                     Err(e) => note(format!("replacing {} failed: {e:#}", name(i))),
                 }
             }
+            FaultKind::Corrupt => {
+                let i = target(&mut rng);
+                note(format!(
+                    "corrupt {}{}: kill -9, change a stored value on its disk, restart",
+                    name(i),
+                    leader_note(i)
+                ));
+                match cluster.corrupt(i, step.seed, Duration::from_secs(30)).await {
+                    Ok(what) => note(what),
+                    Err(e) => {
+                        note(format!("corrupting {} went wrong: {e:#}", name(i)));
+                        failures.push(format!("{}: {e:#}", name(i)));
+                    }
+                }
+                if !cluster.members[i].is_running() {
+                    match cluster.replace(i, Duration::from_secs(30)).await {
+                        Ok(()) => note(format!("{} replaced and promoted", name(i))),
+                        Err(e) => note(format!("replacing {} failed: {e:#}", name(i))),
+                    }
+                }
+            }
         }
     }
-    (timeline, outages)
+    (timeline, outages, failures)
 }
 
 fn list(names: &[String], members: &[usize]) -> String {

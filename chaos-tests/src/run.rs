@@ -237,7 +237,8 @@ async fn drive(
 
     // The faults.
     let run_start = Instant::now();
-    let (timeline, outages) = nemesis::run(cluster, plan, clock, &workers_down).await;
+    let (timeline, outages, fault_failures) =
+        nemesis::run(cluster, plan, clock, &workers_down).await;
     tokio::time::sleep_until(run_start + opts.duration).await;
 
     // Heal, and see the cluster come back.
@@ -250,6 +251,13 @@ async fn drive(
     }
     .await;
     let recovery_ms = healed.elapsed().as_millis() as u64;
+    for failure in fault_failures {
+        findings.push(Finding {
+            check: "fail-stop".into(),
+            summary: format!("a member with a damaged data dir: {failure}"),
+            detail: String::new(),
+        });
+    }
     if let Err(e) = &recovered {
         findings.push(Finding {
             check: "recovery".into(),

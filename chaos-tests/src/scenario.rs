@@ -53,6 +53,13 @@ pub const SCENARIOS: &[Scenario] = &[
         test_fault: None,
     },
     Scenario {
+        name: "corrupt",
+        about: "a member's key space changed on disk between a kill and a restart (it must \
+                stop), then replaced; and kills",
+        faults: &[Corrupt, Kill],
+        test_fault: None,
+    },
+    Scenario {
         name: "workers",
         about: "worker agents killed long enough for their pods to be evicted, and members killed",
         faults: &[KillWorker, Kill],
@@ -104,6 +111,7 @@ pub const CI: &[CiRun] = &[
     ci("partition", 3, 30, false),
     ci("net", 4, 20, false),
     ci("replace", 5, 25, false),
+    ci("corrupt", 10, 25, false),
     ci("workers", 6, 30, false),
     ci("mixed", 8, 45, false),
     ci("stale-reads", 7, 20, false),
