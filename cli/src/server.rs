@@ -76,6 +76,11 @@ pub struct ServerArgs {
     /// Largest client request accepted, in bytes.
     #[arg(long, default_value_t = 1536 * 1024)]
     pub max_request_bytes: usize,
+    /// A range's answer is cut after this many bytes of keys and values, with `more` set as a
+    /// limit would (etcd has no such bound; clients page with `limit`). Ranges over more than
+    /// 1,000 keys are also served two at a time, off the threads Raft runs on.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_range_response_bytes: usize,
     /// The key space's size on disk beyond which writes are refused with etcd's `mvcc:
     /// database space exceeded` (the NOSPACE alarm) until space is freed (delete, compact)
     /// and the alarm disarmed (`etcdctl alarm disarm`); 0: no quota.
@@ -142,6 +147,7 @@ impl ServerArgs {
         c.compaction_retention = self.auto_compaction_retention;
         c.max_request_bytes = self.max_request_bytes;
         c.quota_backend_bytes = self.quota_backend_bytes;
+        c.max_range_response_bytes = self.max_range_response_bytes;
         c.corrupt_check_interval = self.corrupt_check_interval;
         c.initial_corrupt_check = self.initial_corrupt_check;
         Ok(c)

@@ -398,3 +398,94 @@ fn a_key_space_over_its_quota_refuses_puts_as_etcd_does() {
     let disarmed = ok(etcdctl(&ep, &["alarm", "disarm"]));
     assert!(disarmed.contains("alarm:NOSPACE"), "{disarmed}");
 }
+
+/// The robustness probe's read storm (issue 42): concurrent full-key-space ranges over
+/// 50,000 keys of 1 KB, sent to the leader, change neither the leader nor the term; answers
+/// are cut at `--max-range-response-bytes` with `more` set.
+#[test]
+fn a_read_storm_moves_no_leader() {
+    use flotilla_proto::etcdserverpb::kv_client::KvClient;
+    use flotilla_proto::etcdserverpb::{PutRequest, RangeRequest};
+    const KEYS: usize = 50_000;
+    let c = Cluster::start();
+    let leader = c.leader();
+    let status = |m: &Member| -> (u64, u64) {
+        let out = etcdctl(&m.client, &["endpoint", "status", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let s = &v[0]["Status"];
+        (
+            s["leader"].as_u64().unwrap_or(0),
+            s["header"]["raft_term"].as_u64().unwrap_or(0),
+        )
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = format!("http://{}", c.members[leader].client);
+    let reads = rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(addr)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let value = vec![b'v'; 1000];
+        let writers = (0..32).map(|w| {
+            let (mut kv, value) = (KvClient::new(channel.clone()), value.clone());
+            tokio::spawn(async move {
+                for i in (w..KEYS).step_by(32) {
+                    kv.put(PutRequest {
+                        key: format!("storm/{i:05}").into_bytes(),
+                        value: value.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                }
+            })
+        });
+        for w in futures::future::join_all(writers).await {
+            w.unwrap();
+        }
+        let before = status(&c.members[leader]);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(6);
+        let readers = (0..4).map(|_| {
+            let mut kv = KvClient::new(channel.clone()).max_decoding_message_size(256 << 20);
+            tokio::spawn(async move {
+                let mut reads = 0;
+                while std::time::Instant::now() < until {
+                    let r = kv
+                        .range(RangeRequest {
+                            key: b"storm/".to_vec(),
+                            range_end: b"storm0".to_vec(),
+                            ..Default::default()
+                        })
+                        .await;
+                    if let Ok(r) = r {
+                        let r = r.into_inner();
+                        assert!(r.more && r.count == KEYS as i64);
+                        reads += 1;
+                    }
+                }
+                reads
+            })
+        });
+        let reads: usize = futures::future::join_all(readers)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .sum();
+        (before, reads)
+    });
+    let (before, reads) = reads;
+    assert!(reads > 0);
+    for m in &c.members {
+        assert_eq!(
+            status(m),
+            before,
+            "{}: the read storm moved the leader",
+            m.name
+        );
+    }
+}

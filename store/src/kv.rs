@@ -85,7 +85,22 @@ impl KvState {
     /// Serves a range from this member's copy.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResult, StoreError> {
         let plan = self.read().plan_range(req)?;
-        match plan.execute(&|rev| self.backend.get(rev))? {
+        self.execute(plan, usize::MAX)
+    }
+
+    /// Resolves a range to the records to read (under the index's lock, briefly).
+    pub fn plan(&self, req: &RangeRequest) -> Result<crate::mvcc::RangePlan, StoreError> {
+        Ok(self.read().plan_range(req)?)
+    }
+
+    /// Reads what `plan` resolved, cutting the answer after `max_bytes` (see
+    /// [`crate::mvcc::RangePlan::execute`]).
+    pub fn execute(
+        &self,
+        plan: crate::mvcc::RangePlan,
+        max_bytes: usize,
+    ) -> Result<RangeResult, StoreError> {
+        match plan.execute(&|rev| self.backend.get(rev), max_bytes)? {
             Some(result) => Ok(result),
             None => Err(MvccError::Compacted {
                 compact_revision: self.compact_revision(),

@@ -675,3 +675,97 @@ async fn alarms_refuse_writes_as_etcd_does_until_disarmed() {
     assert!(c.node(l).alarms().is_empty());
     c.shutdown().await;
 }
+
+/// Concurrent full-key-space ranges, each over the byte bound: every answer is cut with
+/// `more` set and the full count (or, past the wait for admission, refused as "too many
+/// requests"), and paging with the last key reads every key once. (That such a storm moves
+/// no leader is `cli/tests/etcdctl.rs`'s, with members in processes of their own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_full_ranges_are_cut_at_the_byte_bound_and_page_through() {
+    const KEYS: usize = 8_000;
+    let c = Cluster::start(3, |c| c.max_range_response_bytes = 1024 * 1024).await;
+    let l = c.leader().await;
+    let leader = c.node(l).clone();
+    let value = "v".repeat(1000);
+    let writers = (0..16).map(|w| {
+        let (node, value) = (leader.clone(), value.clone());
+        tokio::spawn(async move {
+            for i in (w..KEYS).step_by(16) {
+                node.propose(common::put_cmd(&format!("storm/{i:05}"), &value))
+                    .await
+                    .unwrap();
+            }
+        })
+    });
+    for w in futures::future::join_all(writers).await {
+        w.unwrap();
+    }
+    let (term, leader_id) = (leader.term(), leader.id());
+    let storm_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let readers = c.running().into_iter().flat_map(|i| {
+        let node = c.node(i).clone();
+        (0..3).map(move |_| {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let ch = serve(&node).await;
+                let mut kv = KvClient::new(ch).max_decoding_message_size(64 * 1024 * 1024);
+                let mut reads = 0;
+                while tokio::time::Instant::now() < storm_until {
+                    let r = kv
+                        .range(RangeRequest {
+                            key: b"storm/".to_vec(),
+                            range_end: b"storm0".to_vec(),
+                            ..Default::default()
+                        })
+                        .await;
+                    match r {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            assert!(r.more && r.count == KEYS as i64, "{} {}", r.more, r.count);
+                            assert!(r.kvs.len() < KEYS / 4, "{}", r.kvs.len());
+                            reads += 1;
+                        }
+                        // Admission: a large read that waited too long is refused.
+                        Err(s) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
+                    }
+                }
+                reads
+            })
+        })
+    });
+    let reads: Vec<usize> = futures::future::join_all(readers.collect::<Vec<_>>())
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(reads.iter().sum::<usize>() > 0, "{reads:?}");
+    for i in c.running() {
+        assert_eq!(
+            (c.node(i).leader(), c.node(i).term()),
+            (Some(leader_id), term),
+            "the read storm changed the leader"
+        );
+    }
+    // Paging with the last key reads every key once.
+    let mut kv = KvClient::new(serve(&leader).await).max_decoding_message_size(64 * 1024 * 1024);
+    let (mut start, mut seen) = (b"storm/".to_vec(), 0);
+    loop {
+        let r = kv
+            .range(RangeRequest {
+                key: start.clone(),
+                range_end: b"storm0".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen += r.kvs.len();
+        if !r.more {
+            break;
+        }
+        start = r.kvs.last().unwrap().key.clone();
+        start.push(0);
+    }
+    assert_eq!(seen, KEYS);
+    c.shutdown().await;
+}

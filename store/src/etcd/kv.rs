@@ -40,7 +40,7 @@ impl Kv for EtcdFace {
         if !req.serializable {
             self.node.read_barrier().await.map_err(to_status)?;
         }
-        let r = self.node.kv().range(&req).map_err(to_status)?;
+        let r = self.node.range(&req).await.map_err(to_status)?;
         Ok(Response::new(RangeResponse {
             header: Some(self.node.header(r.revision)),
             kvs: r.kvs,

@@ -122,18 +122,43 @@ pub(super) fn plan_at(mvcc: &Mvcc, req: &RangeRequest, at: i64) -> RangePlan {
 }
 
 impl RangePlan {
-    /// Fetches, filters, sorts and limits. `Ok(None)` means a record the plan needed was
-    /// compacted away meanwhile.
+    /// How many records the plan reads.
+    pub fn len(&self) -> usize {
+        self.revs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.revs.is_empty()
+    }
+
+    /// Fetches, filters, sorts and limits; an answer of more than `max_bytes` (keys and
+    /// values) is cut after the key that crosses it, with `more` set, as if the caller had
+    /// asked for that limit (at least one key is always answered). `Ok(None)` means a record
+    /// the plan needed was compacted away meanwhile.
     pub fn execute(
         self,
         fetch: &dyn Fn(Revision) -> Result<Option<Record>, BackendError>,
+        max_bytes: usize,
     ) -> Result<Option<RangeResult>, BackendError> {
         let opts = self.req;
+        let size = |kv: &KeyValue| kv.key.len() + if opts.keys_only { 0 } else { kv.value.len() };
+        // In key order without filters, the fetch itself can stop once the answer is full.
+        let streaming = opts.sort.is_none() && !opts.filters();
+        let mut more = self.more;
+        let mut bytes = 0;
         let mut kvs = Vec::with_capacity(self.revs.len());
-        for rev in self.revs {
+        let total = self.revs.len();
+        for (i, rev) in self.revs.into_iter().enumerate() {
             match fetch(rev)? {
-                Some(record) if !record.tombstone => kvs.push(record.kv),
+                Some(record) if !record.tombstone => {
+                    bytes += size(&record.kv);
+                    kvs.push(record.kv);
+                }
                 _ => return Ok(None),
+            }
+            if streaming && bytes > max_bytes && i + 1 < total {
+                more = true;
+                break;
             }
         }
         if opts.filters() {
@@ -152,10 +177,20 @@ impl RangePlan {
                 if descending { ord.reverse() } else { ord }
             });
         }
-        let mut more = self.more;
         if opts.limit > 0 && kvs.len() > opts.limit {
             kvs.truncate(opts.limit);
             more = true;
+        }
+        if !streaming {
+            let mut bytes = 0;
+            if let Some(cut) = kvs.iter().position(|kv| {
+                bytes += size(kv);
+                bytes > max_bytes
+            }) && cut + 1 < kvs.len()
+            {
+                kvs.truncate(cut + 1);
+                more = true;
+            }
         }
         if opts.keys_only {
             for kv in &mut kvs {

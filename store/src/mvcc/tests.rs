@@ -67,7 +67,7 @@ impl Fixture {
     fn range(&self, req: RangeRequest) -> Result<RangeResult, MvccError> {
         let plan = self.mvcc.plan_range(&req)?;
         Ok(plan
-            .execute(&|rev| self.backend.get(rev))
+            .execute(&|rev| self.backend.get(rev), usize::MAX)
             .unwrap()
             .expect("no concurrent compaction"))
     }
@@ -922,4 +922,45 @@ proptest::proptest! {
         proptest::prop_assert_eq!(&restored.index, &subject.mvcc.index);
         proptest::prop_assert!(leftover.removed.is_empty(), "left over: {:?}", leftover.removed);
     }
+}
+
+/// A range's answer is cut after the byte bound, with `more` set and the full count, in
+/// key order and sorted alike; a page always holds at least one key.
+#[test]
+fn a_range_over_the_byte_bound_is_cut_with_more_set() {
+    let mut f = Fixture::default();
+    for i in 0..10 {
+        f.apply(Command::Put(put_req(&format!("k/{i}"), &"v".repeat(100))));
+    }
+    let cut = |req: RangeRequest, max: usize| {
+        f.mvcc
+            .plan_range(&req)
+            .unwrap()
+            .execute(&|rev| f.backend.get(rev), max)
+            .unwrap()
+            .unwrap()
+    };
+    // Each key and value is 103 bytes: the third crosses 250.
+    let r = cut(prefix("k/"), 250);
+    assert_eq!((r.kvs.len(), r.more, r.count), (3, true, 10));
+    assert_eq!(r.kvs[0].key, b"k/0");
+    let descending = RangeRequest {
+        sort_order: range_request::SortOrder::Descend as i32,
+        sort_target: range_request::SortTarget::Key as i32,
+        ..prefix("k/")
+    };
+    let r = cut(descending, 250);
+    assert_eq!((r.kvs.len(), r.more), (3, true));
+    assert_eq!(r.kvs[0].key, b"k/9");
+    // keys_only counts the keys alone; a bound below one key still answers one.
+    let keys = RangeRequest {
+        keys_only: true,
+        ..prefix("k/")
+    };
+    let r = cut(keys, 250);
+    assert_eq!((r.kvs.len(), r.more), (10, false));
+    let r = cut(prefix("k/"), 1);
+    assert_eq!((r.kvs.len(), r.more), (1, true));
+    let r = cut(prefix("k/"), usize::MAX);
+    assert_eq!((r.kvs.len(), r.more), (10, false));
 }

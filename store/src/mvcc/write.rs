@@ -575,7 +575,7 @@ fn txn_range(
     };
     let plan = read::plan_at(mvcc, r, at);
     let result = plan
-        .execute(&|rev| w.record(rev))?
+        .execute(&|rev| w.record(rev), usize::MAX)?
         .ok_or_else(|| BackendError::Corrupt("a record vanished while applying a txn".into()))?;
     Ok(RangeResponse {
         header: Some(ResponseHeader::default()),

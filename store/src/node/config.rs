@@ -49,6 +49,10 @@ pub struct StoreConfig {
     pub request_timeout: Duration,
     /// Largest client request accepted (etcd's `--max-request-bytes`).
     pub max_request_bytes: usize,
+    /// A range's answer is cut after this many bytes of keys and values, with `more` set
+    /// (`--max-range-response-bytes`; etcd has no such bound: a client that wants more pages
+    /// with `limit` and the last key).
+    pub max_range_response_bytes: usize,
     /// The key space's size on disk beyond which the `NOSPACE` alarm is raised (etcd's
     /// `--quota-backend-bytes`; 0: no quota).
     pub quota_backend_bytes: u64,
@@ -95,6 +99,7 @@ impl StoreConfig {
             max_request_bytes: 1536 * 1024,
             max_pending_proposals: 20_000,
             quota_backend_bytes: 2 * 1024 * 1024 * 1024,
+            max_range_response_bytes: 16 * 1024 * 1024,
             corrupt_check_interval: Duration::from_secs(300),
             initial_corrupt_check: true,
             watch: WatchConfig::default(),

@@ -84,6 +84,8 @@ pub(crate) struct Inner {
     snapshots: SnapshotDir,
     snapshot_files: Arc<SnapshotFiles>,
     pending: Arc<Semaphore>,
+    /// Large reads allowed at once (see [`StoreNode::range`]).
+    large_reads: Arc<Semaphore>,
     proposals: tokio::sync::mpsc::UnboundedSender<write::Pending>,
     /// Writes on their way to the leader (see [`write::Forwarders`]).
     forwards: write::Forwarders,
@@ -178,6 +180,7 @@ impl StoreNode {
             id: identity.member_id,
             cluster_id: identity.cluster_id,
             pending: Arc::new(Semaphore::new(config.max_pending_proposals)),
+            large_reads: Arc::new(Semaphore::new(LARGE_READS_AT_ONCE)),
             proposals,
             forwards,
             config,
@@ -469,6 +472,10 @@ impl StoreNode {
         tokio::spawn(async move { node.shutdown().await });
     }
 }
+
+/// Large reads (see [`StoreNode::range`]) served at once: one per core of the machines this
+/// is built for, so that reads cannot take every core from Raft.
+const LARGE_READS_AT_ONCE: usize = 2;
 
 /// Triggers a snapshot whenever the log grew by `snapshot_bytes` since the last trigger, so
 /// that the log, which is purged behind snapshots, stays about that size. A snapshot costs a

@@ -29,7 +29,42 @@ struct BatchState {
     waiting: Vec<Waiter>,
 }
 
+/// A range reading more records than this is a large read: it is admitted by
+/// [`Inner::large_reads`] and read off the async runtime's threads.
+pub(crate) const LARGE_READ: usize = 1_000;
+
 impl StoreNode {
+    /// Serves a range from this member's copy, as a client asked for it: the answer is cut at
+    /// `--max-range-response-bytes` (with `more` set, as a limit would), and a large read waits
+    /// for one of the few large reads allowed at once, then reads on a blocking thread, so
+    /// that concurrent full-key-space ranges neither hold the async runtime (where Raft's
+    /// heartbeats run) nor pile copies of the key space up in memory. A large read that waits
+    /// past the request timeout is refused with "too many requests".
+    pub async fn range(
+        &self,
+        req: &flotilla_proto::etcdserverpb::RangeRequest,
+    ) -> Result<crate::mvcc::RangeResult, StoreError> {
+        let kv = self.inner.kv.clone();
+        let plan = kv.plan(req)?;
+        let max = self.inner.config.max_range_response_bytes;
+        if plan.len() <= LARGE_READ {
+            return kv.execute(plan, max);
+        }
+        let permit = tokio::time::timeout(
+            self.inner.config.request_timeout,
+            self.inner.large_reads.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| StoreError::TooManyRequests)?
+        .map_err(|_| StoreError::Stopped("shutting down".into()))?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            kv.execute(plan, max)
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("a read failed: {e}")))?
+    }
+
     /// Waits until this member can serve a linearizable read.
     pub async fn read_barrier(&self) -> Result<(), StoreError> {
         if crate::fault::enabled("stale-reads")
