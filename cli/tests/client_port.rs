@@ -1,9 +1,10 @@
 //! What a member's client port answers besides well-formed gRPC: requests a web page can
 //! send (refused before any service sees them), plain HTTP for health and metrics, request
-//! bodies that do not decode.
+//! bodies that do not decode, requests over the size limit.
 
 mod common;
 
+use std::process::{Command, Output};
 use std::time::Instant;
 
 use common::{DEADLINE, Member, http_get, http_request as http};
@@ -192,5 +193,42 @@ fn an_undecodable_request_body_is_invalid_argument() {
     assert!(
         head.contains("grpc-message: invalid%20request%20body"),
         "{head}"
+    );
+}
+
+fn flotilla(server: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(args)
+        .env("FLOTILLA_SERVER", server)
+        .output()
+        .expect("flotilla runs")
+}
+
+#[test]
+fn a_manifest_over_the_request_limit_is_request_entity_too_large() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = member(&dir, &["--max-request-bytes", "65536"]);
+    let manifest = |arg_bytes: usize| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: big}}\nspec:\n  containers:\n  - name: \
+             main\n    command: [echo, {}]\n",
+            "x".repeat(arg_bytes)
+        )
+    };
+    let path = dir.path().join("big.yaml");
+    // Over the gRPC decoder's limit (the request limit plus 64 KiB for framing).
+    std::fs::write(&path, manifest(300 * 1024)).unwrap();
+    let out = flotilla(&m.client, &["apply", "-f", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("Error from server (RequestEntityTooLarge): Request entity too large:"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Expired"), "{stderr}");
+    let out = flotilla(&m.client, &["get", "pods"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("big"),
+        "a refused apply created the pod"
     );
 }
