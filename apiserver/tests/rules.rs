@@ -554,3 +554,53 @@ async fn services_get_distinct_cluster_ips() {
     let _: Service = c.delete_named("default", "s0").await.unwrap();
     c.create(&s).await.unwrap();
 }
+
+fn pod_with(name: &str, container: serde_json::Value) -> Pod {
+    from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"containers": [container]},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn quantities_take_every_kubernetes_suffix() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    for (i, (cpu, memory)) in [
+        ("9E", "9Ei"),
+        ("500000000n", "1Pi"),
+        ("250000u", "1e3"),
+        ("2k", "1.5Ti"),
+        ("1", "128974848e-3"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = pod_with(
+            &format!("q{i}"),
+            json!({"name": "main", "command": ["sleep"],
+                   "resources": {"requests": {"cpu": cpu, "memory": memory},
+                                 "limits": {"memory": memory}}}),
+        );
+        c.create(&p)
+            .await
+            .unwrap_or_else(|e| panic!("cpu {cpu}, memory {memory}: {e}"));
+    }
+    // Too large to hold: refused by name, never a panic; the server is still there.
+    let p = pod_with(
+        "huge",
+        json!({"name": "main", "command": ["sleep"],
+               "resources": {"requests": {"memory": "1e40"}}}),
+    );
+    let e = c.create(&p).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.status.message().starts_with(
+            "spec.containers[0].resources.requests.memory: quantity \"1e40\": too large"
+        ),
+        "{e}"
+    );
+    c.get::<Pod>("default", "q0").await.unwrap();
+}
