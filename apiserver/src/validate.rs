@@ -195,6 +195,29 @@ fn non_negative(v: i64, at: &str, errs: &mut FieldErrors) {
     }
 }
 
+/// The values of a condition's `status`, in every kind (Kubernetes' ConditionStatus).
+const CONDITION_STATUSES: &[&str] = &["True", "False", "Unknown"];
+
+/// Checks a list of conditions, given as (type, status) pairs: a type, and a status of
+/// True, False or Unknown (a reason or message is free text).
+fn validate_conditions<'a>(
+    conditions: impl Iterator<Item = (&'a str, &'a str)>,
+    at: &str,
+    errs: &mut FieldErrors,
+) {
+    for (i, (kind, status)) in conditions.enumerate() {
+        if kind.is_empty() {
+            errs.add(format!("{at}[{i}].type"), "required");
+        }
+        one_of(
+            status,
+            CONDITION_STATUSES,
+            &format!("{at}[{i}].status"),
+            errs,
+        );
+    }
+}
+
 // ------------------------------------------------------------------- pods
 
 const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP"];
@@ -499,12 +522,55 @@ fn validate_probe(p: &Probe, at: &str, errs: &mut FieldErrors) {
     }
 }
 
+/// A pod's phases, as Kubernetes' PodPhase.
+pub const POD_PHASES: &[&str] = &["Pending", "Running", "Succeeded", "Failed", "Unknown"];
+
+fn validate_pod_status(status: &PodStatus, errs: &mut FieldErrors) {
+    // Empty: not reported (yet).
+    if !status.phase.is_empty() {
+        one_of(&status.phase, POD_PHASES, "status.phase", errs);
+    }
+    validate_conditions(
+        status
+            .conditions
+            .iter()
+            .map(|c| (c.r#type.as_str(), c.status.as_str())),
+        "status.conditions",
+        errs,
+    );
+    for (list, field) in [
+        (&status.container_statuses, "containerStatuses"),
+        (&status.init_container_statuses, "initContainerStatuses"),
+    ] {
+        for (i, c) in list.iter().enumerate() {
+            let at = format!("status.{field}[{i}]");
+            for (state, f) in [(&c.state, "state"), (&c.last_state, "lastState")] {
+                let set = state.as_ref().map_or(0, |s| {
+                    usize::from(s.waiting.is_some())
+                        + usize::from(s.running.is_some())
+                        + usize::from(s.terminated.is_some())
+                });
+                if set > 1 {
+                    errs.add(
+                        format!("{at}.{f}"),
+                        "may not specify more than 1 state type (waiting, running, terminated)",
+                    );
+                }
+            }
+            non_negative(c.restart_count.into(), &format!("{at}.restartCount"), errs);
+        }
+    }
+}
+
 impl Kind for Pod {
     fn apply_defaults(&mut self) {
         default_pod_spec(self.spec.get_or_insert_default());
     }
     fn validate(&self, errs: &mut FieldErrors) {
         validate_pod_spec(self.spec.as_ref(), "spec", errs);
+        if let Some(status) = &self.status {
+            validate_pod_status(status, errs);
+        }
     }
     fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
         // As in Kubernetes, a pod's spec is fixed once created, except container images;
@@ -613,6 +679,16 @@ impl Kind for ReplicaSet {
         default_template(&mut spec.template);
     }
     fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(status) = &self.status {
+            validate_conditions(
+                status
+                    .conditions
+                    .iter()
+                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
+                "status.conditions",
+                errs,
+            );
+        }
         let Some(spec) = &self.spec else {
             errs.add("spec", "required");
             return;
@@ -664,6 +740,16 @@ impl Kind for Deployment {
         default_template(&mut spec.template);
     }
     fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(status) = &self.status {
+            validate_conditions(
+                status
+                    .conditions
+                    .iter()
+                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
+                "status.conditions",
+                errs,
+            );
+        }
         let Some(spec) = &self.spec else {
             errs.add("spec", "required");
             return;
@@ -752,6 +838,16 @@ impl Kind for Service {
         }
     }
     fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(status) = &self.status {
+            validate_conditions(
+                status
+                    .conditions
+                    .iter()
+                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
+                "status.conditions",
+                errs,
+            );
+        }
         let Some(spec) = &self.spec else {
             errs.add("spec", "required");
             return;
@@ -863,6 +959,14 @@ impl Kind for Node {
         if let Some(status) = &self.status {
             validate_quantities(&status.capacity, "status.capacity", errs);
             validate_quantities(&status.allocatable, "status.allocatable", errs);
+            validate_conditions(
+                status
+                    .conditions
+                    .iter()
+                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
+                "status.conditions",
+                errs,
+            );
         }
     }
     fn keeps_status_on_create() -> bool {
@@ -873,7 +977,13 @@ impl Kind for Node {
 impl Kind for Namespace {
     const LABEL_NAMES: bool = true;
 
-    fn validate(&self, _errs: &mut FieldErrors) {}
+    fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(phase) = self.status.as_ref().map(|s| s.phase.as_str())
+            && !phase.is_empty()
+        {
+            one_of(phase, &["Active", "Terminating"], "status.phase", errs);
+        }
+    }
     fn initial_status(&mut self) {
         self.status.get_or_insert_default().phase = "Active".into();
     }

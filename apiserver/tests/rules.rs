@@ -604,3 +604,66 @@ async fn quantities_take_every_kubernetes_suffix() {
     );
     c.get::<Pod>("default", "q0").await.unwrap();
 }
+
+#[tokio::test]
+async fn status_enumerations_are_checked() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let created = c.create(&pod("a", json!({}))).await.unwrap();
+    let with_status = |status: serde_json::Value| {
+        let mut p = created.clone();
+        p.status = Some(from_value(status).unwrap());
+        p
+    };
+    for (status, want) in [
+        (
+            json!({"phase": "Bogus"}),
+            "status.phase: unsupported value \"Bogus\": must be one of Pending, Running, \
+             Succeeded, Failed, Unknown",
+        ),
+        (
+            json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "Maybe"}]}),
+            "status.conditions[0].status: unsupported value \"Maybe\": must be one of True, \
+             False, Unknown",
+        ),
+        (
+            json!({"phase": "Running", "conditions": [{"status": "True"}]}),
+            "status.conditions[0].type: required",
+        ),
+        (
+            json!({"phase": "Running", "containerStatuses": [{"name": "main",
+                "state": {"running": {}, "terminated": {"exitCode": 1}}}]}),
+            "status.containerStatuses[0].state: may not specify more than 1 state type",
+        ),
+    ] {
+        let e = c
+            .update_status(&with_status(status.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{status}: {e}");
+        assert!(e.status.message().starts_with(want), "{status}: {e}");
+    }
+    assert_eq!(c.get::<Pod>("default", "a").await.unwrap(), created);
+    // Every real value passes; a container state's reason is free text.
+    let ok = c
+        .update_status(&with_status(json!({"phase": "Running",
+            "conditions": [{"type": "Ready", "status": "Unknown"}],
+            "containerStatuses": [{"name": "main",
+                "state": {"waiting": {"reason": "AnythingAtAll"}}}]})))
+        .await
+        .unwrap();
+    assert_eq!(ok.status.unwrap().phase, "Running");
+
+    let d = c.create(&deployment("web", 1)).await.unwrap();
+    let mut bad = d.clone();
+    bad.status =
+        Some(from_value(json!({"conditions": [{"type": "Available", "status": "yes"}]})).unwrap());
+    let e = c.update_status(&bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(
+        e.status
+            .message()
+            .starts_with("status.conditions[0].status: unsupported value \"yes\""),
+        "{e}"
+    );
+}
