@@ -667,3 +667,48 @@ async fn status_enumerations_are_checked() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn a_patch_cannot_rename_or_move_its_object() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let created = c.create(&deployment("web", 1)).await.unwrap();
+    for (patch, want) in [
+        (
+            json!({"metadata": {"name": "other"}, "spec": {"replicas": 3}}),
+            "the name of the object (other) does not match the name on the URL (web)",
+        ),
+        (
+            json!({"metadata": {"name": null}}),
+            "the name of the object () does not match the name on the URL (web)",
+        ),
+        (
+            json!({"metadata": {"namespace": "kube-system"}}),
+            "the namespace of the object (kube-system) does not match the namespace on the URL \
+             (default)",
+        ),
+    ] {
+        let e = c
+            .patch::<Deployment>("default", "web", &patch)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{patch}: {e}");
+        assert_eq!(e.status.message(), want, "{patch}");
+    }
+    assert_eq!(
+        c.get::<Deployment>("default", "web").await.unwrap(),
+        created
+    );
+    let e = c.get::<Deployment>("default", "other").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // Naming the object as it is changes nothing and is fine.
+    let same: Deployment = c
+        .patch(
+            "default",
+            "web",
+            &json!({"metadata": {"name": "web", "namespace": "default"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(same.resource_version(), created.resource_version());
+}
