@@ -94,11 +94,7 @@ pub fn validate_metadata<K: Kind>(obj: &K, errs: &mut FieldErrors) {
         );
     }
     validate_labels(&meta.labels, "metadata.labels", errs);
-    for key in meta.annotations.keys() {
-        if let Err(e) = validate_label_key(key) {
-            errs.add(format!("metadata.annotations[{key:?}]"), e);
-        }
-    }
+    validate_annotations(&meta.annotations, "metadata.annotations", errs);
     for (i, owner) in meta.owner_references.iter().enumerate() {
         let at = format!("metadata.ownerReferences[{i}]");
         for (field, value) in [
@@ -128,6 +124,31 @@ pub fn validate_metadata<K: Kind>(obj: &K, errs: &mut FieldErrors) {
         if f.is_empty() {
             errs.add(format!("metadata.finalizers[{i}]"), "must not be empty");
         }
+    }
+}
+
+/// Kubernetes' bound on an object's annotations, keys and values together
+/// (`TotalAnnotationSizeLimitB`): they are for tools, not bulk data.
+pub const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
+
+/// The most containers and init containers a pod may have together. Kubernetes has no such
+/// bound but its 1.5 MB object size; a pod of thousands of containers fits in that, yet
+/// costs the agent a supervisor per container and every status write a status per
+/// container. Real pods have a handful; see docs/api.md.
+pub const MAX_CONTAINERS: usize = 100;
+
+fn validate_annotations(annotations: &BTreeMap<String, String>, at: &str, errs: &mut FieldErrors) {
+    for key in annotations.keys() {
+        if let Err(e) = validate_label_key(key) {
+            errs.add(format!("{at}[{key:?}]"), e);
+        }
+    }
+    let size: usize = annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > MAX_ANNOTATIONS_BYTES {
+        errs.add(
+            at,
+            format!("Too long: must have at most {MAX_ANNOTATIONS_BYTES} bytes"),
+        );
     }
 }
 
@@ -290,6 +311,18 @@ pub fn validate_pod_spec(spec: Option<&PodSpec>, at: &str, errs: &mut FieldError
             format!("{at}.containers"),
             "required: a pod needs at least one container",
         );
+    }
+    let count = spec.containers.len() + spec.init_containers.len();
+    if count > MAX_CONTAINERS {
+        // Each container's own errors would only make the message as large as the pod.
+        errs.add(
+            format!("{at}.containers"),
+            format!(
+                "Too many: {count}: must have at most {MAX_CONTAINERS} items \
+                 (containers and initContainers together)"
+            ),
+        );
+        return;
     }
     let mut names = BTreeSet::new();
     let mut host_ports = BTreeSet::new();
@@ -655,6 +688,13 @@ fn validate_selector_and_template(
         .map(|m| m.labels.clone())
         .unwrap_or_default();
     validate_labels(&labels, "spec.template.metadata.labels", errs);
+    if let Some(meta) = &template.metadata {
+        validate_annotations(
+            &meta.annotations,
+            "spec.template.metadata.annotations",
+            errs,
+        );
+    }
     if let Some(sel) = parsed
         && !sel.matches(&labels)
     {

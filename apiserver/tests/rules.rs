@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use common::ControlPlane;
 use flotilla_client::Client;
@@ -711,4 +711,115 @@ async fn a_patch_cannot_rename_or_move_its_object() {
         .await
         .unwrap();
     assert_eq!(same.resource_version(), created.resource_version());
+}
+
+#[tokio::test]
+async fn objects_are_held_to_kubernetes_limits() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let containers = |n: usize| -> Vec<serde_json::Value> {
+        (0..n)
+            .map(|i| json!({"name": format!("c{i}"), "command": ["sleep"]}))
+            .collect()
+    };
+    let many = |name: &str, init: usize, apps: usize| -> Pod {
+        from_value(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"initContainers": containers(init)
+                         .into_iter()
+                         .map(|mut c| {
+                             c["name"] = json!(format!("init-{}", c["name"].as_str().unwrap()));
+                             c
+                         })
+                         .collect::<Vec<_>>(),
+                     "containers": containers(apps)},
+        }))
+        .unwrap()
+    };
+    let e = c
+        .create(&many("ten-thousand", 0, 10_000))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        e.status.message(),
+        "spec.containers: Too many: 10000: must have at most 100 items (containers and \
+         initContainers together)"
+    );
+    let e = c
+        .create(&many("hundred-and-one", 1, 100))
+        .await
+        .unwrap_err();
+    assert!(e.status.message().contains("Too many: 101"), "{e}");
+    c.create(&many("hundred", 10, 90)).await.unwrap();
+    // The same bound in a workload's template.
+    let mut d = deployment("wide", 1);
+    let template = d.spec.as_mut().unwrap().template.as_mut().unwrap();
+    template.spec.as_mut().unwrap().containers = many("x", 0, 101).spec.unwrap().containers;
+    let e = c.create(&d).await.unwrap_err();
+    assert!(
+        e.status
+            .message()
+            .starts_with("spec.template.spec.containers: Too many: 101"),
+        "{e}"
+    );
+
+    // Annotations: 256 KiB at most, keys and values together, on every kind.
+    let annotated = |bytes: usize| {
+        let key = "example.com/blob";
+        BTreeMap::from([(key.to_string(), "x".repeat(bytes - key.len()))])
+    };
+    let too_long = "metadata.annotations: Too long: must have at most 262144 bytes";
+    let mut p = pod("big", json!({}));
+    p.metadata_mut().annotations = annotated(1_200_000);
+    let e = c.create(&p).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.status.message(), too_long);
+    p.metadata_mut().annotations = annotated(262_145);
+    assert_eq!(c.create(&p).await.unwrap_err().status.message(), too_long);
+    p.metadata_mut().annotations = annotated(262_144);
+    let created = c.create(&p).await.unwrap();
+    // An update cannot grow past it either.
+    let mut grown = created.clone();
+    grown.metadata_mut().annotations = annotated(262_145);
+    assert_eq!(
+        c.update(&grown).await.unwrap_err().status.message(),
+        too_long
+    );
+    let mut ns: Namespace = from_value(json!({"metadata": {"name": "annotated"}})).unwrap();
+    ns.metadata_mut().annotations = annotated(300_000);
+    assert_eq!(c.create(&ns).await.unwrap_err().status.message(), too_long);
+    let mut d = deployment("annotated", 1);
+    let template = d.spec.as_mut().unwrap().template.as_mut().unwrap();
+    template.metadata.as_mut().unwrap().annotations = annotated(300_000);
+    assert_eq!(
+        c.create(&d).await.unwrap_err().status.message(),
+        "spec.template.metadata.annotations: Too long: must have at most 262144 bytes"
+    );
+
+    // Labels as Kubernetes checks them: 63-character names and values, DNS prefixes.
+    for (key, value, want) in [
+        ("app", "x".repeat(64), "invalid value"),
+        (
+            &*"k".repeat(64),
+            "v".to_string(),
+            "invalid key: name part must be no more",
+        ),
+        (
+            "Not_A_Domain/app",
+            "v".to_string(),
+            "invalid key: prefix part",
+        ),
+        ("app", "-web".to_string(), "invalid value"),
+    ] {
+        let p = pod("labelled", json!({key: value}));
+        let e = c.create(&p).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{key}={value}");
+        assert!(
+            e.status
+                .message()
+                .starts_with(&format!("metadata.labels[{key:?}]: {want}")),
+            "{key}={value}: {e}"
+        );
+    }
 }
