@@ -27,6 +27,10 @@ pub enum ApiError {
          please apply your changes to the latest version and try again"
     )]
     Race { plural: &'static str, name: String },
+    /// The request contradicts itself (Kubernetes' BadRequest): a patch that renames the
+    /// object it patches.
+    #[error("{0}")]
+    BadRequest(String),
     /// The request is well-formed but the cluster's state refuses it (a terminating
     /// namespace, a pod being deleted).
     #[error("{0}")]
@@ -65,7 +69,7 @@ impl ApiError {
 
     pub fn code(&self) -> Code {
         match self {
-            ApiError::Invalid(_) => Code::InvalidArgument,
+            ApiError::Invalid(_) | ApiError::BadRequest(_) => Code::InvalidArgument,
             ApiError::NotFound { .. } => Code::NotFound,
             ApiError::AlreadyExists { .. } => Code::AlreadyExists,
             ApiError::Conflict { .. } | ApiError::Race { .. } => Code::Aborted,

@@ -545,6 +545,7 @@ impl Api {
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             json::merge_patch(&mut value, &patch);
             let patched: K = json::from_value(value).map_err(shape_error)?;
+            check_identity(&patched, &req.name, &ns)?;
             if status_only {
                 let mut new = current.object.clone();
                 new.set_status_from(&patched);
@@ -897,6 +898,26 @@ fn check_type_meta<K: Resource>(object: &K) -> ApiResult<()> {
                 K::KIND
             ),
         ));
+    }
+    Ok(())
+}
+
+/// A patch may not rename or move the object it patches: refused as Kubernetes refuses it,
+/// rather than silently ignored. (A cluster-scoped object's namespace is cleared, as
+/// Kubernetes does.)
+fn check_identity<K: Resource>(patched: &K, name: &str, namespace: &str) -> ApiResult<()> {
+    if patched.name() != name {
+        return Err(ApiError::BadRequest(format!(
+            "the name of the object ({}) does not match the name on the URL ({name})",
+            patched.name()
+        )));
+    }
+    if K::NAMESPACED && !patched.namespace().is_empty() && patched.namespace() != namespace {
+        return Err(ApiError::BadRequest(format!(
+            "the namespace of the object ({}) does not match the namespace on the URL \
+             ({namespace})",
+            patched.namespace()
+        )));
     }
     Ok(())
 }

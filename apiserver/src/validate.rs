@@ -94,11 +94,7 @@ pub fn validate_metadata<K: Kind>(obj: &K, errs: &mut FieldErrors) {
         );
     }
     validate_labels(&meta.labels, "metadata.labels", errs);
-    for key in meta.annotations.keys() {
-        if let Err(e) = validate_label_key(key) {
-            errs.add(format!("metadata.annotations[{key:?}]"), e);
-        }
-    }
+    validate_annotations(&meta.annotations, "metadata.annotations", errs);
     for (i, owner) in meta.owner_references.iter().enumerate() {
         let at = format!("metadata.ownerReferences[{i}]");
         for (field, value) in [
@@ -128,6 +124,31 @@ pub fn validate_metadata<K: Kind>(obj: &K, errs: &mut FieldErrors) {
         if f.is_empty() {
             errs.add(format!("metadata.finalizers[{i}]"), "must not be empty");
         }
+    }
+}
+
+/// Kubernetes' bound on an object's annotations, keys and values together
+/// (`TotalAnnotationSizeLimitB`): they are for tools, not bulk data.
+pub const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
+
+/// The most containers and init containers a pod may have together. Kubernetes has no such
+/// bound but its 1.5 MB object size; a pod of thousands of containers fits in that, yet
+/// costs the agent a supervisor per container and every status write a status per
+/// container. Real pods have a handful; see docs/api.md.
+pub const MAX_CONTAINERS: usize = 100;
+
+fn validate_annotations(annotations: &BTreeMap<String, String>, at: &str, errs: &mut FieldErrors) {
+    for key in annotations.keys() {
+        if let Err(e) = validate_label_key(key) {
+            errs.add(format!("{at}[{key:?}]"), e);
+        }
+    }
+    let size: usize = annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > MAX_ANNOTATIONS_BYTES {
+        errs.add(
+            at,
+            format!("Too long: must have at most {MAX_ANNOTATIONS_BYTES} bytes"),
+        );
     }
 }
 
@@ -192,6 +213,29 @@ fn port_ref(port: &str, at: &str, errs: &mut FieldErrors) {
 fn non_negative(v: i64, at: &str, errs: &mut FieldErrors) {
     if v < 0 {
         errs.add(at, format!("must be >= 0, got {v}"));
+    }
+}
+
+/// The values of a condition's `status`, in every kind (Kubernetes' ConditionStatus).
+const CONDITION_STATUSES: &[&str] = &["True", "False", "Unknown"];
+
+/// Checks a list of conditions, given as (type, status) pairs: a type, and a status of
+/// True, False or Unknown (a reason or message is free text).
+fn validate_conditions<'a>(
+    conditions: impl Iterator<Item = (&'a str, &'a str)>,
+    at: &str,
+    errs: &mut FieldErrors,
+) {
+    for (i, (kind, status)) in conditions.enumerate() {
+        if kind.is_empty() {
+            errs.add(format!("{at}[{i}].type"), "required");
+        }
+        one_of(
+            status,
+            CONDITION_STATUSES,
+            &format!("{at}[{i}].status"),
+            errs,
+        );
     }
 }
 
@@ -267,6 +311,18 @@ pub fn validate_pod_spec(spec: Option<&PodSpec>, at: &str, errs: &mut FieldError
             format!("{at}.containers"),
             "required: a pod needs at least one container",
         );
+    }
+    let count = spec.containers.len() + spec.init_containers.len();
+    if count > MAX_CONTAINERS {
+        // Each container's own errors would only make the message as large as the pod.
+        errs.add(
+            format!("{at}.containers"),
+            format!(
+                "Too many: {count}: must have at most {MAX_CONTAINERS} items \
+                 (containers and initContainers together)"
+            ),
+        );
+        return;
     }
     let mut names = BTreeSet::new();
     let mut host_ports = BTreeSet::new();
@@ -499,12 +555,55 @@ fn validate_probe(p: &Probe, at: &str, errs: &mut FieldErrors) {
     }
 }
 
+/// A pod's phases, as Kubernetes' PodPhase.
+pub const POD_PHASES: &[&str] = &["Pending", "Running", "Succeeded", "Failed", "Unknown"];
+
+fn validate_pod_status(status: &PodStatus, errs: &mut FieldErrors) {
+    // Empty: not reported (yet).
+    if !status.phase.is_empty() {
+        one_of(&status.phase, POD_PHASES, "status.phase", errs);
+    }
+    validate_conditions(
+        status
+            .conditions
+            .iter()
+            .map(|c| (c.r#type.as_str(), c.status.as_str())),
+        "status.conditions",
+        errs,
+    );
+    for (list, field) in [
+        (&status.container_statuses, "containerStatuses"),
+        (&status.init_container_statuses, "initContainerStatuses"),
+    ] {
+        for (i, c) in list.iter().enumerate() {
+            let at = format!("status.{field}[{i}]");
+            for (state, f) in [(&c.state, "state"), (&c.last_state, "lastState")] {
+                let set = state.as_ref().map_or(0, |s| {
+                    usize::from(s.waiting.is_some())
+                        + usize::from(s.running.is_some())
+                        + usize::from(s.terminated.is_some())
+                });
+                if set > 1 {
+                    errs.add(
+                        format!("{at}.{f}"),
+                        "may not specify more than 1 state type (waiting, running, terminated)",
+                    );
+                }
+            }
+            non_negative(c.restart_count.into(), &format!("{at}.restartCount"), errs);
+        }
+    }
+}
+
 impl Kind for Pod {
     fn apply_defaults(&mut self) {
         default_pod_spec(self.spec.get_or_insert_default());
     }
     fn validate(&self, errs: &mut FieldErrors) {
         validate_pod_spec(self.spec.as_ref(), "spec", errs);
+        if let Some(status) = &self.status {
+            validate_pod_status(status, errs);
+        }
     }
     fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
         // As in Kubernetes, a pod's spec is fixed once created, except container images;
@@ -589,6 +688,13 @@ fn validate_selector_and_template(
         .map(|m| m.labels.clone())
         .unwrap_or_default();
     validate_labels(&labels, "spec.template.metadata.labels", errs);
+    if let Some(meta) = &template.metadata {
+        validate_annotations(
+            &meta.annotations,
+            "spec.template.metadata.annotations",
+            errs,
+        );
+    }
     if let Some(sel) = parsed
         && !sel.matches(&labels)
     {
@@ -613,6 +719,16 @@ impl Kind for ReplicaSet {
         default_template(&mut spec.template);
     }
     fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(status) = &self.status {
+            validate_conditions(
+                status
+                    .conditions
+                    .iter()
+                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
+                "status.conditions",
+                errs,
+            );
+        }
         let Some(spec) = &self.spec else {
             errs.add("spec", "required");
             return;
@@ -664,6 +780,16 @@ impl Kind for Deployment {
         default_template(&mut spec.template);
     }
     fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(status) = &self.status {
+            validate_conditions(
+                status
+                    .conditions
+                    .iter()
+                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
+                "status.conditions",
+                errs,
+            );
+        }
         let Some(spec) = &self.spec else {
             errs.add("spec", "required");
             return;
@@ -752,6 +878,16 @@ impl Kind for Service {
         }
     }
     fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(status) = &self.status {
+            validate_conditions(
+                status
+                    .conditions
+                    .iter()
+                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
+                "status.conditions",
+                errs,
+            );
+        }
         let Some(spec) = &self.spec else {
             errs.add("spec", "required");
             return;
@@ -863,6 +999,14 @@ impl Kind for Node {
         if let Some(status) = &self.status {
             validate_quantities(&status.capacity, "status.capacity", errs);
             validate_quantities(&status.allocatable, "status.allocatable", errs);
+            validate_conditions(
+                status
+                    .conditions
+                    .iter()
+                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
+                "status.conditions",
+                errs,
+            );
         }
     }
     fn keeps_status_on_create() -> bool {
@@ -873,7 +1017,13 @@ impl Kind for Node {
 impl Kind for Namespace {
     const LABEL_NAMES: bool = true;
 
-    fn validate(&self, _errs: &mut FieldErrors) {}
+    fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(phase) = self.status.as_ref().map(|s| s.phase.as_str())
+            && !phase.is_empty()
+        {
+            one_of(phase, &["Active", "Terminating"], "status.phase", errs);
+        }
+    }
     fn initial_status(&mut self) {
         self.status.get_or_insert_default().phase = "Active".into();
     }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use common::ControlPlane;
 use flotilla_client::Client;
@@ -553,4 +553,273 @@ async fn services_get_distinct_cluster_ips() {
     // Deleting a service frees its IP.
     let _: Service = c.delete_named("default", "s0").await.unwrap();
     c.create(&s).await.unwrap();
+}
+
+fn pod_with(name: &str, container: serde_json::Value) -> Pod {
+    from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"containers": [container]},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn quantities_take_every_kubernetes_suffix() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    for (i, (cpu, memory)) in [
+        ("9E", "9Ei"),
+        ("500000000n", "1Pi"),
+        ("250000u", "1e3"),
+        ("2k", "1.5Ti"),
+        ("1", "128974848e-3"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = pod_with(
+            &format!("q{i}"),
+            json!({"name": "main", "command": ["sleep"],
+                   "resources": {"requests": {"cpu": cpu, "memory": memory},
+                                 "limits": {"memory": memory}}}),
+        );
+        c.create(&p)
+            .await
+            .unwrap_or_else(|e| panic!("cpu {cpu}, memory {memory}: {e}"));
+    }
+    // Too large to hold: refused by name, never a panic; the server is still there.
+    let p = pod_with(
+        "huge",
+        json!({"name": "main", "command": ["sleep"],
+               "resources": {"requests": {"memory": "1e40"}}}),
+    );
+    let e = c.create(&p).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.status.message().starts_with(
+            "spec.containers[0].resources.requests.memory: quantity \"1e40\": too large"
+        ),
+        "{e}"
+    );
+    c.get::<Pod>("default", "q0").await.unwrap();
+}
+
+#[tokio::test]
+async fn status_enumerations_are_checked() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let created = c.create(&pod("a", json!({}))).await.unwrap();
+    let with_status = |status: serde_json::Value| {
+        let mut p = created.clone();
+        p.status = Some(from_value(status).unwrap());
+        p
+    };
+    for (status, want) in [
+        (
+            json!({"phase": "Bogus"}),
+            "status.phase: unsupported value \"Bogus\": must be one of Pending, Running, \
+             Succeeded, Failed, Unknown",
+        ),
+        (
+            json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "Maybe"}]}),
+            "status.conditions[0].status: unsupported value \"Maybe\": must be one of True, \
+             False, Unknown",
+        ),
+        (
+            json!({"phase": "Running", "conditions": [{"status": "True"}]}),
+            "status.conditions[0].type: required",
+        ),
+        (
+            json!({"phase": "Running", "containerStatuses": [{"name": "main",
+                "state": {"running": {}, "terminated": {"exitCode": 1}}}]}),
+            "status.containerStatuses[0].state: may not specify more than 1 state type",
+        ),
+    ] {
+        let e = c
+            .update_status(&with_status(status.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{status}: {e}");
+        assert!(e.status.message().starts_with(want), "{status}: {e}");
+    }
+    assert_eq!(c.get::<Pod>("default", "a").await.unwrap(), created);
+    // Every real value passes; a container state's reason is free text.
+    let ok = c
+        .update_status(&with_status(json!({"phase": "Running",
+            "conditions": [{"type": "Ready", "status": "Unknown"}],
+            "containerStatuses": [{"name": "main",
+                "state": {"waiting": {"reason": "AnythingAtAll"}}}]})))
+        .await
+        .unwrap();
+    assert_eq!(ok.status.unwrap().phase, "Running");
+
+    let d = c.create(&deployment("web", 1)).await.unwrap();
+    let mut bad = d.clone();
+    bad.status =
+        Some(from_value(json!({"conditions": [{"type": "Available", "status": "yes"}]})).unwrap());
+    let e = c.update_status(&bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(
+        e.status
+            .message()
+            .starts_with("status.conditions[0].status: unsupported value \"yes\""),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_patch_cannot_rename_or_move_its_object() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let created = c.create(&deployment("web", 1)).await.unwrap();
+    for (patch, want) in [
+        (
+            json!({"metadata": {"name": "other"}, "spec": {"replicas": 3}}),
+            "the name of the object (other) does not match the name on the URL (web)",
+        ),
+        (
+            json!({"metadata": {"name": null}}),
+            "the name of the object () does not match the name on the URL (web)",
+        ),
+        (
+            json!({"metadata": {"namespace": "kube-system"}}),
+            "the namespace of the object (kube-system) does not match the namespace on the URL \
+             (default)",
+        ),
+    ] {
+        let e = c
+            .patch::<Deployment>("default", "web", &patch)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{patch}: {e}");
+        assert_eq!(e.status.message(), want, "{patch}");
+    }
+    assert_eq!(
+        c.get::<Deployment>("default", "web").await.unwrap(),
+        created
+    );
+    let e = c.get::<Deployment>("default", "other").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // Naming the object as it is changes nothing and is fine.
+    let same: Deployment = c
+        .patch(
+            "default",
+            "web",
+            &json!({"metadata": {"name": "web", "namespace": "default"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(same.resource_version(), created.resource_version());
+}
+
+#[tokio::test]
+async fn objects_are_held_to_kubernetes_limits() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let containers = |n: usize| -> Vec<serde_json::Value> {
+        (0..n)
+            .map(|i| json!({"name": format!("c{i}"), "command": ["sleep"]}))
+            .collect()
+    };
+    let many = |name: &str, init: usize, apps: usize| -> Pod {
+        from_value(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"initContainers": containers(init)
+                         .into_iter()
+                         .map(|mut c| {
+                             c["name"] = json!(format!("init-{}", c["name"].as_str().unwrap()));
+                             c
+                         })
+                         .collect::<Vec<_>>(),
+                     "containers": containers(apps)},
+        }))
+        .unwrap()
+    };
+    let e = c
+        .create(&many("ten-thousand", 0, 10_000))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        e.status.message(),
+        "spec.containers: Too many: 10000: must have at most 100 items (containers and \
+         initContainers together)"
+    );
+    let e = c
+        .create(&many("hundred-and-one", 1, 100))
+        .await
+        .unwrap_err();
+    assert!(e.status.message().contains("Too many: 101"), "{e}");
+    c.create(&many("hundred", 10, 90)).await.unwrap();
+    // The same bound in a workload's template.
+    let mut d = deployment("wide", 1);
+    let template = d.spec.as_mut().unwrap().template.as_mut().unwrap();
+    template.spec.as_mut().unwrap().containers = many("x", 0, 101).spec.unwrap().containers;
+    let e = c.create(&d).await.unwrap_err();
+    assert!(
+        e.status
+            .message()
+            .starts_with("spec.template.spec.containers: Too many: 101"),
+        "{e}"
+    );
+
+    // Annotations: 256 KiB at most, keys and values together, on every kind.
+    let annotated = |bytes: usize| {
+        let key = "example.com/blob";
+        BTreeMap::from([(key.to_string(), "x".repeat(bytes - key.len()))])
+    };
+    let too_long = "metadata.annotations: Too long: must have at most 262144 bytes";
+    let mut p = pod("big", json!({}));
+    p.metadata_mut().annotations = annotated(1_200_000);
+    let e = c.create(&p).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.status.message(), too_long);
+    p.metadata_mut().annotations = annotated(262_145);
+    assert_eq!(c.create(&p).await.unwrap_err().status.message(), too_long);
+    p.metadata_mut().annotations = annotated(262_144);
+    let created = c.create(&p).await.unwrap();
+    // An update cannot grow past it either.
+    let mut grown = created.clone();
+    grown.metadata_mut().annotations = annotated(262_145);
+    assert_eq!(
+        c.update(&grown).await.unwrap_err().status.message(),
+        too_long
+    );
+    let mut ns: Namespace = from_value(json!({"metadata": {"name": "annotated"}})).unwrap();
+    ns.metadata_mut().annotations = annotated(300_000);
+    assert_eq!(c.create(&ns).await.unwrap_err().status.message(), too_long);
+    let mut d = deployment("annotated", 1);
+    let template = d.spec.as_mut().unwrap().template.as_mut().unwrap();
+    template.metadata.as_mut().unwrap().annotations = annotated(300_000);
+    assert_eq!(
+        c.create(&d).await.unwrap_err().status.message(),
+        "spec.template.metadata.annotations: Too long: must have at most 262144 bytes"
+    );
+
+    // Labels as Kubernetes checks them: 63-character names and values, DNS prefixes.
+    for (key, value, want) in [
+        ("app", "x".repeat(64), "invalid value"),
+        (
+            &*"k".repeat(64),
+            "v".to_string(),
+            "invalid key: name part must be no more",
+        ),
+        (
+            "Not_A_Domain/app",
+            "v".to_string(),
+            "invalid key: prefix part",
+        ),
+        ("app", "-web".to_string(), "invalid value"),
+    ] {
+        let p = pod("labelled", json!({key: value}));
+        let e = c.create(&p).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{key}={value}");
+        assert!(
+            e.status
+                .message()
+                .starts_with(&format!("metadata.labels[{key:?}]: {want}")),
+            "{key}={value}: {e}"
+        );
+    }
 }

@@ -311,6 +311,10 @@ fn render(s: &Sources) -> String {
     out
 }
 
+/// The paths served as plain HTTP on the client port; every other path is gRPC's (see
+/// [`flotilla_proto::guard`]).
+pub const PLAIN_HTTP: &[&str] = &["/metrics", "/healthz", "/readyz"];
+
 /// Adds `/metrics`, `/healthz` and `/readyz` to the routes of the client port.
 pub fn add_routes(
     mut routes: tonic::service::Routes,

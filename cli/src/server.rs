@@ -272,8 +272,10 @@ pub async fn serve_clients(
     let routes = crate::metrics::add_routes(routes, sources);
     let mut stop = node.shutdown_signal();
     tonic::transport::Server::builder()
-        // HTTP/1.1 too, for /metrics, /healthz and /readyz.
+        // HTTP/1.1 too, for /metrics, /healthz and /readyz; the guard keeps gRPC methods out
+        // of reach of web pages (gRPC content types only, no Origin).
         .accept_http1(true)
+        .layer(flotilla_proto::guard::layer(crate::metrics::PLAIN_HTTP))
         .layer(crate::metrics::layer(requests))
         .serve_with_incoming_shutdown(
             routes,

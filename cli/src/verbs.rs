@@ -68,6 +68,9 @@ pub fn server_error(e: ClientError) -> anyhow::Error {
         Code::InvalidArgument => "Invalid",
         Code::FailedPrecondition => "Forbidden",
         Code::OutOfRange => "Expired",
+        // The API's only RESOURCE_EXHAUSTED: a request over the size limit (kube-apiserver's
+        // 413).
+        Code::ResourceExhausted => "RequestEntityTooLarge",
         Code::Unavailable => {
             return anyhow!("the control plane is unavailable: {}", e.status.message());
         }

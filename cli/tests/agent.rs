@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, DEADLINE, http_get, processes_with};
+use common::{Cluster, DEADLINE, http_get, http_request, processes_with};
 use flotilla_client::Client;
 use flotilla_client::api::json::from_value;
 use flotilla_client::api::*;
@@ -781,6 +781,17 @@ fn logs_are_served_through_the_api(rt: Rt) {
         let node = c.get::<Node>("", &rt.node()).await.unwrap();
         let endpoint = node.metadata.unwrap().annotations[AGENT_ENDPOINT].clone();
         assert_eq!(http_get(&endpoint, "/healthz"), (200, "ok\n".to_string()));
+        // Its log service answers gRPC only, and never a web page.
+        let logs = "POST /flotilla.agent.v1.Agent/Logs HTTP/1.1";
+        let (code, head, _) = http_request(&endpoint, &format!("{logs}\r\nContent-Type: text/plain"), b"");
+        assert_eq!(code, 415, "{head}");
+        let (code, head, _) = http_request(
+            &endpoint,
+            &format!("{logs}\r\nContent-Type: application/grpc\r\nOrigin: http://evil.example"),
+            b"",
+        );
+        assert_eq!(code, 403, "{head}");
+        assert!(!head.contains("access-control-"), "{head}");
         let (code, ready) = http_get(&endpoint, "/readyz");
         assert_eq!(code, 200, "{ready}");
         let (code, metrics) = http_get(&endpoint, "/metrics");

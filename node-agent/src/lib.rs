@@ -269,8 +269,10 @@ pub async fn run<R: Runtime>(
         let mut stop = stop.clone();
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
-                // HTTP/1.1 too, for /metrics, /healthz and /readyz.
+                // HTTP/1.1 too, for /metrics, /healthz and /readyz; the guard keeps the
+                // log service out of reach of web pages.
                 .accept_http1(true)
+                .layer(flotilla_proto::guard::layer(metrics::PLAIN_HTTP))
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener),

@@ -156,6 +156,10 @@ pub async fn render<R: Runtime>(rt: &R) -> String {
     out
 }
 
+/// The paths served as plain HTTP on the agent's port; every other path is gRPC's (see
+/// [`flotilla_proto::guard`]).
+pub const PLAIN_HTTP: &[&str] = &["/metrics", "/healthz", "/readyz"];
+
 /// Adds `/metrics`, `/healthz` and `/readyz` (ready while the lease was renewed within
 /// three intervals) to the agent's service routes.
 pub fn add_routes<R: Runtime>(

@@ -7,6 +7,9 @@
 //! - [`raft`]: the peer service between control-plane nodes;
 //! - [`api`]: the API objects and services (`flotilla.api.v1`) with what every component
 //!   knows about each kind;
+//! - [`guard`]: the tower layer in front of every Flotilla server's routes: gRPC only with
+//!   gRPC's content types and never from a web page, tonic's own refusals worded as the
+//!   client's fault;
 //! - [`FILE_DESCRIPTOR_SET`]: every file compiled in, for gRPC server reflection.
 
 #![allow(clippy::all, missing_docs)]
@@ -47,6 +50,7 @@ pub use flotilla::agent::v1 as flotilla_agent_v1;
 pub use flotilla::api::v1 as flotilla_api_v1;
 
 pub mod api;
+pub mod guard;
 
 /// Encoded `FileDescriptorSet` of every `.proto` file here, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("flotilla_descriptor");

@@ -21,16 +21,17 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// Saturating: a quantity as large as Kubernetes allows (2^63 − 1) must not overflow.
     pub fn add(&mut self, other: &Resources) {
-        self.milli_cpu += other.milli_cpu;
-        self.memory += other.memory;
-        self.pods += other.pods;
+        self.milli_cpu = self.milli_cpu.saturating_add(other.milli_cpu);
+        self.memory = self.memory.saturating_add(other.memory);
+        self.pods = self.pods.saturating_add(other.pods);
     }
 
     pub fn sub(&mut self, other: &Resources) {
-        self.milli_cpu -= other.milli_cpu;
-        self.memory -= other.memory;
-        self.pods -= other.pods;
+        self.milli_cpu = self.milli_cpu.saturating_sub(other.milli_cpu);
+        self.memory = self.memory.saturating_sub(other.memory);
+        self.pods = self.pods.saturating_sub(other.pods);
     }
 }
 
@@ -92,10 +93,16 @@ impl PodInfo {
         let mut host_ports = Vec::new();
         for c in &spec.containers {
             let (cpu, mem) = container_requests(c);
-            requests.milli_cpu += cpu.unwrap_or(0);
-            requests.memory += mem.unwrap_or(0);
-            scoring.milli_cpu += cpu.unwrap_or(DEFAULT_MILLI_CPU);
-            scoring.memory += mem.unwrap_or(DEFAULT_MEMORY);
+            requests.add(&Resources {
+                milli_cpu: cpu.unwrap_or(0),
+                memory: mem.unwrap_or(0),
+                pods: 0,
+            });
+            scoring.add(&Resources {
+                milli_cpu: cpu.unwrap_or(DEFAULT_MILLI_CPU),
+                memory: mem.unwrap_or(DEFAULT_MEMORY),
+                pods: 0,
+            });
             for p in &c.ports {
                 if p.host_port > 0 {
                     host_ports.push(HostPort {

@@ -146,15 +146,16 @@ fn ports_free(pod: &PodInfo, node: &NodeInfo) -> bool {
         .all(|p| !node.host_ports.iter().any(|q| p.conflicts(q)))
 }
 
+/// Compared as `want > has - used`: `used + want` overflows for the largest quantities.
 fn fits_resources(pod: &PodInfo, node: &NodeInfo, reasons: &mut Vec<Reason>) {
     let (want, used, has) = (&pod.requests, &node.requested, &node.allocatable);
-    if used.pods + want.pods > has.pods {
+    if want.pods > has.pods.saturating_sub(used.pods) {
         reasons.push(Reason::TooManyPods);
     }
-    if want.milli_cpu > 0 && used.milli_cpu + want.milli_cpu > has.milli_cpu {
+    if want.milli_cpu > 0 && want.milli_cpu > has.milli_cpu.saturating_sub(used.milli_cpu) {
         reasons.push(Reason::InsufficientCpu);
     }
-    if want.memory > 0 && used.memory + want.memory > has.memory {
+    if want.memory > 0 && want.memory > has.memory.saturating_sub(used.memory) {
         reasons.push(Reason::InsufficientMemory);
     }
 }
@@ -166,11 +167,13 @@ pub fn least_allocated(pod: &PodInfo, node: &NodeInfo) -> i64 {
         if capacity <= 0 {
             return 0;
         }
-        let used = requested + want;
+        let used = requested.saturating_add(want);
         if used > capacity {
             0
         } else {
-            (capacity - used) * 100 / capacity
+            // In 128 bits: a capacity near 2^63 - 1 (a quantity as large as Kubernetes
+            // allows) times 100 does not fit 64.
+            ((i128::from(capacity - used) * 100) / i128::from(capacity)) as i64
         }
     };
     let cpu = free(
@@ -193,7 +196,7 @@ pub fn balanced_allocation(pod: &PodInfo, node: &NodeInfo) -> i64 {
         if capacity <= 0 {
             1.0
         } else {
-            ((requested + want) as f64 / capacity as f64).min(1.0)
+            (requested.saturating_add(want) as f64 / capacity as f64).min(1.0)
         }
     };
     let cpu = fraction(
@@ -332,6 +335,31 @@ mod tests {
         // Removing the pod gives the room back.
         n.remove_pod(&PodUsage::from(&pod(3000, 7 << 30)));
         assert!(reasons(&pod(4000, 8 << 30), &n).is_empty());
+    }
+
+    #[test]
+    fn the_largest_quantities_neither_overflow_nor_fit_twice() {
+        // `memory: 9Ei` and `cpu: 9E` count as 2^63 - 1, as Kubernetes caps them.
+        let huge = |n: &mut NodeInfo| {
+            n.allocatable.milli_cpu = i64::MAX;
+            n.allocatable.memory = i64::MAX;
+        };
+        let mut n = node();
+        huge(&mut n);
+        let p = pod(i64::MAX, i64::MAX);
+        assert!(reasons(&p, &n).is_empty());
+        assert_eq!(least_allocated(&p, &n), 0);
+        assert_eq!(least_allocated(&pod(0, 0), &n), 100);
+        assert_eq!(balanced_allocation(&p, &n), 100);
+        // Bound twice (a nodeName set by hand bypasses the filter): no overflow.
+        n.add_pod(&PodUsage::from(&p));
+        n.add_pod(&PodUsage::from(&p));
+        assert_eq!(n.requested.memory, i64::MAX);
+        assert_eq!(
+            reasons(&p, &n),
+            [Reason::InsufficientCpu, Reason::InsufficientMemory]
+        );
+        assert_eq!(least_allocated(&p, &n), 0);
     }
 
     #[test]

@@ -29,7 +29,9 @@ const BINARY: &[(&str, u32)] = &[
     ("Pi", 50),
     ("Ei", 60),
 ];
-const DECIMAL: &[(&str, i32)] = &[
+const DECIMAL: &[(&str, i64)] = &[
+    ("n", -9),
+    ("u", -6),
     ("m", -3),
     ("k", 3),
     ("M", 6),
@@ -40,8 +42,16 @@ const DECIMAL: &[(&str, i32)] = &[
 ];
 
 impl Quantity {
+    /// The largest quantity held: what 128 bits of thousandths hold (about 1.7 × 10^35).
+    pub const MAX: Quantity = Quantity(i128::MAX);
+
+    /// Parses every spelling Kubernetes accepts: a non-negative decimal number, then a
+    /// binary suffix (Ki Mi Gi Ti Pi Ei), a decimal one (n u m "" k M G T P E) or a decimal
+    /// exponent (`e3`, `E-2`). Refused, with a message naming the input: anything else, a
+    /// value finer than a thousandth of a unit, and one larger than [`Quantity::MAX`].
     pub fn parse(s: &str) -> Result<Self, QuantityError> {
         let err = |why: String| QuantityError(format!("quantity {s:?}: {why}"));
+        let too_large = || err("too large: a quantity must be at most about 1.7e35".into());
         let t = s.trim();
         if t.is_empty() {
             return Err(err("empty".into()));
@@ -58,53 +68,46 @@ impl Quantity {
             return Err(err("expected a number such as 1, 0.5 or 250m".into()));
         }
         let (int_part, frac_part) = number.split_once('.').unwrap_or((number, ""));
-        let digits = format!("{int_part}{frac_part}");
-        let mantissa: i128 = digits
-            .parse()
-            .map_err(|_| err("the number is too large".into()))?;
-        // value = mantissa × 10^(exp10 − frac digits) × 2^exp2
-        let mut exp10: i32 = -(frac_part.len() as i32);
+        // Zeros that change nothing must not make the number look too large or too precise.
+        let frac_part = frac_part.trim_end_matches('0');
+        let digits = format!("{}{frac_part}", int_part.trim_start_matches('0'));
+        // value = mantissa × 10^exp10 × 2^exp2, exp10 counted in thousandths.
+        let mut exp10: i64 = 3 - frac_part.len() as i64;
         let mut exp2: u32 = 0;
-        match suffix {
-            "" => {}
-            s if s.starts_with(['e', 'E']) => {
-                let e: i32 = s[1..]
-                    .parse()
-                    .map_err(|_| err(format!("bad exponent {s:?}")))?;
-                exp10 += e;
-            }
-            s => {
-                if let Some((_, p)) = BINARY.iter().find(|(n, _)| *n == s) {
-                    exp2 = *p;
-                } else if let Some((_, p)) = DECIMAL.iter().find(|(n, _)| *n == s) {
-                    exp10 += p;
-                } else {
-                    return Err(err(format!("unknown suffix {s:?}")));
-                }
-            }
+        // The suffixes first: `Ei` and `E` are suffixes, `E3` an exponent.
+        if let Some((_, p)) = BINARY.iter().find(|(n, _)| *n == suffix) {
+            exp2 = *p;
+        } else if let Some((_, p)) = DECIMAL.iter().find(|(n, _)| *n == suffix) {
+            exp10 += p;
+        } else if let Some(e) = suffix.strip_prefix(['e', 'E']).filter(|e| !e.is_empty()) {
+            let e: i64 = e
+                .parse()
+                .map_err(|_| err(format!("bad exponent {suffix:?}")))?;
+            exp10 = exp10.saturating_add(e);
+        } else if !suffix.is_empty() {
+            return Err(err(format!("unknown suffix {suffix:?}")));
         }
-        // In thousandths.
-        exp10 += 3;
-        let mut v = mantissa;
-        if exp10 >= 0 {
-            for _ in 0..exp10 {
-                v = v.checked_mul(10).ok_or_else(|| err("too large".into()))?;
-            }
+        if digits.bytes().all(|d| d == b'0') {
+            return Ok(Quantity(0));
+        }
+        // More digits than 128 bits hold is too large, whatever the exponent.
+        let mantissa: i128 = digits.parse().map_err(|_| too_large())?;
+        let v = if exp10 >= 0 {
+            let scale = u32::try_from(exp10)
+                .ok()
+                .and_then(|e| 10i128.checked_pow(e))
+                .ok_or_else(too_large)?;
+            mantissa.checked_mul(scale).ok_or_else(too_large)?
         } else {
-            let div = 10i128
-                .checked_pow((-exp10) as u32)
-                .ok_or_else(|| err("too precise".into()))?;
-            if v % div != 0 {
-                return Err(err("more precise than a thousandth of a unit".into()));
-            }
-            v /= div;
-        }
-        let v = v
-            .checked_mul(1i128 << exp2)
-            .ok_or_else(|| err("too large".into()))?;
-        if v > i64::MAX as i128 * 1000 {
-            return Err(err("too large".into()));
-        }
+            // A non-zero mantissa below 2^127 is never a multiple of 10^39 or more.
+            let div = u32::try_from(exp10.unsigned_abs())
+                .ok()
+                .and_then(|e| 10i128.checked_pow(e))
+                .filter(|d| mantissa % d == 0)
+                .ok_or_else(|| err("more precise than a thousandth of a unit".into()))?;
+            mantissa / div
+        };
+        let v = v.checked_mul(1i128 << exp2).ok_or_else(too_large)?;
         Ok(Quantity(v))
     }
 
@@ -118,18 +121,19 @@ impl Quantity {
 
     /// Whole units, rounded up (as Kubernetes' `Value()`).
     pub fn value_ceil(&self) -> i128 {
-        (self.0 + 999) / 1000
+        self.0 / 1000 + i128::from(self.0 % 1000 != 0)
     }
 }
 
-/// Millicores of a cpu quantity.
+/// Millicores of a cpu quantity; past 2^63 − 1, 2^63 − 1 (Kubernetes caps quantities there).
 pub fn parse_cpu_millis(s: &str) -> Result<i64, QuantityError> {
-    Ok(Quantity::parse(s)?.millis() as i64)
+    Ok(i64::try_from(Quantity::parse(s)?.millis()).unwrap_or(i64::MAX))
 }
 
-/// Bytes of a memory quantity (rounded up to a whole byte).
+/// Bytes of a memory quantity (rounded up to a whole byte); past 2^63 − 1, 2^63 − 1
+/// (Kubernetes caps quantities there).
 pub fn parse_bytes(s: &str) -> Result<i64, QuantityError> {
-    Ok(Quantity::parse(s)?.value_ceil() as i64)
+    Ok(i64::try_from(Quantity::parse(s)?.value_ceil()).unwrap_or(i64::MAX))
 }
 
 impl std::str::FromStr for Quantity {
@@ -206,6 +210,62 @@ mod tests {
                 .0
                 .contains("unknown suffix \"Q\"")
         );
+    }
+
+    #[test]
+    fn every_kubernetes_suffix() {
+        assert_eq!(m("5000000n"), 5);
+        assert_eq!(m("2000u"), 2);
+        assert_eq!(m("3k"), 3_000_000);
+        assert_eq!(m("1T"), 10i128.pow(15));
+        assert_eq!(m("1P"), 10i128.pow(18));
+        assert_eq!(m("9E"), 9 * 10i128.pow(21));
+        assert_eq!(m("1Ti"), 1000 << 40);
+        assert_eq!(m("1Pi"), 1000 << 50);
+        assert_eq!(m("9Ei"), 9000 << 60);
+        assert_eq!(m("1E3"), 1_000_000);
+        assert_eq!(m("25e-2"), 250);
+        assert_eq!(m("0.000001e6"), 1000);
+        assert_eq!(m("0e99999999999"), 0);
+        assert_eq!(m("000000000000000000000000000000000000000000001"), 1000);
+        assert_eq!(m("1.000000000000000000000000000000000000000000"), 1000);
+        // Kubernetes caps quantities at 2^63 - 1 when used as a number; so do we.
+        assert_eq!(parse_bytes("9Ei").unwrap(), i64::MAX);
+        assert_eq!(parse_bytes("7Ei").unwrap(), 7 << 60);
+        assert_eq!(parse_cpu_millis("9E").unwrap(), i64::MAX);
+        assert_eq!(Quantity::parse("9Ei").unwrap().to_string(), "9Ei");
+    }
+
+    #[test]
+    fn refuses_what_does_not_fit_without_panicking() {
+        for (bad, why) in [
+            ("1e36", "too large"),
+            ("200000000000000000000000000000000000000000", "too large"),
+            ("1e2147483647", "too large"),
+            ("1e9223372036854775807", "too large"),
+            ("1e99999999999999999999", "bad exponent"),
+            ("1e-2147483648", "more precise than a thousandth"),
+            ("1e-9223372036854775808", "more precise than a thousandth"),
+            (
+                "1.000e-9223372036854775808",
+                "more precise than a thousandth",
+            ),
+            (
+                "1.123e-9223372036854775808",
+                "more precise than a thousandth",
+            ),
+            ("1n", "more precise than a thousandth"),
+            ("170141183460469231731687303715884105727Ei", "too large"),
+            ("E", "expected a number"),
+        ] {
+            let e = Quantity::parse(bad).unwrap_err();
+            assert!(
+                e.0.starts_with(&format!("quantity {bad:?}: {why}")),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(Quantity::parse("1e35").unwrap().millis(), 10i128.pow(38));
+        assert_eq!(Quantity::MAX + Quantity::MAX, Quantity::MAX);
     }
 
     #[test]
