@@ -4,9 +4,11 @@
 //! - [`Client`]: every verb for every kind, failing over across the control-plane nodes;
 //! - [`watch`]: a watch that resumes from the last revision it saw;
 //! - [`informer`]: list + watch → a local cache → add / update / delete handlers;
-//! - [`manifest`]: YAML/JSON manifests in Kubernetes' shape, with errors by path.
+//! - [`manifest`]: YAML/JSON manifests in Kubernetes' shape, with errors by path;
+//! - [`events`]: the spam filter that bounds the Events one object gets.
 
 pub mod client;
+pub mod events;
 pub mod informer;
 pub mod manifest;
 pub mod watch;

@@ -109,7 +109,8 @@ pub fn is_bound(p: &Pod) -> bool {
     p.spec.as_ref().is_some_and(|s| !s.node_name.is_empty())
 }
 
-/// Records an Event about `object` (best effort: a lost event is logged, not retried).
+/// Records an Event about `object` (best effort: a lost event is logged, not retried; one past
+/// the object's share of Events, [`flotilla_client::events`], is dropped).
 pub fn record_event<K: Resource>(
     client: &Client,
     component: &'static str,
@@ -119,6 +120,11 @@ pub fn record_event<K: Resource>(
     message: String,
 ) {
     let meta = object.metadata().cloned().unwrap_or_default();
+    let object_key = format!("{}/{}/{}/{}", K::KIND, meta.namespace, meta.name, meta.uid);
+    if !flotilla_client::events::SpamFilter::global().allow(component, &object_key) {
+        tracing::debug!(object = %object_key, reason, "event dropped by the spam filter");
+        return;
+    }
     let namespace = if meta.namespace.is_empty() {
         "default".to_string()
     } else {

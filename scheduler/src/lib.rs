@@ -446,6 +446,10 @@ async fn report_unschedulable(client: Client, pod: PodInfo, why: String) {
             status.phase = "Pending".into();
         }
         client.update_status(&current).await?;
+        let object = format!("Pod/{}/{}/{}", pod.namespace, pod.name, pod.uid);
+        if !flotilla_client::events::SpamFilter::global().allow(DEFAULT_SCHEDULER_NAME, &object) {
+            return Ok(());
+        }
         let event = Event {
             metadata: Some(ObjectMeta {
                 generate_name: format!("{}.", pod.name),

@@ -24,6 +24,12 @@ impl StoreNode {
     /// was applied.
     pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, StoreError> {
         validate_command(&cmd)?;
+        // Every path in (the etcd face, the API server, a forwarded write) is held to the same
+        // limit; the estimate exceeds the encoded size by at most a few bytes per field.
+        let (size, limit) = (cmd.approx_size(), self.inner.config.max_request_bytes);
+        if size > limit + 64 {
+            return Err(StoreError::RequestTooLarge { size, limit });
+        }
         let deadline = Instant::now() + self.inner.config.request_timeout;
         let r = self.inner.propose_until(cmd, deadline).await;
         let counter = match &r {
