@@ -86,7 +86,8 @@ impl ApiError {
                 StoreError::Mvcc(MvccError::Corrupt) => Code::DataLoss,
                 StoreError::Mvcc(_) | StoreError::Invalid(_) => Code::InvalidArgument,
                 StoreError::RequestTooLarge { .. } => Code::ResourceExhausted,
-                StoreError::TooManyRequests => Code::Unavailable,
+                // Kubernetes' 429: overloaded, retry after the hint.
+                StoreError::TooManyRequests => Code::ResourceExhausted,
                 StoreError::NoLeader(_) | StoreError::Stopped(_) => Code::Unavailable,
                 StoreError::Timeout(_) => Code::DeadlineExceeded,
                 StoreError::Membership(_) | StoreError::MemberNotFound(_) => {
@@ -97,6 +98,12 @@ impl ApiError {
         }
     }
 }
+
+/// gRPC's server pushback (the `Retry-After` of an overloaded server): how many milliseconds
+/// the client should wait before it tries again.
+pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+/// The pushback of an overloaded member (Kubernetes' Retry-After: 1).
+const OVERLOAD_RETRY_MS: u32 = 1000;
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
@@ -109,7 +116,14 @@ impl From<ApiError> for Status {
                 )
             }
             ApiError::Store(StoreError::TooManyRequests) => {
-                "too many requests are waiting on this server; retry with back-off".into()
+                // Kubernetes' words for its 429, with gRPC's retry hint for Retry-After.
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                metadata.insert(RETRY_PUSHBACK, OVERLOAD_RETRY_MS.into());
+                return Status::with_metadata(
+                    Code::ResourceExhausted,
+                    "Too many requests, please try again later.",
+                    metadata,
+                );
             }
             ApiError::Store(StoreError::Timeout(why)) => {
                 format!("the request timed out and may or may not have taken effect: {why}")

@@ -11,6 +11,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 
+use crate::breaker::{self, Breaker, Gate, jittered, pushback};
+
 /// A call failed; `status` is what the server (or the transport) said.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{}", status.message())]
@@ -59,6 +61,8 @@ struct Inner {
     /// Sent as `flotilla-fence-term` with every call: writes apply only under that term's
     /// leader.
     fence_term: Option<u64>,
+    /// Shared by every call (see [`crate::breaker`]).
+    breaker: Arc<Breaker>,
 }
 
 /// The largest message the client sends or accepts (a list of many objects is one message).
@@ -100,6 +104,7 @@ impl Client {
                 current: AtomicUsize::new(0),
                 timeout: Duration::from_secs(30),
                 fence_term: None,
+                breaker: Arc::default(),
             }),
         })
     }
@@ -115,6 +120,7 @@ impl Client {
                 current: AtomicUsize::new(self.inner.current.load(Ordering::Relaxed)),
                 timeout: self.inner.timeout,
                 fence_term: Some(term),
+                breaker: self.inner.breaker.clone(),
             }),
         }
     }
@@ -149,24 +155,76 @@ impl Client {
                 .compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed);
     }
 
-    /// A unary call, tried on each server in turn while they are unavailable.
+    /// Tries `once` on each server in turn while they are unavailable, at most three rounds,
+    /// behind the client's breaker (see [`crate::breaker`]): waits as an overloaded server
+    /// asks, and after a round in which every server failed, as the breaker says.
+    async fn with_retries<T, F, Fut>(&self, path: &str, mut once: F) -> Result<T>
+    where
+        F: FnMut(usize, Channel) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+    {
+        let n = self.inner.channels.len();
+        let mut last = Status::unavailable("no server reachable");
+        let mut rounds_left = 3;
+        while rounds_left > 0 {
+            let probe = match self.inner.breaker.enter().await {
+                Gate::Down => {
+                    rounds_left -= 1;
+                    continue;
+                }
+                Gate::Go => false,
+                Gate::Probe => true,
+            };
+            for _ in 0..n {
+                let (i, channel) = self.channel();
+                match once(i, channel).await {
+                    Ok(r) => {
+                        self.inner.breaker.reached();
+                        return Ok(r);
+                    }
+                    Err(s) if pushback(&s).is_some() => {
+                        // Up, but overloaded: wait as it asks, then try it again.
+                        self.inner.breaker.reached();
+                        let wait = pushback(&s).unwrap_or(breaker::FIRST);
+                        tracing::debug!(server = %self.inner.addrs[i], ?wait, "{path}: overloaded");
+                        last = s;
+                        tokio::time::sleep(jittered(wait).max(wait)).await;
+                    }
+                    Err(s) if should_fail_over(s.code()) => {
+                        tracing::debug!(server = %self.inner.addrs[i], "{path}: {}", s.message());
+                        last = s;
+                        self.fail_over(i);
+                    }
+                    Err(s) => {
+                        // The server answered: the control plane is up.
+                        self.inner.breaker.reached();
+                        return Err(s.into());
+                    }
+                }
+            }
+            self.inner.breaker.round_failed(probe);
+            rounds_left -= 1;
+        }
+        Err(last.into())
+    }
+
+    /// A unary call, tried on each server in turn while they are unavailable (see
+    /// [`Client::with_retries`]).
     pub async fn unary<Req, Resp>(&self, path: &'static str, req: Req) -> Result<Resp>
     where
         Req: prost::Message + Clone + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        let rounds = self.inner.channels.len() * 3;
-        let mut last = Status::unavailable("no server reachable");
-        for attempt in 0..rounds {
-            let (i, channel) = self.channel();
-            let mut grpc = tonic::client::Grpc::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE);
-            let outcome = async {
+        self.with_retries(path, |i, channel| {
+            let req = req.clone();
+            async move {
+                let mut grpc = tonic::client::Grpc::new(channel)
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE);
                 grpc.ready()
                     .await
                     .map_err(|e| Status::unavailable(format!("{}: {e}", self.inner.addrs[i])))?;
-                let mut request = self.request(req.clone());
+                let mut request = self.request(req);
                 request.set_timeout(self.inner.timeout);
                 grpc.unary(
                     request,
@@ -174,22 +232,10 @@ impl Client {
                     ProstCodec::<Req, Resp>::default(),
                 )
                 .await
+                .map(|r| r.into_inner())
             }
-            .await;
-            match outcome {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) if should_fail_over(s.code()) => {
-                    tracing::debug!(server = %self.inner.addrs[i], "{path}: {}", s.message());
-                    last = s;
-                    self.fail_over(i);
-                    if (attempt + 1) % self.inner.channels.len() == 0 {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-                Err(s) => return Err(s.into()),
-            }
-        }
-        Err(last.into())
+        })
+        .await
     }
 
     /// Opens a server stream on the current server (failing over while it is unavailable).
@@ -202,36 +248,24 @@ impl Client {
         Req: prost::Message + Clone + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        let rounds = self.inner.channels.len() * 3;
-        let mut last = Status::unavailable("no server reachable");
-        for attempt in 0..rounds {
-            let (i, channel) = self.channel();
-            let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE);
-            let outcome = async {
+        self.with_retries(path, |i, channel| {
+            let req = req.clone();
+            async move {
+                let mut grpc =
+                    tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE);
                 grpc.ready()
                     .await
                     .map_err(|e| Status::unavailable(format!("{}: {e}", self.inner.addrs[i])))?;
                 grpc.server_streaming(
-                    self.request(req.clone()),
+                    self.request(req),
                     PathAndQuery::from_static(path),
                     ProstCodec::<Req, Resp>::default(),
                 )
                 .await
+                .map(|r| r.into_inner())
             }
-            .await;
-            match outcome {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) if should_fail_over(s.code()) => {
-                    last = s;
-                    self.fail_over(i);
-                    if (attempt + 1) % self.inner.channels.len() == 0 {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-                Err(s) => return Err(s.into()),
-            }
-        }
-        Err(last.into())
+        })
+        .await
     }
 
     // ------------------------------------------------------------------ verbs

@@ -7,6 +7,7 @@
 //! - [`manifest`]: YAML/JSON manifests in Kubernetes' shape, with errors by path;
 //! - [`events`]: the spam filter that bounds the Events one object gets.
 
+mod breaker;
 pub mod client;
 pub mod events;
 pub mod informer;
