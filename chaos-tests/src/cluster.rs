@@ -631,6 +631,100 @@ impl Cluster {
         Ok(())
     }
 
+    /// Overloads the machine for `hold`: a busy thread on every core, and a storm of writes
+    /// from 64 clients spread over the members. Counts the elections started meanwhile (the
+    /// rise of the highest term), then checks liveness: once the overload stops, a write must
+    /// commit within `bound`. Returns what happened; an error is a finding.
+    pub async fn overload(&self, hold: Duration, bound: Duration) -> anyhow::Result<String> {
+        let term = |s: &[(usize, u64, u64, u64)]| s.iter().map(|s| s.3).max().unwrap_or(0);
+        let before = term(&self.statuses(Duration::from_secs(1)).await);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hogs: Vec<_> = (0..cores)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                })
+            })
+            .collect();
+        let running: Vec<Channel> = self
+            .members
+            .iter()
+            .filter(|m| m.is_running() && !m.paused)
+            .map(|m| m.channel())
+            .collect();
+        let writes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let storm: Vec<_> = (0..64)
+            .map(|w| {
+                let (stop, writes) = (stop.clone(), writes.clone());
+                let mut kv = KvClient::new(running[w % running.len().max(1)].clone());
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let put = flotilla_proto::etcdserverpb::PutRequest {
+                            key: format!("chaos/overload/{w}/{}", n % 100).into_bytes(),
+                            value: vec![b'x'; 256],
+                            ..Default::default()
+                        };
+                        n += 1;
+                        if let Ok(Ok(_)) =
+                            tokio::time::timeout(Duration::from_secs(2), kv.put(put)).await
+                        {
+                            writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(hold).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for h in hogs {
+            let _ = h.join();
+        }
+        for t in storm {
+            let _ = t.await;
+        }
+        let stopped = Instant::now();
+        let during = term(&self.statuses(Duration::from_secs(2)).await);
+        // Liveness: a write commits within the bound.
+        let back = loop {
+            let mut done = false;
+            for ch in &running {
+                let mut kv = KvClient::new(ch.clone());
+                let put = flotilla_proto::etcdserverpb::PutRequest {
+                    key: b"chaos/overload/after".to_vec(),
+                    value: b"x".to_vec(),
+                    ..Default::default()
+                };
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), kv.put(put)).await {
+                    done = true;
+                    break;
+                }
+            }
+            if done {
+                break stopped.elapsed();
+            }
+            if stopped.elapsed() >= bound {
+                bail!(
+                    "no write committed within {bound:?} after the overload stopped (term {before} -> {during})"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        Ok(format!(
+            "overload over: {} storm writes in {hold:?}; {} election(s) started (term {before} -> {during}); writes committed again {} ms after it stopped",
+            writes.load(std::sync::atomic::Ordering::Relaxed),
+            during.saturating_sub(before),
+            back.as_millis()
+        ))
+    }
+
     /// Damages member `i`'s key space on disk between a kill and a restart, as a disk that
     /// changed a stored value would, and checks that the member refuses to serve: it must
     /// exit once it started (its corruption check finds its key space differs from the

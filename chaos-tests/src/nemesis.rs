@@ -41,6 +41,9 @@ pub enum FaultKind {
     /// `kill -9` a member, change a value in its key space on disk, restart it: it must stop
     /// (its corruption check fails); then replace it.
     Corrupt,
+    /// A busy thread on every core and a storm of writes for the hold; once it stops, a
+    /// write must commit within 10 s (liveness), and the elections started are counted.
+    Overload,
 }
 
 impl FaultKind {
@@ -50,12 +53,12 @@ impl FaultKind {
         use FaultKind::*;
         matches!(
             self,
-            Kill | Pause | PartitionMajority | IsolateLeader | Replace | KillWorker
+            Kill | Pause | PartitionMajority | IsolateLeader | Replace | KillWorker | Overload
         )
         // (Corrupt needs the data dir on this machine's disk.)
     }
 
-    pub const ALL: [FaultKind; 11] = [
+    pub const ALL: [FaultKind; 12] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::PartitionMajority,
@@ -67,6 +70,7 @@ impl FaultKind {
         FaultKind::Replace,
         FaultKind::KillWorker,
         FaultKind::Corrupt,
+        FaultKind::Overload,
     ];
 }
 
@@ -102,6 +106,7 @@ pub fn plan(kinds: &[FaultKind], seed: u64, duration: Duration) -> Vec<Step> {
         let hold = match kind {
             // Past the node monitor's grace and the eviction toleration, with time to spare.
             FaultKind::KillWorker => Duration::from_millis(rng.random_range(10_000..12_000)),
+            FaultKind::Overload => Duration::from_millis(rng.random_range(5_000..8_000)),
             _ => Duration::from_millis(rng.random_range(1_000..5_000)),
         };
         steps.push(Step {
@@ -299,6 +304,19 @@ pub async fn run(
                     Err(e) => note(format!("replacing {} failed: {e:#}", name(i))),
                 }
             }
+            FaultKind::Overload => {
+                note(format!(
+                    "overload: a busy thread per core and 64 writers for {:?}",
+                    step.hold
+                ));
+                match cluster.overload(step.hold, Duration::from_secs(10)).await {
+                    Ok(what) => note(what),
+                    Err(e) => {
+                        note(format!("liveness: {e:#}"));
+                        failures.push(format!("liveness after overload: {e:#}"));
+                    }
+                }
+            }
             FaultKind::Corrupt => {
                 let i = target(&mut rng);
                 note(format!(
@@ -310,7 +328,10 @@ pub async fn run(
                     Ok(what) => note(what),
                     Err(e) => {
                         note(format!("corrupting {} went wrong: {e:#}", name(i)));
-                        failures.push(format!("{}: {e:#}", name(i)));
+                        failures.push(format!(
+                            "fail-stop: {} with a damaged data dir: {e:#}",
+                            name(i)
+                        ));
                     }
                 }
                 if !cluster.members[i].is_running() {

@@ -253,8 +253,8 @@ async fn drive(
     let recovery_ms = healed.elapsed().as_millis() as u64;
     for failure in fault_failures {
         findings.push(Finding {
-            check: "fail-stop".into(),
-            summary: format!("a member with a damaged data dir: {failure}"),
+            check: "fault response".into(),
+            summary: failure,
             detail: String::new(),
         });
     }

@@ -60,6 +60,13 @@ pub const SCENARIOS: &[Scenario] = &[
         test_fault: None,
     },
     Scenario {
+        name: "overload",
+        about: "every core busy and a storm of writes, then liveness: a write commits within \
+                10 s of the overload stopping; and kills",
+        faults: &[Overload, Kill],
+        test_fault: None,
+    },
+    Scenario {
         name: "workers",
         about: "worker agents killed long enough for their pods to be evicted, and members killed",
         faults: &[KillWorker, Kill],
@@ -112,6 +119,7 @@ pub const CI: &[CiRun] = &[
     ci("net", 4, 20, false),
     ci("replace", 5, 25, false),
     ci("corrupt", 10, 25, false),
+    ci("overload", 11, 30, false),
     ci("workers", 6, 30, false),
     ci("mixed", 8, 45, false),
     ci("stale-reads", 7, 20, false),
