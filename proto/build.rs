@@ -37,6 +37,9 @@ const QUANTITY_MAPS: &[&str] = &[
     "ResourceRequirements.limits",
     "NodeStatus.capacity",
     "NodeStatus.allocatable",
+    "ResourceQuotaSpec.hard",
+    "ResourceQuotaStatus.hard",
+    "ResourceQuotaStatus.used",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -43,6 +43,9 @@ pub enum ApiError {
     /// Stored data that does not decode, or another broken invariant.
     #[error("internal error: {0}")]
     Internal(String),
+    /// Allowed to nobody as things stand (Kubernetes' 403): a create past a quota.
+    #[error("{0}")]
+    Forbidden(String),
     /// Something the request needs (a node's agent) cannot be reached now.
     #[error("{0}")]
     Unavailable(String),
@@ -70,6 +73,7 @@ impl ApiError {
     pub fn code(&self) -> Code {
         match self {
             ApiError::Invalid(_) | ApiError::BadRequest(_) => Code::InvalidArgument,
+            ApiError::Forbidden(_) => Code::PermissionDenied,
             ApiError::NotFound { .. } => Code::NotFound,
             ApiError::AlreadyExists { .. } => Code::AlreadyExists,
             ApiError::Conflict { .. } | ApiError::Race { .. } => Code::Aborted,

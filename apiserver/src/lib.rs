@@ -14,6 +14,7 @@
 pub mod errors;
 pub mod fence;
 pub mod logs;
+mod quota;
 pub mod registry;
 pub mod service;
 pub mod validate;

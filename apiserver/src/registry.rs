@@ -207,7 +207,7 @@ impl Api {
         &self.node
     }
 
-    fn decode<K: Resource>(kv: &KeyValue) -> ApiResult<K> {
+    pub(crate) fn decode<K: Resource>(kv: &KeyValue) -> ApiResult<K> {
         let mut object = K::decode(kv.value.as_slice()).map_err(|e| {
             ApiError::Internal(format!(
                 "stored object {} does not decode: {e}",
@@ -219,7 +219,7 @@ impl Api {
         Ok(object)
     }
 
-    fn encode<K: Resource>(object: &K) -> Vec<u8> {
+    pub(crate) fn encode<K: Resource>(object: &K) -> Vec<u8> {
         let mut copy = object.clone();
         copy.metadata_mut().resource_version.clear();
         copy.encode_to_vec()
@@ -341,9 +341,16 @@ impl Api {
                     }
                 }
             }
+            let charges = if K::NAMESPACED {
+                self.admit_quota(&object, &ns, attempt > 0).await?
+            } else {
+                Vec::new()
+            };
+            compare.extend(charges.iter().map(|c| unchanged(&c.key, c.mod_revision)));
             let reserved = reserved_keys(&object);
             compare.extend(reserved.iter().map(|k| absent(k)));
             let mut success = vec![put(key.clone(), Self::encode(&object))];
+            success.extend(charges.into_iter().map(|c| put(c.key, c.value)));
             success.extend(reserved.iter().map(|k| put(k.clone(), key.clone())));
             let mut failure = vec![get(key.clone())];
             failure.extend(reserved.iter().map(|k| get(k.clone())));

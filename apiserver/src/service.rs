@@ -3,7 +3,7 @@
 use flotilla_proto::api::*;
 use flotilla_proto::flotilla_api_v1::{
     deployments_server, endpoints_service_server, events_server, leases_server, namespaces_server,
-    nodes_server, pods_server, replica_sets_server, services_server,
+    nodes_server, pods_server, replica_sets_server, resource_quotas_server, services_server,
 };
 use tonic::{Request, Response, Status};
 
@@ -108,6 +108,12 @@ service!(
 );
 service!(events_server::Events, Event, EventList, {});
 service!(leases_server::Leases, Lease, LeaseList, {});
+service!(
+    resource_quotas_server::ResourceQuotas,
+    ResourceQuota,
+    ResourceQuotaList,
+    status {}
+);
 
 /// Adds every API service to `routes`.
 pub fn add_routes(routes: tonic::service::Routes, api: Api) -> tonic::service::Routes {
@@ -127,6 +133,7 @@ pub fn add_routes(routes: tonic::service::Routes, api: Api) -> tonic::service::R
         services_server::ServicesServer,
         endpoints_service_server::EndpointsServiceServer,
         events_server::EventsServer,
-        leases_server::LeasesServer
+        leases_server::LeasesServer,
+        resource_quotas_server::ResourceQuotasServer
     )
 }

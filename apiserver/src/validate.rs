@@ -1046,6 +1046,23 @@ impl Kind for Event {
     }
 }
 
+impl Kind for ResourceQuota {
+    fn validate(&self, errs: &mut FieldErrors) {
+        let hard = self.spec.as_ref().map(|s| &s.hard);
+        for (name, value) in hard.into_iter().flatten() {
+            let field = format!("spec.hard[{name}]");
+            if !flotilla_proto::api::quota::is_known(name) {
+                errs.add(
+                    field,
+                    "unsupported resource: one of pods, services, resourcequotas, count/<resource>[.<group>], requests.cpu, requests.memory, limits.cpu, limits.memory, cpu, memory",
+                );
+            } else if let Err(e) = flotilla_proto::api::quantity::Quantity::parse(value) {
+                errs.add(field, e.to_string());
+            }
+        }
+    }
+}
+
 impl Kind for Lease {
     fn validate(&self, errs: &mut FieldErrors) {
         if let Some(d) = self.spec.as_ref().and_then(|s| s.lease_duration_seconds)

@@ -360,6 +360,44 @@ impl Columns for Event {
     }
 }
 
+/// As kubectl: `NAME AGE REQUEST LIMIT`, where REQUEST lists `used/hard` for each resource
+/// and LIMIT the `limits.*` ones.
+impl Columns for ResourceQuota {
+    fn headers(_: bool) -> Vec<&'static str> {
+        vec!["NAME", "AGE", "REQUEST", "LIMIT"]
+    }
+    fn row(&self, _: bool, now: SystemTime) -> Vec<String> {
+        let hard = self
+            .spec
+            .as_ref()
+            .map(|s| s.hard.clone())
+            .unwrap_or_default();
+        let used = self
+            .status
+            .as_ref()
+            .map(|s| s.used.clone())
+            .unwrap_or_default();
+        let pair = |name: &String, limit: &String| {
+            let u = used.get(name).map_or("0", String::as_str);
+            format!("{name}: {u}/{limit}")
+        };
+        let (limits, requests): (Vec<_>, Vec<_>) =
+            hard.iter().partition(|(n, _)| n.starts_with("limits."));
+        let join = |v: Vec<(&String, &String)>| {
+            v.into_iter()
+                .map(|(n, l)| pair(n, l))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        vec![
+            self.name().to_string(),
+            created(self.metadata.as_ref(), now),
+            join(requests),
+            join(limits),
+        ]
+    }
+}
+
 impl Columns for Lease {
     fn headers(_: bool) -> Vec<&'static str> {
         vec!["NAME", "HOLDER", "AGE"]

@@ -66,10 +66,13 @@ pub fn server_error(e: ClientError) -> anyhow::Error {
         Code::AlreadyExists => "AlreadyExists",
         Code::Aborted => "Conflict",
         Code::InvalidArgument => "Invalid",
-        Code::FailedPrecondition => "Forbidden",
+        Code::FailedPrecondition | Code::PermissionDenied => "Forbidden",
         Code::OutOfRange => "Expired",
-        // The API's only RESOURCE_EXHAUSTED: a request over the size limit (kube-apiserver's
-        // 413).
+        // An overloaded member (429) says when to come back; otherwise a request over the
+        // size limit (kube-apiserver's 413).
+        Code::ResourceExhausted if e.status.metadata().get("grpc-retry-pushback-ms").is_some() => {
+            "TooManyRequests"
+        }
         Code::ResourceExhausted => "RequestEntityTooLarge",
         Code::Unavailable => {
             return anyhow!("the control plane is unavailable: {}", e.status.message());

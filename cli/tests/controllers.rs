@@ -901,3 +901,117 @@ fn recreate_replaces_all_at_once_and_pause_holds_a_rollout() {
         .await;
     });
 }
+
+/// A runaway Deployment (a billion replicas) in a namespace with a ResourceQuota holds at the
+/// quota: its ReplicaSet's creates past it are refused with Kubernetes' words, the count stays
+/// at the cap, `flotilla get quota` shows it full; deleting the Deployment gives the share
+/// back, and a quota on compute refuses a pod that leaves it unset.
+#[test]
+fn a_runaway_deployment_is_held_to_its_namespace_quota() {
+    let cluster = Cluster::start();
+    let server = cluster.endpoints();
+    let flotilla = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(args)
+            .args(["--server", &server])
+            .output()
+            .unwrap()
+    };
+    runtime().block_on(async {
+        let c = client(&cluster);
+        c.create(&obj::<Namespace>(json!({"metadata": {"name": "shop"}})))
+            .await
+            .unwrap();
+        c.create(&obj::<ResourceQuota>(json!({
+            "metadata": {"name": "small", "namespace": "shop"},
+            "spec": {"hard": {"pods": "10", "requests.cpu": "1", "count/deployments.apps": 1}},
+        })))
+        .await
+        .unwrap();
+        until("the quota counted", || async {
+            let q = c.get::<ResourceQuota>("shop", "small").await.ok()?;
+            (q.status?.used.get("pods")? == "0").then_some(())
+        })
+        .await;
+        let mut d = deployment("runaway", 1_000_000_000, json!(1), json!(0));
+        d.metadata.as_mut().unwrap().namespace = "shop".into();
+        c.create(&d).await.unwrap();
+        let shop = ListRequest {
+            namespace: "shop".into(),
+            ..Default::default()
+        };
+        until("ten pods", || async {
+            let (pods, _) = c.list::<Pod>(&shop).await.ok()?;
+            (pods.len() == 10).then_some(())
+        })
+        .await;
+        // It stays there.
+        for _ in 0..20 {
+            let (pods, _) = c.list::<Pod>(&shop).await.unwrap();
+            assert_eq!(pods.len(), 10);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let q = c.get::<ResourceQuota>("shop", "small").await.unwrap();
+        let used = q.status.unwrap().used;
+        assert_eq!(used["pods"], "10");
+        assert_eq!(used["requests.cpu"], "100m");
+        // A second Deployment is past count/deployments.apps.
+        let mut second = deployment("second", 1, json!(1), json!(0));
+        second.metadata.as_mut().unwrap().namespace = "shop".into();
+        let e = c.create(&second).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            e.status.message(),
+            "deployments \"second\" is forbidden: exceeded quota: small, requested: count/deployments.apps=1, used: count/deployments.apps=1, limited: count/deployments.apps=1"
+        );
+        // The ReplicaSet says why it stopped.
+        let events = until("a FailedCreate event", || async {
+            let (events, _) = c.list::<Event>(&shop).await.ok()?;
+            let failed: Vec<Event> = events
+                .into_iter()
+                .filter(|e| e.reason == "FailedCreate")
+                .collect();
+            (!failed.is_empty()).then_some(failed)
+        })
+        .await;
+        assert!(
+            events[0].message.contains("exceeded quota: small"),
+            "{}",
+            events[0].message
+        );
+        // The CLI shows the quota full, and words a refusal as kubectl does.
+        let out = flotilla(&["get", "quota", "-n", "shop"]);
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(table.contains("pods: 10/10"), "{table}");
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: extra, namespace: shop}\nspec:\n  containers:\n  - {name: app, image: x}\n";
+        let mut apply = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["apply", "-f", "-", "--server", &server])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        apply.stdin.take().unwrap().write_all(pod.as_bytes()).unwrap();
+        let out = apply.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("Error from server (Forbidden): pods \"extra\" is forbidden: failed quota: small: must specify requests.cpu for: app"),
+            "{err}"
+        );
+        // Deleting the Deployment gives the share back.
+        c.delete::<Deployment>(&DeleteRequest {
+            namespace: "shop".into(),
+            name: "runaway".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        until("the quota's usage back to zero", || async {
+            let q = c.get::<ResourceQuota>("shop", "small").await.ok()?;
+            let used = q.status?.used;
+            (used.get("pods")? == "0" && used.get("count/deployments.apps")? == "0")
+                .then_some(())
+        })
+        .await;
+    });
+}

@@ -183,6 +183,10 @@ macro_rules! with_kind {
                 type $k = __api::Lease;
                 $body
             }
+            "ResourceQuota" => {
+                type $k = __api::ResourceQuota;
+                $body
+            }
             other => unreachable!("kind {other} is in KINDS but not in with_kind!"),
         }
     }};

@@ -14,6 +14,7 @@
 //! - [`gc`]: owner references drive background, foreground and orphan deletion;
 //! - [`endpoints`]: a Service's selector → its ready pods' addresses and ports;
 //! - [`namespace`]: a terminating namespace is emptied, then removed.
+//! - [`quota`]: ResourceQuotas' usage recounted, so deletions give their share back.
 
 pub mod deployment;
 pub mod endpoints;
@@ -21,6 +22,7 @@ pub mod gc;
 pub mod namespace;
 pub mod nodelifecycle;
 pub mod queue;
+pub mod quota;
 pub mod replicaset;
 pub mod util;
 
@@ -31,7 +33,7 @@ use std::time::Duration;
 use flotilla_client::Client;
 use flotilla_client::informer::{Change, Filter, Informer};
 use flotilla_proto::api::{
-    Deployment, Endpoints, Lease, Namespace, Node, Pod, ReplicaSet, Service,
+    Deployment, Endpoints, Lease, Namespace, Node, Pod, ReplicaSet, ResourceQuota, Service,
 };
 use tokio::sync::watch;
 
@@ -79,6 +81,7 @@ pub struct Informers {
     pub services: Informer<Service>,
     pub endpoints: Informer<Endpoints>,
     pub namespaces: Informer<Namespace>,
+    pub quotas: Informer<ResourceQuota>,
 }
 
 /// What the controllers share: the client, the informers, their queues.
@@ -91,6 +94,7 @@ pub struct Ctx {
     pub gc: Arc<WorkQueue>,
     pub endpoints: Arc<WorkQueue>,
     pub namespace: Arc<WorkQueue>,
+    pub quota: Arc<WorkQueue>,
     pub nodelifecycle: nodelifecycle::Controller,
     pub stats: Arc<Stats>,
 }
@@ -119,6 +123,7 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
         gc: WorkQueue::new("garbage-collector"),
         endpoints: WorkQueue::new("endpoints"),
         namespace: WorkQueue::new("namespace"),
+        quota: WorkQueue::new("resourcequota"),
         nodelifecycle: nodelifecycle::Controller::new(),
         stats,
     });
@@ -129,6 +134,7 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
             gc::on_dependent(ctx, c);
             endpoints::on_pod(ctx, c);
             nodelifecycle::on_pod(ctx, c);
+            quota::on_counted(ctx, c);
         }),
         replica_sets: start(
             &ctx,
@@ -139,6 +145,7 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
                 deployment::on_replica_set(ctx, c);
                 gc::on_dependent(ctx, c);
                 gc::on_owner(ctx, c);
+                quota::on_counted(ctx, c);
             },
         ),
         deployments: start(
@@ -148,6 +155,7 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
             |ctx, c: &Change<Deployment>| {
                 deployment::on_deployment(ctx, c);
                 gc::on_owner(ctx, c);
+                quota::on_counted(ctx, c);
             },
         ),
         nodes: start(&ctx, client.clone(), all(), |ctx, c: &Change<Node>| {
@@ -163,7 +171,8 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
             |ctx, c: &Change<Lease>| nodelifecycle::on_lease(ctx, c),
         ),
         services: start(&ctx, client.clone(), all(), |ctx, c: &Change<Service>| {
-            endpoints::on_service(ctx, c)
+            endpoints::on_service(ctx, c);
+            quota::on_counted(ctx, c);
         }),
         endpoints: start(&ctx, client.clone(), all(), |ctx, c: &Change<Endpoints>| {
             endpoints::on_endpoints(ctx, c)
@@ -171,6 +180,15 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
         namespaces: start(&ctx, client.clone(), all(), |ctx, c: &Change<Namespace>| {
             namespace::on_namespace(ctx, c)
         }),
+        quotas: start(
+            &ctx,
+            client.clone(),
+            all(),
+            |ctx, c: &Change<ResourceQuota>| {
+                quota::on_quota(ctx, c);
+                quota::on_counted(ctx, c);
+            },
+        ),
     };
     if ctx.informers.set(informers).is_err() {
         return;
@@ -186,6 +204,7 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
         i.services.wait_synced().await;
         i.endpoints.wait_synced().await;
         i.namespaces.wait_synced().await;
+        i.quotas.wait_synced().await;
     };
     tokio::select! {
         _ = synced => {}
@@ -264,6 +283,19 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
     {
         let c = ctx.clone();
         tasks.spawn(queue::run_workers(
+            ctx.quota.clone(),
+            workers,
+            move |k| {
+                let c = c.clone();
+                async move { quota::reconcile(&c, &k).await }
+            },
+            ctx.stats.clone(),
+            stop.clone(),
+        ));
+    }
+    {
+        let c = ctx.clone();
+        tasks.spawn(queue::run_workers(
             ctx.nodelifecycle.queue.clone(),
             workers,
             move |k| {
@@ -293,6 +325,7 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
             + ctx.gc.len()
             + ctx.endpoints.len()
             + ctx.namespace.len()
+            + ctx.quota.len()
             + ctx.nodelifecycle.queue.len();
         ctx.stats.queue_depth.store(depth as u64, Ordering::Relaxed);
     }
@@ -330,6 +363,9 @@ fn resync(ctx: &Ctx) {
     }
     for n in i.nodes.list() {
         ctx.nodelifecycle.queue.add(util::key_of(&n));
+    }
+    for q in i.quotas.list() {
+        ctx.quota.add(util::key_of(&q));
     }
 }
 

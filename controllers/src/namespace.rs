@@ -7,7 +7,7 @@ use flotilla_client::informer::Change;
 use flotilla_client::{Client, ClientError};
 use flotilla_proto::api::{
     DeleteRequest, Deployment, Endpoints, Event, Lease, ListRequest, Namespace, Pod, ReplicaSet,
-    Resource, Service,
+    Resource, ResourceQuota, Service,
 };
 
 use crate::Ctx;
@@ -59,6 +59,7 @@ pub async fn reconcile(ctx: &Ctx, key: &str) -> Result<Requeue, ClientError> {
         + empty::<Pod>(c, key).await?
         + empty::<Endpoints>(c, key).await?
         + empty::<Lease>(c, key).await?
+        + empty::<ResourceQuota>(c, key).await?
         + empty::<Event>(c, key).await?;
     if left > 0 {
         tracing::debug!(namespace = key, left, "namespace still has objects");

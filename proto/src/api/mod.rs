@@ -5,10 +5,12 @@
 //! - [`json`]: JSON/YAML conversion with errors that name the field's path, merge patch;
 //! - [`selector`]: label and field selectors, name validation;
 //! - [`quantity`]: resource quantities (`250m`, `128Mi`);
+//! - [`quota`]: what an object counts against a ResourceQuota;
 //! - [`time`]: timestamps and ages.
 
 pub mod json;
 pub mod quantity;
+pub mod quota;
 pub mod selector;
 pub mod time;
 
@@ -183,6 +185,8 @@ fields: {
 });
 resource!(Lease, LeaseList, LeaseEvent, "Leases", "coordination.k8s.io/v1", "leases",
     namespaced: true, status: no, fields: {});
+resource!(ResourceQuota, ResourceQuotaList, ResourceQuotaEvent, "ResourceQuotas", "v1", "resourcequotas",
+    namespaced: true, status: yes, fields: {});
 
 /// What the command line and manifests know about each kind, by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,6 +222,7 @@ pub const KINDS: &[KindInfo] = &[
     kind_info!(Endpoints, ["endpoint", "ep"]),
     kind_info!(Event, ["event", "ev"]),
     kind_info!(Lease, ["lease"]),
+    kind_info!(ResourceQuota, ["resourcequota", "quota"]),
 ];
 
 /// Finds a kind by its kind name (`Deployment`), plural (`deployments`) or alias (`deploy`),
