@@ -46,6 +46,41 @@ async fn leader_killed_new_leader_and_writes_continue() {
     c.shutdown().await;
 }
 
+/// Issue 43: on a starved machine no answer to an AppendEntries came back within openraft's
+/// deadline for it (the heartbeat interval, 100 ms); openraft sent the same entries again and
+/// gave up on them again, forever, so the leader never learnt that a quorum held them and
+/// nothing was committed. Here every answer from the followers comes back 300 ms late: the
+/// retries join the call in flight, its answer reaches the one waiting, and writes commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_commit_while_every_answer_comes_later_than_a_heartbeat() {
+    let c = Cluster::start(3, |cfg| cfg.request_timeout = Duration::from_secs(5)).await;
+    let l = c.leader().await;
+    put(c.node(l), "before", "0").await;
+    let (leader, term) = (c.node(l).clone(), c.node(l).term());
+    c.partition
+        .slow_answers(leader.id(), &c.ids(), Duration::from_millis(300));
+    let started = Instant::now();
+    for i in 0..5 {
+        if let Err(e) = leader.propose(common::put_cmd(&format!("k{i}"), "v")).await {
+            panic!("write {i} was not committed while answers came 300 ms late: {e}");
+        }
+    }
+    eprintln!(
+        "5 writes committed in {:?} with every answer 300 ms late",
+        started.elapsed()
+    );
+    assert_eq!(leader.term(), term, "the leader kept its term");
+    for i in c.running() {
+        let node = c.node(i).clone();
+        eventually("every member applies the writes", || {
+            local_get(&node, "k4").ok().flatten().as_deref() == Some("v")
+        })
+        .await;
+    }
+    c.partition.heal();
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_restarted_catches_up_by_log() {
     let mut c = Cluster::start(3, |_| {}).await;

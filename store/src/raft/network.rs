@@ -36,7 +36,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
 use super::state_machine::SnapshotFiles;
 use crate::codec;
-use crate::types::{Member, NodeId, Snapshot, TypeConfig, Vote};
+use crate::types::{LogId, Member, NodeId, Snapshot, TypeConfig, Vote};
 
 /// Largest peer message (a batch of entries, a snapshot chunk).
 pub const PEER_MAX_MESSAGE: usize = 64 * 1024 * 1024;
@@ -63,6 +63,13 @@ pub trait PeerFilter: Send + Sync + 'static {
     /// answer, until the caller's deadline (`allow` refuses them at once instead).
     fn stall(&self, _from: NodeId, _to: NodeId) -> bool {
         false
+    }
+
+    /// How long the answers to calls from `from` to `to` take to come back, as from a member
+    /// too starved to answer at once: the call is delivered and served, and its answer
+    /// reaches the caller this much later (or not at all, if the caller gave up meanwhile).
+    fn answer_delay(&self, _from: NodeId, _to: NodeId) -> Duration {
+        Duration::ZERO
     }
 }
 
@@ -147,6 +154,9 @@ pub struct Peers {
     source_ip: Option<IpAddr>,
     /// The snapshot files being written, which a transfer waits for.
     snapshots: Option<Arc<SnapshotFiles>>,
+    /// The last log entry each peer was last known to hold (from its answers to votes and
+    /// AppendEntries): see [`PeerClient::trim`].
+    holds: Arc<Mutex<HashMap<NodeId, LogId>>>,
 }
 
 impl Peers {
@@ -156,6 +166,7 @@ impl Peers {
             cluster_id: Arc::new(cluster_id.into()),
             channels: Arc::new(Mutex::new(HashMap::new())),
             pipes: Arc::default(),
+            holds: Arc::default(),
             unpiped: Arc::default(),
             filter,
             source_ip: None,
@@ -254,6 +265,12 @@ impl Peers {
         } else {
             self.unary_call(addr, method, msg, timeout).await?
         };
+        if let (Some(f), Some(to)) = (&self.filter, target) {
+            let delay = f.answer_delay(self.me, to);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+        }
         if !reply.error.is_empty() {
             return Err(PeerCallError::Remote {
                 addr: addr.into(),
@@ -433,6 +450,34 @@ impl Peers {
             self.unpiped.clone(),
         ));
         Ok(pipe)
+    }
+
+    /// The last entry `peer` is known to hold, if any.
+    fn held_by(&self, peer: NodeId) -> Option<LogId> {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&peer)
+            .copied()
+    }
+
+    /// Records that `peer` holds the entry `id` (and so every entry before it): `latest` says
+    /// it is its last entry (a vote's answer), otherwise it is only at least that far.
+    fn note_held(&self, peer: NodeId, id: LogId, latest: bool) {
+        let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        match holds.get(&peer) {
+            Some(h) if !latest && h.index >= id.index => {}
+            _ => {
+                holds.insert(peer, id);
+            }
+        }
+    }
+
+    fn forget_held(&self, peer: NodeId) {
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&peer);
     }
 
     /// Asks the member at `addr` (the leader, presumably) to serve `req`.
@@ -730,6 +775,69 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
             peers: self.clone(),
             target,
             addr: node.peer_addr.clone(),
+            append: None,
+        }
+    }
+}
+
+/// How long an AppendEntries call that carries entries may take before it is given up and
+/// sent again. openraft's own deadline for the call is the heartbeat interval (100 ms); the
+/// call goes on past it and the retries that follow join it (see [`InflightAppend`]).
+pub const APPEND_DEADLINE: Duration = Duration::from_secs(5);
+
+type AppendResult =
+    Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>>;
+
+/// The AppendEntries call with entries that a replication stream sent last, still running
+/// on a task of its own until answered or [`APPEND_DEADLINE`].
+///
+/// openraft 0.9 gives every AppendEntries the heartbeat interval (100 ms) as its deadline,
+/// and after a timeout sends the same entries again, with nothing learned. The first call of
+/// a new leader to a follower carries every entry since the last purge (hundreds of entries,
+/// megabytes), because the leader does not know yet where their logs match; on a starved
+/// machine no such call is answered within 100 ms, so none ever was, the leader never learnt
+/// that a quorum holds its entries, and nothing was committed again (issue 43). Worse, each
+/// copy was delivered and served: the follower worked through a growing queue of them, so the
+/// newest was answered later still. Now a retry of the call in flight (same vote, same
+/// previous entry, its entries a prefix of the retry's) sends nothing and waits for the call
+/// in flight: the answer is handed to whichever attempt is waiting when it comes.
+struct InflightAppend {
+    vote: Vote,
+    prev: Option<LogId>,
+    /// The id of the last entry the call carries.
+    last: LogId,
+    call: tokio::task::JoinHandle<AppendResult>,
+}
+
+impl InflightAppend {
+    /// Whether `rpc` sends again what this call sends (and maybe entries appended since).
+    fn joins(&self, rpc: &AppendEntriesRequest<TypeConfig>) -> bool {
+        if rpc.vote != self.vote || rpc.prev_log_id != self.prev {
+            return false;
+        }
+        let Some(first) = rpc.entries.first() else {
+            return false;
+        };
+        // Entries are consecutive: the one at `last`'s index must be `last` itself.
+        self.last
+            .index
+            .checked_sub(first.log_id.index)
+            .and_then(|i| rpc.entries.get(i as usize))
+            .is_some_and(|e| e.log_id == self.last)
+    }
+
+    /// The call's answer, as an answer to a request that carried entries up to `last` (the
+    /// same as the call's or later ones): the follower accepted up to the call's last entry.
+    fn answer_for(
+        &self,
+        answer: AppendEntriesResponse<NodeId>,
+        last: LogId,
+    ) -> AppendEntriesResponse<NodeId> {
+        match answer {
+            AppendEntriesResponse::Success if self.last != last => {
+                AppendEntriesResponse::PartialSuccess(Some(self.last))
+            }
+            other => other,
         }
     }
 }
@@ -739,6 +847,8 @@ pub struct PeerClient {
     peers: Peers,
     target: NodeId,
     addr: String,
+    /// The AppendEntries with entries in flight on this replication stream, if any.
+    append: Option<InflightAppend>,
 }
 
 impl PeerClient {
@@ -753,29 +863,133 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let timeout = option.hard_ttl();
-        let reply: Result<Resp, RaftError<NodeId, E>> = self
-            .peers
-            .call(Some(self.target), &self.addr, method, req, timeout)
-            .await
-            .map_err(|e| match e {
-                PeerCallError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
-                PeerCallError::Timeout { .. } => RPCError::Timeout(Timeout {
-                    action: match method {
-                        Method::Vote => openraft::network::RPCTypes::Vote,
-                        Method::InstallSnapshot => openraft::network::RPCTypes::InstallSnapshot,
-                        _ => openraft::network::RPCTypes::AppendEntries,
-                    },
-                    id: self.peers.me,
-                    target: self.target,
-                    timeout,
-                }),
-                PeerCallError::Remote { .. } | PeerCallError::Broken { .. } => {
-                    RPCError::Network(NetworkError::new(&e))
-                }
-            })?;
-        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        raft_call(
+            &self.peers,
+            self.target,
+            &self.addr,
+            method,
+            req,
+            option.hard_ttl(),
+        )
+        .await
     }
+
+    /// Leaves out of `rpc` the entries the follower is known to hold already (their last one
+    /// is the same entry, same term and leader, as the leader's at that index, so by Raft's
+    /// log matching the follower's log is the leader's up to there); whether it did.
+    ///
+    /// A new leader does not know where a follower's log matches its own: openraft 0.9
+    /// probes with every entry since the last purge (hundreds of entries, megabytes, in the
+    /// density run of issue 43), which a starved follower took seconds to take in, while the
+    /// leader gave up on it after 100 ms and sent it again. The follower told its last entry
+    /// when it answered this member's vote request (and every AppendEntries it accepted), so
+    /// the probe usually shrinks to the new leader's first entry. The answer holds for the
+    /// whole request; a conflict (the follower lost or replaced that entry since) is
+    /// reported as a network error, and the next attempt sends everything.
+    fn trim(
+        &self,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
+    ) -> (AppendEntriesRequest<TypeConfig>, bool) {
+        let Some(held) = self.peers.held_by(self.target) else {
+            return (rpc, false);
+        };
+        let Some(first) = rpc.entries.first().map(|e| e.log_id) else {
+            return (rpc, false);
+        };
+        let Some(i) = held
+            .index
+            .checked_sub(first.index)
+            .map(|i| i as usize)
+            .filter(|i| rpc.entries.get(*i).is_some_and(|e| e.log_id == held))
+        else {
+            return (rpc, false);
+        };
+        // Keep at least the last entry, so the request still carries something to append.
+        let keep_from = (i + 1).min(rpc.entries.len() - 1);
+        if keep_from == 0 {
+            return (rpc, false);
+        }
+        rpc.prev_log_id = Some(rpc.entries[keep_from - 1].log_id);
+        rpc.entries.drain(..keep_from);
+        (rpc, true)
+    }
+
+    /// Sends `rpc`, which carries entries, unless it repeats the call in flight; waits for
+    /// the answer of the call that carries it.
+    async fn append_with_entries(&mut self, rpc: AppendEntriesRequest<TypeConfig>) -> AppendResult {
+        let last = rpc.entries.last().map(|e| e.log_id).expect("entries");
+        let joined = self.append.as_ref().is_some_and(|a| a.joins(&rpc));
+        if joined {
+            tracing::debug!(target = self.target, last = %last, "AppendEntries joins the call in flight");
+        } else {
+            // A call in flight that this one does not repeat is not waited for any more; it
+            // runs out on its own (its request may already be on its way).
+            let (peers, target, addr) = (self.peers.clone(), self.target, self.addr.clone());
+            let (vote, prev) = (rpc.vote, rpc.prev_log_id);
+            let call = tokio::spawn(async move {
+                raft_call(
+                    &peers,
+                    target,
+                    &addr,
+                    Method::AppendEntries,
+                    &rpc,
+                    APPEND_DEADLINE,
+                )
+                .await
+            });
+            self.append = Some(InflightAppend {
+                vote,
+                prev,
+                last,
+                call,
+            });
+        }
+        // Cancelled here (openraft's deadline), the call goes on, and the next attempt joins it.
+        let inflight = self.append.as_mut().expect("a call in flight");
+        let result = (&mut inflight.call).await;
+        let inflight = self.append.take().expect("a call in flight");
+        match result {
+            Ok(Ok(answer)) => Ok(inflight.answer_for(answer, last)),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+/// One Raft call to `target`, its errors as openraft's.
+async fn raft_call<Req, Resp, E>(
+    peers: &Peers,
+    target: NodeId,
+    addr: &str,
+    method: Method,
+    req: &Req,
+    timeout: Duration,
+) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+where
+    Req: Serialize,
+    Resp: DeserializeOwned,
+    E: std::error::Error + DeserializeOwned,
+{
+    let reply: Result<Resp, RaftError<NodeId, E>> = peers
+        .call(Some(target), addr, method, req, timeout)
+        .await
+        .map_err(|e| match e {
+            PeerCallError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+            PeerCallError::Timeout { .. } => RPCError::Timeout(Timeout {
+                action: match method {
+                    Method::Vote => openraft::network::RPCTypes::Vote,
+                    Method::InstallSnapshot => openraft::network::RPCTypes::InstallSnapshot,
+                    _ => openraft::network::RPCTypes::AppendEntries,
+                },
+                id: peers.me,
+                target,
+                timeout,
+            }),
+            PeerCallError::Remote { .. } | PeerCallError::Broken { .. } => {
+                RPCError::Network(NetworkError::new(&e))
+            }
+        })?;
+    reply.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
@@ -791,7 +1005,46 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 PayloadTooLarge::new_entries_hint(rpc.entries.len() as u64 / 2),
             ));
         }
-        self.raft_call(Method::AppendEntries, &rpc, &option).await
+        // Heartbeats (no entries) stay calls of their own with openraft's deadline: one sent
+        // earlier must not stand in for one sent now (a read index relies on a heartbeat
+        // round that starts after the read), and they cost little to send again.
+        if rpc.entries.is_empty() {
+            let prev = rpc.prev_log_id;
+            let r = self.raft_call(Method::AppendEntries, &rpc, &option).await;
+            if let (Ok(AppendEntriesResponse::Success), Some(prev)) = (&r, prev) {
+                self.peers.note_held(self.target, prev, false);
+            }
+            return r;
+        }
+        let last = rpc.entries.last().map(|e| e.log_id).expect("entries");
+        let (rpc, trimmed) = self.trim(rpc);
+        if trimmed {
+            tracing::debug!(
+                target = self.target,
+                prev = ?rpc.prev_log_id,
+                entries = rpc.entries.len(),
+                "AppendEntries starts from the entry the follower is known to hold"
+            );
+        }
+        let r = self.append_with_entries(rpc).await;
+        match &r {
+            Ok(AppendEntriesResponse::Success) => self.peers.note_held(self.target, last, false),
+            Ok(AppendEntriesResponse::PartialSuccess(Some(m))) => {
+                self.peers.note_held(self.target, *m, false)
+            }
+            Ok(AppendEntriesResponse::Conflict) => {
+                self.peers.forget_held(self.target);
+                if trimmed {
+                    return Err(RPCError::Network(NetworkError::new(
+                        &std::io::Error::other(
+                            "the follower no longer holds the entry it was known to hold; the next attempt sends every entry",
+                        ),
+                    )));
+                }
+            }
+            _ => {}
+        }
+        r
     }
 
     async fn install_snapshot(
@@ -855,7 +1108,16 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        self.raft_call(Method::Vote, &rpc, &option).await
+        let r = self.raft_call(Method::Vote, &rpc, &option).await;
+        // Where the voter's log ends: a leader's first AppendEntries to it starts there.
+        if let Ok(VoteResponse {
+            last_log_id: Some(last),
+            ..
+        }) = &r
+        {
+            self.peers.note_held(self.target, *last, true);
+        }
+        r
     }
 }
 
@@ -993,6 +1255,111 @@ mod tests {
         let pipe = peers.pipe(&addr).unwrap();
         let calls = pipe.calls();
         assert!(calls.queued.is_empty() && calls.waiting.is_empty());
+    }
+
+    fn append_request(
+        vote: Vote,
+        prev: Option<LogId>,
+        entries: std::ops::RangeInclusive<u64>,
+    ) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote,
+            prev_log_id: prev,
+            leader_commit: None,
+            entries: entries
+                .map(|i| crate::types::Entry {
+                    log_id: log_id(7, i),
+                    payload: crate::types::EntryPayload::Blank,
+                })
+                .collect(),
+        }
+    }
+
+    fn log_id(term: u64, index: u64) -> LogId {
+        LogId::new(openraft::CommittedLeaderId::new(term, 1), index)
+    }
+
+    /// A retry of the AppendEntries in flight (same vote and previous entry, carrying the same
+    /// entries and perhaps later ones) joins it; anything else is a call of its own. The
+    /// answer to the call in flight tells the retry how far the follower holds its entries.
+    #[tokio::test]
+    async fn a_retry_of_the_append_entries_in_flight_joins_it() {
+        let vote = Vote::new_committed(7, 1);
+        let prev = Some(log_id(6, 100));
+        let inflight = InflightAppend {
+            vote,
+            prev,
+            last: log_id(7, 130),
+            call: tokio::spawn(async { Ok(AppendEntriesResponse::Success) }),
+        };
+        assert!(inflight.joins(&append_request(vote, prev, 101..=130)));
+        assert!(inflight.joins(&append_request(vote, prev, 101..=135)));
+        assert!(
+            !inflight.joins(&append_request(vote, prev, 101..=120)),
+            "a shorter request"
+        );
+        assert!(
+            !inflight.joins(&append_request(vote, Some(log_id(6, 90)), 91..=130)),
+            "another previous entry"
+        );
+        assert!(
+            !inflight.joins(&append_request(Vote::new_committed(8, 1), prev, 101..=130)),
+            "another term"
+        );
+        let mut heartbeat = append_request(vote, prev, 101..=101);
+        heartbeat.entries.clear();
+        assert!(!inflight.joins(&heartbeat), "a heartbeat");
+        assert_eq!(
+            inflight.answer_for(AppendEntriesResponse::Success, log_id(7, 135)),
+            AppendEntriesResponse::PartialSuccess(Some(log_id(7, 130)))
+        );
+        assert_eq!(
+            inflight.answer_for(AppendEntriesResponse::Success, log_id(7, 130)),
+            AppendEntriesResponse::Success
+        );
+        assert_eq!(
+            inflight.answer_for(AppendEntriesResponse::Conflict, log_id(7, 135)),
+            AppendEntriesResponse::Conflict
+        );
+    }
+
+    /// A new leader's AppendEntries leaves out what the follower is known to hold (its
+    /// answer to the vote said where its log ends), keeping at least one entry; with nothing
+    /// known, or an entry at that index that is not the same, it is sent whole.
+    #[test]
+    fn an_append_entries_starts_where_the_follower_is_known_to_hold_the_log() {
+        let peers = Peers::new(1, 7, None);
+        let client = PeerClient {
+            peers: peers.clone(),
+            target: 2,
+            addr: "127.0.0.1:1".into(),
+            append: None,
+        };
+        let vote = Vote::new_committed(7, 1);
+        let probe = || append_request(vote, Some(log_id(6, 100)), 101..=130);
+        let (same, trimmed) = client.trim(probe());
+        assert!(
+            !trimmed && same.entries.len() == 30,
+            "nothing known: sent whole"
+        );
+        peers.note_held(2, log_id(7, 120), true);
+        let (rpc, trimmed) = client.trim(probe());
+        assert!(trimmed);
+        assert_eq!(rpc.prev_log_id, Some(log_id(7, 120)));
+        assert_eq!(rpc.entries.first().unwrap().log_id, log_id(7, 121));
+        assert_eq!(rpc.entries.len(), 10);
+        // It holds everything: the last entry still goes.
+        peers.note_held(2, log_id(7, 130), false);
+        let (rpc, _) = client.trim(probe());
+        assert_eq!(rpc.prev_log_id, Some(log_id(7, 129)));
+        assert_eq!(rpc.entries.len(), 1);
+        // An answer about an earlier entry does not move it back; a vote's answer does.
+        peers.note_held(2, log_id(7, 110), false);
+        assert_eq!(peers.held_by(2), Some(log_id(7, 130)));
+        // Another leader's entry at that index: no match, sent whole.
+        peers.note_held(2, log_id(5, 120), true);
+        let (rpc, trimmed) = client.trim(probe());
+        assert!(!trimmed && rpc.entries.len() == 30 && rpc.prev_log_id == Some(log_id(6, 100)));
     }
 
     /// A former member's pipe is closed and its connection dropped; calls to a member that

@@ -27,6 +27,8 @@ pub struct Partition {
     cut: Mutex<HashSet<(NodeId, NodeId)>>,
     /// Links whose calls hang until their deadline instead of failing.
     blackholed: Mutex<HashSet<(NodeId, NodeId)>>,
+    /// Links whose answers come back this much later (a starved peer).
+    slow: Mutex<std::collections::HashMap<(NodeId, NodeId), Duration>>,
 }
 
 impl PeerFilter for Partition {
@@ -36,6 +38,15 @@ impl PeerFilter for Partition {
 
     fn stall(&self, from: NodeId, to: NodeId) -> bool {
         self.blackholed.lock().unwrap().contains(&(from, to))
+    }
+
+    fn answer_delay(&self, from: NodeId, to: NodeId) -> Duration {
+        self.slow
+            .lock()
+            .unwrap()
+            .get(&(from, to))
+            .copied()
+            .unwrap_or_default()
     }
 }
 
@@ -59,9 +70,19 @@ impl Partition {
         }
     }
 
+    /// Makes the answers to `from`'s calls to every other member come back `delay` later:
+    /// the calls are delivered and served at once, their answers are late.
+    pub fn slow_answers(&self, from: NodeId, others: &[NodeId], delay: Duration) {
+        let mut slow = self.slow.lock().unwrap();
+        for o in others.iter().filter(|o| **o != from) {
+            slow.insert((from, *o), delay);
+        }
+    }
+
     pub fn heal(&self) {
         self.cut.lock().unwrap().clear();
         self.blackholed.lock().unwrap().clear();
+        self.slow.lock().unwrap().clear();
     }
 }
 
