@@ -23,6 +23,10 @@ pub struct LeaderStats {
 #[derive(Clone, Debug)]
 pub struct LeaderConfig {
     pub run_scheduler: bool,
+    /// The controllers' client's QPS and burst (kube-controller-manager's `--kube-api-qps`,
+    /// `--kube-api-burst`).
+    pub controllers_qps: f64,
+    pub controllers_burst: u32,
     pub scheduler: flotilla_scheduler::Config,
     pub controllers: flotilla_controllers::Config,
 }
@@ -86,7 +90,7 @@ pub async fn run(
             ))
         });
         let controllers = tokio::spawn(flotilla_controllers::run(
-            client,
+            client.with_rate_limit(config.controllers_qps, config.controllers_burst),
             config.controllers.clone(),
             stats.controllers.clone(),
             stop_rx,

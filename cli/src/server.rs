@@ -111,6 +111,15 @@ pub struct ServerArgs {
     /// they are evicted (a pod's own tolerationSeconds overrides it).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub default_toleration: Duration,
+    /// Calls a second the controllers make at most, once their burst is spent
+    /// (kube-controller-manager's flag; its default is 20, which would hold a Deployment of
+    /// thousands of replicas for minutes). With --kube-api-burst, this is how fast a runaway
+    /// controller can write: a billion replicas add at most this many pods a second.
+    #[arg(long, default_value_t = 1000.0)]
+    pub kube_api_qps: f64,
+    /// Calls the controllers may make at once before --kube-api-qps paces them.
+    #[arg(long, default_value_t = 2000)]
+    pub kube_api_burst: u32,
     /// Binds the scheduler keeps in flight at once.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub scheduler_bind_parallelism: u64,
@@ -202,6 +211,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let serving = tokio::spawn(serve_clients(node.clone(), client, leader_stats.clone()));
     let leader_config = crate::leader::LeaderConfig {
         run_scheduler: !args.disable_scheduler,
+        controllers_qps: args.kube_api_qps,
+        controllers_burst: args.kube_api_burst,
         scheduler: flotilla_scheduler::Config {
             percentage_of_nodes_to_score: args.percentage_of_nodes_to_score,
             bind_parallelism: args.scheduler_bind_parallelism as usize,

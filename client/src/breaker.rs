@@ -208,3 +208,66 @@ mod tests {
         assert_eq!(pushback(&Status::resource_exhausted("too large")), None);
     }
 }
+
+/// client-go's rate limiter (`--kube-api-qps`, `--kube-api-burst`): a token bucket of `burst`
+/// calls that refills `qps` a second; a call waits for a token.
+#[derive(Debug)]
+pub(crate) struct RateLimiter {
+    qps: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(qps: f64, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            qps: qps.max(0.001),
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    pub(crate) async fn acquire(&self) {
+        loop {
+            let wait = {
+                let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
+                let (tokens, at) = &mut *st;
+                *tokens =
+                    (*tokens + now.duration_since(*at).as_secs_f64() * self.qps).min(self.burst);
+                *at = now;
+                if *tokens >= 1.0 {
+                    *tokens -= 1.0;
+                    return;
+                }
+                Duration::from_secs_f64((1.0 - *tokens) / self.qps)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_then_qps() {
+        let r = RateLimiter::new(10.0, 5);
+        let start = Instant::now();
+        for _ in 0..5 {
+            r.acquire().await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        for _ in 0..10 {
+            r.acquire().await;
+        }
+        // Ten more at ten a second.
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(990) && took <= Duration::from_millis(1010),
+            "{took:?}"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 
-use crate::breaker::{self, Breaker, Gate, jittered, pushback};
+use crate::breaker::{self, Breaker, Gate, RateLimiter, jittered, pushback};
 
 /// A call failed; `status` is what the server (or the transport) said.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -63,6 +63,8 @@ struct Inner {
     fence_term: Option<u64>,
     /// Shared by every call (see [`crate::breaker`]).
     breaker: Arc<Breaker>,
+    /// client-go's QPS and burst, when set ([`Client::with_rate_limit`]).
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 /// The largest message the client sends or accepts (a list of many objects is one message).
@@ -105,6 +107,7 @@ impl Client {
                 timeout: Duration::from_secs(30),
                 fence_term: None,
                 breaker: Arc::default(),
+                limiter: None,
             }),
         })
     }
@@ -121,6 +124,25 @@ impl Client {
                 timeout: self.inner.timeout,
                 fence_term: Some(term),
                 breaker: self.inner.breaker.clone(),
+                limiter: self.inner.limiter.clone(),
+            }),
+        }
+    }
+
+    /// The same servers, every call waiting for a token of a bucket of `burst` that refills
+    /// `qps` a second (client-go's `--kube-api-qps` and `--kube-api-burst`, which
+    /// kube-controller-manager bounds its writes with): what bounds how fast a runaway
+    /// controller can write.
+    pub fn with_rate_limit(&self, qps: f64, burst: u32) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                addrs: self.inner.addrs.clone(),
+                channels: self.inner.channels.clone(),
+                current: AtomicUsize::new(self.inner.current.load(Ordering::Relaxed)),
+                timeout: self.inner.timeout,
+                fence_term: self.inner.fence_term,
+                breaker: self.inner.breaker.clone(),
+                limiter: Some(Arc::new(RateLimiter::new(qps, burst))),
             }),
         }
     }
@@ -176,6 +198,9 @@ impl Client {
                 Gate::Probe => true,
             };
             for _ in 0..n {
+                if let Some(limiter) = &self.inner.limiter {
+                    limiter.acquire().await;
+                }
                 let (i, channel) = self.channel();
                 match once(i, channel).await {
                     Ok(r) => {
