@@ -2,6 +2,7 @@
 //! verbs.
 
 mod agent;
+mod certs;
 mod cluster;
 mod leader;
 mod metrics;
@@ -51,6 +52,9 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Inspect and change the control plane's membership.
     Cluster(cluster::ClusterArgs),
+    /// Make the cluster's certificates: a CA, certificates for members, agents and users, and
+    /// kubeconfigs.
+    Certs(certs::CertsArgs),
     /// Save a backup of the key space, check one, or restore one into a new data dir.
     Snapshot(snapshot::SnapshotArgs),
     /// Create or update the objects of a manifest (YAML or JSON; `-f -` reads stdin).
@@ -117,6 +121,7 @@ fn main() -> std::process::ExitCode {
             Command::Server(args) => server::run(args).await,
             Command::Agent(args) => agent::run(args).await,
             Command::Cluster(args) => cluster::run(args).await,
+            Command::Certs(args) => certs::run(args).await,
             Command::Snapshot(args) => snapshot::run(args).await,
             Command::Apply(v) => verbs::apply(&v.server, v.args).await,
             Command::Get(v) => verbs::get(&v.server, v.args).await,
