@@ -2,7 +2,7 @@
 # The test command: format and lint checks, every test in the workspace, then the chaos
 # suite's fixed set of seeds.
 #
-# Installs what the tests need when it is missing: etcdctl (Debian's etcd-client) for the
+# Installs what the tests need when it is missing: kubectl (Debian's kubectl), etcdctl (Debian's etcd-client) for the
 # tests that drive the real binary with a third-party etcd client, busybox (Debian's
 # busybox-static) for the image the docker runtime's tests build from local files, and a
 # Python venv with grpcio and grpcio-tools (from PyPI) for the cross-language API client
@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 MISSING=()
 command -v etcdctl >/dev/null 2>&1 || MISSING+=(etcd-client)
 dpkg -s busybox-static >/dev/null 2>&1 || MISSING+=(busybox-static)
+# The real kubectl reads the kubeconfigs `flotilla certs` writes.
+command -v kubectl >/dev/null 2>&1 || MISSING+=(kubectl)
 if [ ${#MISSING[@]} -gt 0 ]; then
     echo "installing ${MISSING[*]} ..." >&2
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
