@@ -687,3 +687,47 @@ async fn fenced_writes_apply_only_under_their_leaders_term() {
     assert_eq!(get(c.node(other), "late").await.unwrap(), None);
     c.shutdown().await;
 }
+
+/// PreVote: a member cut off for longer than several election timeouts does not raise its
+/// term (its pre-votes are not granted), so, heard again, it follows the leader instead of
+/// deposing it; the cluster's leader and term never change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_for_a_while_rejoins_without_deposing_the_leader() {
+    let c = Cluster::start(3, |_| {}).await;
+    let l = c.leader().await;
+    let leader = c.node(l).clone();
+    let (leader_id, term) = (leader.id(), leader.term());
+    let cut = (l + 1) % 3;
+    let cut_id = c.node(cut).id();
+    put(&leader, "before", "1").await;
+    c.partition.isolate(cut_id, &c.ids());
+    // Five seconds: about eight election timeouts.
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut i = 0;
+    while Instant::now() < until {
+        put(&leader, &format!("during/{i}"), "v").await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        c.node(cut).term(),
+        term,
+        "the cut-off member raised its term"
+    );
+    c.partition.heal();
+    put(&leader, "after", "1").await;
+    let node = c.node(cut).clone();
+    eventually("the member catches up", || {
+        local_get(&node, "after").ok().flatten().is_some()
+    })
+    .await;
+    for i in c.running() {
+        assert_eq!(
+            (c.node(i).leader(), c.node(i).term()),
+            (Some(leader_id), term),
+            "{}",
+            c.node(i).name()
+        );
+    }
+    c.shutdown().await;
+}

@@ -9,6 +9,7 @@
 mod alarm;
 mod backup;
 mod config;
+mod election;
 mod identity;
 mod lessor;
 mod membership;
@@ -102,6 +103,8 @@ pub(crate) struct Inner {
     log_ids: crate::raft::log_store::LogIds,
     /// Raft requests from peers refused by [`crate::raft::guard`].
     refused_peer_requests: AtomicU64,
+    /// When this member last heard from a leader (see [`election`]).
+    leader_contact: election::LeaderContact,
 }
 
 /// A member's view of the cluster, for `cluster status` and etcd's `Status`.
@@ -202,6 +205,7 @@ impl StoreNode {
             proposed: (AtomicU64::new(0), AtomicU64::new(0)),
             log_ids,
             refused_peer_requests: AtomicU64::new(0),
+            leader_contact: Default::default(),
         });
         let node = StoreNode { inner };
         node.push_task(batcher);
@@ -280,6 +284,7 @@ impl StoreNode {
             tokio::spawn(write::auto_compaction(self.clone())),
             tokio::spawn(snapshot_by_size(self.clone())),
             tokio::spawn(watch_core(self.clone())),
+            tokio::spawn(election::run(self.clone())),
             tokio::spawn(alarm::watch_quota(self.clone())),
             tokio::spawn(alarm::periodic_check(self.clone())),
         ];
@@ -581,6 +586,8 @@ fn raft_config(config: &StoreConfig) -> Result<Arc<openraft::Config>, StartError
         purge_batch_size: 256,
         snapshot_max_chunk_size: 4 * 1024 * 1024,
         replication_lag_threshold: 5_000,
+        // Elections go through PreVote first (see `election`), which decides when to campaign.
+        enable_elect: false,
         ..Default::default()
     };
     c.validate()

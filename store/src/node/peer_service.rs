@@ -27,9 +27,11 @@ use crate::errors::StoreError;
 use crate::mvcc::{Command, CommandResponse, validate_command};
 use crate::raft::guard;
 use crate::raft::network::{
-    LAST_READ_CALL, Method, PEER_MAX_MESSAGE, WIRE_VERSION, wire_version_of,
+    LAST_READ_CALL, Method, PEER_MAX_MESSAGE, UNKNOWN_METHOD, WIRE_VERSION, wire_version_of,
 };
-use crate::raft::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
+use crate::raft::peer::{
+    Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse, PreVoteRequest,
+};
 use crate::types::{NodeId, TypeConfig};
 
 pub(crate) struct PeerService {
@@ -114,7 +116,10 @@ impl PeerService {
             Method::AppendEntries => {
                 match self.open::<AppendEntriesRequest<TypeConfig>>(msg, false) {
                     Ok(req) => match self.guard(|v| guard::check_append_entries(v, &req)) {
-                        Ok(()) => reply(cluster, &self.node.raft().append_entries(req).await),
+                        Ok(()) => {
+                            self.heard_from(&req.vote);
+                            reply(cluster, &self.node.raft().append_entries(req).await)
+                        }
                         Err(e) => e,
                     },
                     Err(e) => e,
@@ -122,7 +127,14 @@ impl PeerService {
             }
             Method::Vote => match self.open::<VoteRequest<NodeId>>(msg, false) {
                 Ok(req) => match self.guard(|v| guard::check_vote(v, &req)) {
-                    Ok(()) => reply(cluster, &self.node.raft().vote(req).await),
+                    Ok(()) => {
+                        let answer = self.node.raft().vote(req).await;
+                        // Granting a vote restarts the election timeout, as in Raft.
+                        if answer.as_ref().is_ok_and(|a| a.vote_granted) {
+                            self.node.inner.leader_contact.heard();
+                        }
+                        reply(cluster, &answer)
+                    }
                     Err(e) => e,
                 },
                 Err(e) => e,
@@ -130,12 +142,25 @@ impl PeerService {
             Method::InstallSnapshot => {
                 match self.open::<InstallSnapshotRequest<TypeConfig>>(msg, false) {
                     Ok(req) => match self.guard(|v| guard::check_install_snapshot(v, &req)) {
-                        Ok(()) => reply(cluster, &self.node.raft().install_snapshot(req).await),
+                        Ok(()) => {
+                            self.heard_from(&req.vote);
+                            reply(cluster, &self.node.raft().install_snapshot(req).await)
+                        }
                         Err(e) => e,
                     },
                     Err(e) => e,
                 }
             }
+            Method::PreVote => match self.open::<PreVoteRequest>(msg, false) {
+                Ok(req) => {
+                    let vote = openraft::Vote::new(req.term, req.candidate);
+                    match self.guard(|v| guard::check_pre_vote(v, &vote)) {
+                        Ok(()) => reply(cluster, &self.node.serve_pre_vote(&req)),
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            },
             Method::Leader => match self.open::<LeaderRequest>(msg, false) {
                 Ok(req) => reply(cluster, &self.node.serve_leader(req).await),
                 Err(e) => e,
@@ -168,6 +193,14 @@ impl PeerService {
                 }
                 Err(e) => e,
             },
+        }
+    }
+
+    /// A leader's request of the current term (or a newer one) got past the guard: this
+    /// member has heard from a leader (see `node::election`).
+    fn heard_from(&self, vote: &crate::types::Vote) {
+        if vote.leader_id().term >= self.node.term() {
+            self.node.inner.leader_contact.heard();
         }
     }
 
@@ -240,7 +273,7 @@ impl PeerService {
                     match Method::from_code(msg.method) {
                         Some(m) => service.serve(m, &msg).await,
                         None => error_reply(format!(
-                            "unknown peer method {} (are the members running different Flotilla releases?)",
+                            "{UNKNOWN_METHOD} {} (are the members running different Flotilla releases?)",
                             msg.method
                         )),
                     }

@@ -266,6 +266,12 @@ pub fn check_vote(view: &LocalView<'_>, req: &VoteRequest<NodeId>) -> Result<(),
     Ok(())
 }
 
+/// A pre-vote asks for a vote in a term the candidate does not hold yet: the same checks of
+/// sender and term as a vote request.
+pub fn check_pre_vote(view: &LocalView<'_>, vote: &Vote) -> Result<(), Refusal> {
+    check_sender(view, vote).map(|_| ())
+}
+
 pub fn check_install_snapshot(
     view: &LocalView<'_>,
     req: &InstallSnapshotRequest<TypeConfig>,

@@ -33,7 +33,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 use tonic::transport::{Channel, Endpoint};
 
-use super::peer::{Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse};
+use super::peer::{
+    Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse, PreVoteRequest,
+    PreVoteResponse,
+};
 use super::state_machine::SnapshotFiles;
 use crate::codec;
 use crate::types::{LogId, Member, NodeId, Snapshot, TypeConfig, Vote};
@@ -44,6 +47,9 @@ pub const PEER_MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// The metadata key of the status a member shutting down ends a pipe with: the last call id
 /// it read. Calls after it were never acted upon, so they go elsewhere.
 pub const LAST_READ_CALL: &str = "flotilla-last-read-call";
+
+/// How a member answers a peer method it does not know (one of a later release's).
+pub const UNKNOWN_METHOD: &str = "unknown peer method";
 
 /// The version of the peer payloads' encoding (bincode of openraft's messages and of
 /// [`LeaderRequest`] and its kin) this build speaks; bump it with any change to them.
@@ -311,6 +317,8 @@ impl Peers {
                 Method::InstallSnapshot => client.install_snapshot(request).await,
                 Method::Leader => client.leader(request).await,
                 Method::Hello => client.hello(request).await,
+                // A member without the pipe is of a release before PreVote.
+                Method::PreVote => Err(tonic::Status::unimplemented(UNKNOWN_METHOD)),
             }
         };
         match tokio::time::timeout(timeout, fut).await {
@@ -489,6 +497,18 @@ impl Peers {
         timeout: Duration,
     ) -> Result<Result<LeaderResponse, LeaderCallError>, PeerCallError> {
         self.call(Some(target), addr, Method::Leader, req, timeout)
+            .await
+    }
+
+    /// Asks member `target` at `addr` for its pre-vote.
+    pub async fn pre_vote(
+        &self,
+        target: NodeId,
+        addr: &str,
+        req: &PreVoteRequest,
+        timeout: Duration,
+    ) -> Result<PreVoteResponse, PeerCallError> {
+        self.call(Some(target), addr, Method::PreVote, req, timeout)
             .await
     }
 
@@ -737,6 +757,7 @@ pub(crate) enum Method {
     InstallSnapshot,
     Leader,
     Hello,
+    PreVote,
 }
 
 impl Method {
@@ -747,6 +768,7 @@ impl Method {
             Method::InstallSnapshot => 3,
             Method::Leader => 4,
             Method::Hello => 5,
+            Method::PreVote => 6,
         }
     }
 
@@ -757,13 +779,18 @@ impl Method {
             3 => Method::InstallSnapshot,
             4 => Method::Leader,
             5 => Method::Hello,
+            6 => Method::PreVote,
             _ => return None,
         })
     }
 
     /// The frequent calls go on the pipe; votes, snapshot chunks and hellos are unary.
+    /// PreVote, newer than the unary service, is asked on the pipe only.
     fn piped(self) -> bool {
-        matches!(self, Method::AppendEntries | Method::Leader)
+        matches!(
+            self,
+            Method::AppendEntries | Method::Leader | Method::PreVote
+        )
     }
 }
 

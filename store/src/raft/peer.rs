@@ -99,3 +99,22 @@ pub struct HelloReply {
     /// Every member the responder knows: id, what it knows of it, whether it votes.
     pub members: Vec<(NodeId, Member, bool)>,
 }
+
+/// Raft's PreVote: would the receiver vote for `candidate` at `term`? Asked before a member
+/// campaigns, so that one that cannot win (cut off, starved, behind) never raises its term
+/// and, coming back, deposes a leader that was doing fine (see `node::election`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PreVoteRequest {
+    pub candidate: NodeId,
+    /// The term the candidate would campaign in.
+    pub term: u64,
+    /// The candidate's last log entry.
+    pub last_log_id: Option<crate::types::LogId>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PreVoteResponse {
+    pub granted: bool,
+    /// The receiver's term.
+    pub term: u64,
+}
