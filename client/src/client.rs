@@ -116,17 +116,7 @@ impl Client {
     /// server applies it only if that leader appends it (for work that must stop the moment
     /// its member stops leading, such as the scheduler and the controllers).
     pub fn fenced(&self, term: u64) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                addrs: self.inner.addrs.clone(),
-                channels: self.inner.channels.clone(),
-                current: AtomicUsize::new(self.inner.current.load(Ordering::Relaxed)),
-                timeout: self.inner.timeout,
-                fence_term: Some(term),
-                breaker: self.inner.breaker.clone(),
-                limiter: self.inner.limiter.clone(),
-            }),
-        }
+        self.derived(Some(term), self.inner.limiter.clone())
     }
 
     /// The same servers, every call waiting for a token of a bucket of `burst` that refills
@@ -134,15 +124,23 @@ impl Client {
     /// kube-controller-manager bounds its writes with): what bounds how fast a runaway
     /// controller can write.
     pub fn with_rate_limit(&self, qps: f64, burst: u32) -> Self {
+        self.derived(
+            self.inner.fence_term,
+            Some(Arc::new(RateLimiter::new(qps, burst))),
+        )
+    }
+
+    /// The same servers and breaker, with this fence and rate limit.
+    fn derived(&self, fence_term: Option<u64>, limiter: Option<Arc<RateLimiter>>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 addrs: self.inner.addrs.clone(),
                 channels: self.inner.channels.clone(),
                 current: AtomicUsize::new(self.inner.current.load(Ordering::Relaxed)),
                 timeout: self.inner.timeout,
-                fence_term: self.inner.fence_term,
+                fence_term,
                 breaker: self.inner.breaker.clone(),
-                limiter: Some(Arc::new(RateLimiter::new(qps, burst))),
+                limiter,
             }),
         }
     }
