@@ -360,8 +360,8 @@ async fn membership_changes_under_load_lose_no_write() {
         .expect("member removed");
     c.stop(victim).await;
     // The change is committed once a quorum has it; n4 may append it a moment later.
-    let n4_node = c.node(n4).clone();
-    eventually("n4 sees three members", || n4_node.members().len() == 3).await;
+    c.eventually("n4 sees three members", |c| c.node(n4).members().len() == 3)
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let acked = writer.await.unwrap();

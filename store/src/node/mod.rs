@@ -15,6 +15,7 @@ mod lessor;
 mod membership;
 mod peer_service;
 mod read;
+mod runtime;
 mod storage;
 mod write;
 
@@ -105,6 +106,8 @@ pub(crate) struct Inner {
     refused_peer_requests: AtomicU64,
     /// When this member last heard from a leader (see [`election`]).
     leader_contact: election::LeaderContact,
+    /// Where Raft runs (see [`runtime`]). Last, so it is dropped after everything above.
+    raft_runtime: runtime::RaftRuntime,
 }
 
 /// A member's view of the cluster, for `cluster status` and etcd's `Status`.
@@ -163,16 +166,30 @@ impl StoreNode {
         let appended = log.appended_bytes();
         let log_ids = log.log_ids();
         check_data(&log_ids, sm.applied())?;
+        let raft_runtime = runtime::RaftRuntime::new()
+            .map_err(|e| StartError::Io(format!("starting the Raft runtime: {e}")))?;
         let peers = Peers::new(
             identity.member_id,
             identity.cluster_id,
             config.peer_filter.clone(),
         )
         .with_source_ip(config.peer_source_ip)
-        .with_snapshot_files(snapshot_files.clone());
+        .with_snapshot_files(snapshot_files.clone())
+        .with_runtime(raft_runtime.handle().clone());
         let raft_config = raft_config(&config)?;
-        let raft = Raft::new(identity.member_id, raft_config, peers.clone(), log, sm)
+        // openraft spawns its core (and the core its replication streams and apply loop) on
+        // the runtime it is created in.
+        let raft = raft_runtime
+            .handle()
+            .spawn(Raft::new(
+                identity.member_id,
+                raft_config,
+                peers.clone(),
+                log,
+                sm,
+            ))
             .await
+            .map_err(|e| StartError::Raft(e.to_string()))?
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
         let (shutdown, _) = watch::channel(false);
@@ -206,6 +223,7 @@ impl StoreNode {
             log_ids,
             refused_peer_requests: AtomicU64::new(0),
             leader_contact: Default::default(),
+            raft_runtime,
         });
         let node = StoreNode { inner };
         node.push_task(batcher);
@@ -251,7 +269,7 @@ impl StoreNode {
             .max_decoding_message_size(PEER_MAX_MESSAGE)
             .max_encoding_message_size(PEER_MAX_MESSAGE);
         let mut stop = self.inner.shutdown.subscribe();
-        let task = tokio::spawn(async move {
+        let task = self.inner.raft_runtime.handle().spawn(async move {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let result = tonic::transport::Server::builder()
@@ -284,7 +302,10 @@ impl StoreNode {
             tokio::spawn(write::auto_compaction(self.clone())),
             tokio::spawn(snapshot_by_size(self.clone())),
             tokio::spawn(watch_core(self.clone())),
-            tokio::spawn(election::run(self.clone())),
+            self.inner
+                .raft_runtime
+                .handle()
+                .spawn(election::run(self.clone())),
             tokio::spawn(alarm::watch_quota(self.clone())),
             tokio::spawn(alarm::periodic_check(self.clone())),
         ];

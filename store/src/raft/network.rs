@@ -163,6 +163,9 @@ pub struct Peers {
     /// The last log entry each peer was last known to hold (from its answers to votes and
     /// AppendEntries): see [`PeerClient::trim`].
     holds: Arc<Mutex<HashMap<NodeId, LogId>>>,
+    /// The runtime the connections and pipes to peers run on (the member's Raft runtime), so
+    /// that Raft traffic never waits for client work; the caller's when unset.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Peers {
@@ -177,7 +180,14 @@ impl Peers {
             filter,
             source_ip: None,
             snapshots: None,
+            runtime: None,
         }
+    }
+
+    /// Runs the connections and pipes to peers on `runtime`.
+    pub fn with_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.runtime = Some(runtime);
+        self
     }
 
     /// Makes snapshot transfers wait until the file they send is completely written.
@@ -214,6 +224,8 @@ impl Peers {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
+        // The channel's connection tasks are spawned where it is made.
+        let _runtime = self.runtime.as_ref().map(|r| r.enter());
         let ch = match self.source_ip {
             None => endpoint.connect_lazy(),
             Some(ip) => endpoint
@@ -451,12 +463,11 @@ impl Peers {
             .max_encoding_message_size(PEER_MAX_MESSAGE);
         let pipe = Arc::new(Pipe::default());
         pipes.insert(addr.to_string(), pipe.clone());
-        tokio::spawn(run_pipe(
-            client,
-            pipe.clone(),
-            addr.to_string(),
-            self.unpiped.clone(),
-        ));
+        let run = run_pipe(client, pipe.clone(), addr.to_string(), self.unpiped.clone());
+        match &self.runtime {
+            Some(rt) => rt.spawn(run),
+            None => tokio::spawn(run),
+        };
         Ok(pipe)
     }
 

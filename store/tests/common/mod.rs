@@ -263,6 +263,43 @@ impl Cluster {
         }
     }
 
+    /// What each running member knows: its state, term, leader, log and membership (for a
+    /// failure's message).
+    pub fn describe(&self) -> String {
+        self.running()
+            .iter()
+            .map(|i| {
+                let m = self.node(*i).metrics();
+                format!(
+                    "{} {:x}: {:?} term {} leader {:?} last log {:?} applied {:?} membership {} replication {:?}",
+                    self.slots[*i].name,
+                    m.id,
+                    m.state,
+                    m.current_term,
+                    m.current_leader.map(|l| format!("{l:x}")),
+                    m.last_log_index,
+                    m.last_applied.map(|l| l.index),
+                    m.membership_config,
+                    m.replication,
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Polls `f` until it holds; past the deadline, fails with what each member knows.
+    pub async fn eventually(&self, what: &str, mut f: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !f(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for: {what}\n{}",
+                self.describe()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn shutdown(mut self) {
         for i in 0..self.slots.len() {
             self.stop(i).await;
