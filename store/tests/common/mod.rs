@@ -123,6 +123,7 @@ pub async fn rebind(addr: &str) -> TcpListener {
 impl Cluster {
     /// Starts `n` founding members with default timings, tuned by `tune`.
     pub async fn start(n: usize, tune: impl Fn(&mut StoreConfig) + Send + Sync + 'static) -> Self {
+        trace();
         let dir = tempfile::tempdir().unwrap();
         let mut listeners = Vec::new();
         let mut slots = Vec::new();
@@ -346,6 +347,17 @@ pub fn local_get(node: &StoreNode, key: &str) -> Result<Option<String>, StoreErr
     Ok(r.kvs
         .first()
         .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+}
+
+/// Logs the members' elections, membership changes and warnings into the test's output
+/// (shown when it fails): `RUST_LOG` overrides what is logged.
+pub fn trace() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "flotilla_store=info,openraft=warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// Polls `f` until it holds or the deadline passes.
