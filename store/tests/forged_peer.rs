@@ -424,6 +424,16 @@ async fn a_damaged_data_dir_is_refused_at_start() {
         common::put(c.node(0), &format!("k{i}"), "v").await;
     }
     let dir = c.node(0).config().data_dir.clone();
+    // A put is answered once applied; the metrics report the entry a moment later (Raft
+    // runs on threads of its own).
+    {
+        let node = c.node(0).clone();
+        common::eventually("every entry applied", || {
+            let m = node.metrics();
+            m.last_applied.map(|l| l.index) == m.last_log_index
+        })
+        .await;
+    }
     let last = c.node(0).metrics().last_applied.unwrap();
     c.stop(0).await;
 

@@ -356,6 +356,7 @@ pub fn trace() {
         .unwrap_or_else(|_| "flotilla_store=info,openraft=warn".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(false)
         .with_test_writer()
         .try_init();
 }
