@@ -227,7 +227,7 @@ impl StoreNode {
         });
         let node = StoreNode { inner };
         node.push_task(batcher);
-        node.serve_peers(peer_listener);
+        node.serve_peers(peer_listener)?;
 
         if fresh && node.inner.config.initial_cluster_state == ClusterState::New {
             let members: BTreeMap<NodeId, Member> = identity
@@ -264,7 +264,16 @@ impl StoreNode {
         Ok(node)
     }
 
-    fn serve_peers(&self, listener: tokio::net::TcpListener) {
+    fn serve_peers(&self, listener: tokio::net::TcpListener) -> Result<(), StartError> {
+        // The listener moves to the Raft runtime's reactor (it was registered with the
+        // caller's, whose workers may be busy with client work).
+        let listener = {
+            let _raft = self.inner.raft_runtime.handle().enter();
+            listener
+                .into_std()
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|e| StartError::Io(format!("moving the peer listener: {e}")))?
+        };
         let service = RaftPeerServer::new(peer_service::PeerService::new(self.inner.clone()))
             .max_decoding_message_size(PEER_MAX_MESSAGE)
             .max_encoding_message_size(PEER_MAX_MESSAGE);
@@ -292,6 +301,7 @@ impl StoreNode {
             .peer_server
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(())
     }
 
     fn spawn_background(&self) {
