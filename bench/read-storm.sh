@@ -47,7 +47,7 @@ done
 "$BENCH" --endpoints "$endpoints" fill --keys "$KEYS" --total "$KEYS" --value-size "$VALUE" >/dev/null
 export ETCDCTL_API=3
 status() { etcdctl --endpoints "$endpoints" endpoint status -w json 2>/dev/null \
-    | python3 -c 'import json,sys; s=json.load(sys.stdin); print(" ".join(f"{x["Status"]["leader"]:x}@{x["Status"]["raft_term"]}" for x in s))'; }
+    | python3 -c 'import json,sys; s=json.load(sys.stdin); print(" ".join("%x@%d" % (x["Status"]["leader"], x["Status"]["header"]["raft_term"]) for x in s))'; }
 rss() { for p in "${MEMBERS[@]}"; do awk '/VmRSS/{printf "%d ", $2/1024}' "/proc/$p/status"; done; }
 leader_ep=$(etcdctl --endpoints "$endpoints" endpoint status -w json | python3 -c 'import json,sys; s=json.load(sys.stdin); print([x["Endpoint"] for x in s if x["Status"]["leader"]==x["Status"]["header"]["member_id"]][0])')
 sleep 2
