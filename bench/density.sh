@@ -31,12 +31,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-initial=""; endpoints=""
-for i in 1 2 3; do
-    c=$((BASE + 2 * (i - 1)))
-    initial+="${initial:+,}n$i=127.0.0.1:$((c + 1))"
-    endpoints+="${endpoints:+,}127.0.0.1:$c"
-done
+. bench/lib.sh
+cluster_addrs "$BASE"
 for i in 1 2 3; do
     c=$((BASE + 2 * (i - 1)))
     "$BIN" server --name "n$i" --data-dir "$OUT/n$i" \

@@ -32,12 +32,8 @@ cleanup() {
     rm -rf "$OUT"
 }
 trap cleanup EXIT
-initial=""; endpoints=""
-for i in 1 2 3; do
-    c=$((BASE + 2 * (i - 1)))
-    initial+="${initial:+,}n$i=127.0.0.1:$((c + 1))"
-    endpoints+="${endpoints:+,}127.0.0.1:$c"
-done
+. bench/lib.sh
+cluster_addrs "$BASE"
 
 # max_term: the highest Raft term any reachable member reports.
 max_term() {

@@ -25,12 +25,8 @@ cleanup() {
     rm -rf "$OUT"
 }
 trap cleanup EXIT
-initial=""; endpoints=""
-for i in 1 2 3; do
-    c=$((BASE + 2 * (i - 1)))
-    initial+="${initial:+,}n$i=127.0.0.1:$((c + 1))"
-    endpoints+="${endpoints:+,}127.0.0.1:$c"
-done
+. bench/lib.sh
+cluster_addrs "$BASE"
 MEMBERS=()
 for i in 1 2 3; do
     c=$((BASE + 2 * (i - 1)))
