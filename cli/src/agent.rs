@@ -26,9 +26,15 @@ pub enum RuntimeKind {
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
-    /// Control-plane client addresses (any of them; the agent fails over).
-    #[arg(long, env = "FLOTILLA_SERVER", default_value = crate::DEFAULT_SERVERS)]
-    pub servers: String,
+    /// Control-plane client addresses (any of them; the agent fails over) [default: the
+    /// kubeconfig's servers, else 127.0.0.1:7379,127.0.0.1:7381,127.0.0.1:7383].
+    #[arg(long, env = "FLOTILLA_SERVER")]
+    pub servers: Option<String>,
+    /// The kubeconfig with the servers, the cluster's CA and the node's certificate
+    /// (`flotilla certs issue --kind agent`, then `certs kubeconfig`) [default: the first file
+    /// of $KUBECONFIG, else ./flotilla-data/admin.kubeconfig when it exists].
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name [default: the host name].
     #[arg(long, env = "FLOTILLA_NODE_NAME")]
     pub node_name: Option<String>,
@@ -95,9 +101,10 @@ fn parse_labels(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
 
 /// The local address the machine sends from towards the first server (a UDP socket's
 /// `connect` picks the route; nothing is sent).
-fn local_address_towards(servers: &str) -> Option<String> {
+fn local_address_towards(servers: &[String]) -> Option<String> {
     use std::net::ToSocketAddrs;
-    let first = servers.split(',').map(str::trim).find(|s| !s.is_empty())?;
+    let first = servers.first()?;
+    let first = first.split_once("://").map_or(first.as_str(), |(_, a)| a);
     let target = first.to_socket_addrs().ok()?.next()?;
     let any: std::net::SocketAddr = if target.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
@@ -132,23 +139,24 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--node-name {node_name:?}: {e}"))?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
+    let (servers, dialer) = crate::verbs::ServerArg {
+        server: args.servers.clone(),
+        kubeconfig: args.kubeconfig.clone(),
+    }
+    .target()?;
     let node_ip = match &args.node_ip {
         Some(ip) => ip
             .parse::<std::net::IpAddr>()
             .map_err(|e| anyhow::anyhow!("--node-ip {ip:?}: {e}"))?
             .to_string(),
-        None => local_address_towards(&args.servers).unwrap_or_else(|| "127.0.0.1".into()),
+        None => local_address_towards(&servers).unwrap_or_else(|| "127.0.0.1".into()),
     };
     if args.docker_network.is_some() && args.runtime != RuntimeKind::Docker {
         bail!("--docker-network needs --runtime docker");
     }
     let config = Config {
-        servers: args
-            .servers
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
+        servers,
+        dialer,
         node_name: node_name.clone(),
         node_ip: node_ip.clone(),
         labels: parse_labels(&args.labels)?,

@@ -19,11 +19,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow, bail};
 use base64::Engine as _;
 use clap::{Args, Subcommand, ValueEnum};
+use flotilla_client::kubeconfig as kc;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use serde::Serialize;
 use time::{Duration, OffsetDateTime};
 
 /// The CA's lifetime unless `certs init --days` says otherwise (kubeadm's CA: 10 years).
@@ -37,8 +37,6 @@ pub const NODE_USER_PREFIX: &str = "system:node:";
 pub const NODES_GROUP: &str = "system:nodes";
 /// The name of the kubeconfig's cluster entry.
 pub const KUBECONFIG_CLUSTER: &str = "flotilla";
-/// The cluster extension of a kubeconfig that lists every server, in the order to try them.
-pub const SERVERS_EXTENSION: &str = "flotilla.io/servers";
 
 /// Certificates start this long before they are made, so that a peer whose clock is a little
 /// behind does not refuse a fresh one (kubeadm's `CertificateBackdate`).
@@ -647,7 +645,7 @@ pub fn write_pair(dir: &Path, name: &str, issued: &Issued, force: bool) -> anyho
     Ok(())
 }
 
-fn write_atomic(path: &Path, contents: &[u8], mode: u32, force: bool) -> anyhow::Result<()> {
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32, force: bool) -> anyhow::Result<()> {
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -745,75 +743,6 @@ fn server_url(server: &str) -> anyhow::Result<String> {
     Ok(format!("https://{hostport}"))
 }
 
-/// Kubernetes' kubeconfig (`v1` `Config`), as far as Flotilla writes one.
-#[derive(Serialize)]
-struct KubeConfig {
-    #[serde(rename = "apiVersion")]
-    api_version: &'static str,
-    kind: &'static str,
-    clusters: Vec<NamedCluster>,
-    users: Vec<NamedUser>,
-    contexts: Vec<NamedContext>,
-    #[serde(rename = "current-context")]
-    current_context: String,
-    preferences: Preferences,
-}
-
-#[derive(Serialize)]
-struct Preferences {}
-
-#[derive(Serialize)]
-struct NamedCluster {
-    name: String,
-    cluster: Cluster,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct Cluster {
-    server: String,
-    certificate_authority_data: String,
-    extensions: Vec<NamedExtension>,
-}
-
-#[derive(Serialize)]
-struct NamedExtension {
-    name: &'static str,
-    extension: ServersExtension,
-}
-
-/// Every server, in the order to try them: kubectl reads only `server`, Flotilla's clients
-/// fail over along this list.
-#[derive(Serialize)]
-struct ServersExtension {
-    servers: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct NamedUser {
-    name: String,
-    user: User,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct User {
-    client_certificate_data: String,
-    client_key_data: String,
-}
-
-#[derive(Serialize)]
-struct NamedContext {
-    name: String,
-    context: KubeContext,
-}
-
-#[derive(Serialize)]
-struct KubeContext {
-    cluster: String,
-    user: String,
-}
-
 /// A kubeconfig for `user` that trusts `ca_pem` and authenticates with the certificate and
 /// key given, its context `USER@flotilla` current. `server` is the first of `servers`; all of
 /// them are in the cluster's `flotilla.io/servers` extension (and a comment at the top).
@@ -833,38 +762,43 @@ pub fn kubeconfig(
     };
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let context = format!("{user}@{KUBECONFIG_CLUSTER}");
-    let config = KubeConfig {
-        api_version: "v1",
-        kind: "Config",
-        clusters: vec![NamedCluster {
+    let servers = serde_json::to_value(kc::ServersExtension {
+        servers: urls.clone(),
+    })
+    .context("writing the servers extension")?;
+    let config = kc::KubeConfig {
+        api_version: "v1".into(),
+        kind: "Config".into(),
+        clusters: vec![kc::NamedCluster {
             name: KUBECONFIG_CLUSTER.into(),
-            cluster: Cluster {
+            cluster: kc::Cluster {
                 server: first,
-                certificate_authority_data: b64(ca_pem),
-                extensions: vec![NamedExtension {
-                    name: SERVERS_EXTENSION,
-                    extension: ServersExtension {
-                        servers: urls.clone(),
-                    },
+                certificate_authority_data: Some(b64(ca_pem)),
+                extensions: vec![kc::NamedExtension {
+                    name: kc::SERVERS_EXTENSION.into(),
+                    extension: servers,
                 }],
+                ..kc::Cluster::default()
             },
         }],
-        users: vec![NamedUser {
+        users: vec![kc::NamedUser {
             name: user.into(),
-            user: User {
-                client_certificate_data: b64(&issued.cert_pem),
-                client_key_data: b64(&issued.key_pem),
+            user: kc::User {
+                client_certificate_data: Some(b64(&issued.cert_pem)),
+                client_key_data: Some(b64(&issued.key_pem)),
+                ..kc::User::default()
             },
         }],
-        contexts: vec![NamedContext {
+        contexts: vec![kc::NamedContext {
             name: context.clone(),
-            context: KubeContext {
+            context: kc::Context {
                 cluster: KUBECONFIG_CLUSTER.into(),
                 user: user.into(),
+                namespace: None,
             },
         }],
         current_context: context,
-        preferences: Preferences {},
+        preferences: kc::Preferences {},
     };
     let yaml = serde_norway::to_string(&config).context("writing the kubeconfig")?;
     Ok(format!(

@@ -10,13 +10,13 @@ use flotilla_proto::etcdserverpb::{
     Member, MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
     StatusRequest, StatusResponse,
 };
-use tonic::transport::{Channel, Endpoint};
+use flotilla_transport::Dialer;
+use tonic::transport::Channel;
 
 #[derive(Args, Debug)]
 pub struct ClusterArgs {
-    /// Control-plane members to try, in order (any one will do).
-    #[arg(long, env = "FLOTILLA_SERVER", default_value = crate::DEFAULT_SERVERS, global = true)]
-    pub server: String,
+    #[command(flatten)]
+    pub server: crate::verbs::ServerArg,
     #[command(subcommand)]
     pub command: ClusterCommand,
 }
@@ -49,13 +49,8 @@ pub enum ClusterCommand {
 }
 
 pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
-    let servers: Vec<&str> = args
-        .server
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    let (channel, addr) = connect_any(&servers).await?;
+    let (servers, dialer) = args.server.target()?;
+    let (channel, addr) = connect_any(&servers, &dialer).await?;
     let mut cluster = ClusterClient::new(channel.clone());
     let members = cluster
         .member_list(MemberListRequest {
@@ -66,7 +61,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
         .into_inner()
         .members;
     match args.command {
-        ClusterCommand::Status => status(&members).await,
+        ClusterCommand::Status => status(&members, &dialer).await,
         ClusterCommand::Add { args, learner } => {
             let (name, peer_addr) = match args.as_slice() {
                 [peer] => ("NAME".to_string(), peer.clone()),
@@ -141,13 +136,9 @@ fn resolve(members: &[Member], which: &str) -> anyhow::Result<u64> {
     }
 }
 
-async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(url)?
+async fn connect(addr: &str, dialer: &Dialer) -> anyhow::Result<Channel> {
+    Ok(dialer
+        .endpoint(addr)?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5))
         .connect()
@@ -155,12 +146,12 @@ async fn connect(addr: &str) -> anyhow::Result<Channel> {
 }
 
 /// Connects to the first server that answers.
-pub async fn connect_any(servers: &[&str]) -> anyhow::Result<(Channel, String)> {
+pub async fn connect_any(servers: &[String], dialer: &Dialer) -> anyhow::Result<(Channel, String)> {
     let mut errors = Vec::new();
     for s in servers {
-        match connect(s).await {
+        match connect(s, dialer).await {
             Ok(ch) => return Ok((ch, s.to_string())),
-            Err(e) => errors.push(format!("{s}: {e}")),
+            Err(e) => errors.push(format!("{s}: {e:#}")),
         }
     }
     Err(anyhow!(
@@ -169,13 +160,13 @@ pub async fn connect_any(servers: &[&str]) -> anyhow::Result<(Channel, String)> 
     ))
 }
 
-async fn member_status(m: &Member) -> Result<StatusResponse, String> {
+async fn member_status(m: &Member, dialer: &Dialer) -> Result<StatusResponse, String> {
     let Some(url) = m.client_ur_ls.first() else {
         return Err("not started yet".into());
     };
-    let ch = connect(url)
+    let ch = connect(url, dialer)
         .await
-        .map_err(|e| format!("unreachable: {e}"))?;
+        .map_err(|e| format!("unreachable: {e:#}"))?;
     MaintenanceClient::new(ch)
         .status(StatusRequest {})
         .await
@@ -183,8 +174,9 @@ async fn member_status(m: &Member) -> Result<StatusResponse, String> {
         .map_err(|s| format!("unreachable: {}", s.message()))
 }
 
-async fn status(members: &[Member]) -> anyhow::Result<()> {
-    let statuses = futures::future::join_all(members.iter().map(member_status)).await;
+async fn status(members: &[Member], dialer: &Dialer) -> anyhow::Result<()> {
+    let statuses =
+        futures::future::join_all(members.iter().map(|m| member_status(m, dialer))).await;
     let leader = statuses
         .iter()
         .filter_map(|s| s.as_ref().ok())

@@ -29,6 +29,8 @@ pub struct LeaderConfig {
     pub controllers_burst: u32,
     pub scheduler: flotilla_scheduler::Config,
     pub controllers: flotilla_controllers::Config,
+    /// How the member's own client dials its client port (TLS with its certificate).
+    pub dialer: flotilla_transport::Dialer,
 }
 
 /// The address this member's own clients reach: a wildcard listen address becomes
@@ -73,7 +75,7 @@ pub async fn run(
         );
         // Every write of this leadership is fenced to its term: once another leader is
         // elected, nothing still in flight from here can land.
-        let client = match Client::new(&[local_address(&client_addr)]) {
+        let client = match Client::with_dialer(&[local_address(&client_addr)], &config.dialer) {
             Ok(c) => c.fenced(term),
             Err(e) => {
                 tracing::error!("cannot reach this member's own API at {client_addr}: {e}");

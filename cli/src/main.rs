@@ -47,7 +47,7 @@ enum Command {
     /// Start a three-member control plane and an agent on this machine, in the foreground.
     Up(up::UpArgs),
     /// Run a control-plane member.
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// Run a worker node: register it and run the pods bound to it.
     Agent(agent::AgentArgs),
     /// Inspect and change the control plane's membership.
@@ -118,7 +118,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up(args) => up::run(args).await,
-            Command::Server(args) => server::run(args).await,
+            Command::Server(args) => server::run(*args).await,
             Command::Agent(args) => agent::run(args).await,
             Command::Cluster(args) => cluster::run(args).await,
             Command::Certs(args) => certs::run(args).await,

@@ -123,6 +123,81 @@ pub struct ServerArgs {
     /// Binds the scheduler keeps in flight at once.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub scheduler_bind_parallelism: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS, with etcd's flag names (docs/security.md). Without them a member serves plaintext
+/// and says so at start.
+#[derive(Args, Debug, Default)]
+pub struct TlsArgs {
+    /// The client port's certificate (PEM): the client port serves TLS only.
+    #[arg(long, env = "FLOTILLA_CERT_FILE", requires_all = ["key_file", "trusted_ca_file"])]
+    pub cert_file: Option<PathBuf>,
+    /// The key of --cert-file (PEM).
+    #[arg(long, env = "FLOTILLA_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// The CA clients' certificates must come from. The member's own client (the leader's
+    /// scheduler and controllers) also trusts it and presents --cert-file, so the client
+    /// port's certificate must name 127.0.0.1 (or the --client-addr host).
+    #[arg(long, env = "FLOTILLA_TRUSTED_CA_FILE", requires = "cert_file")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Refuse clients without a certificate from --trusted-ca-file (without it, a client may
+    /// also connect anonymously).
+    #[arg(long, env = "FLOTILLA_CLIENT_CERT_AUTH", requires = "trusted_ca_file")]
+    pub client_cert_auth: bool,
+    /// The peer port's certificate (PEM): mutual TLS between members, both ways. A
+    /// connection whose certificate is not a member's from --peer-trusted-ca-file is refused
+    /// and logged.
+    #[arg(long, env = "FLOTILLA_PEER_CERT_FILE", requires_all = ["peer_key_file", "peer_trusted_ca_file"])]
+    pub peer_cert_file: Option<PathBuf>,
+    /// The key of --peer-cert-file (PEM).
+    #[arg(long, env = "FLOTILLA_PEER_KEY_FILE", requires = "peer_cert_file")]
+    pub peer_key_file: Option<PathBuf>,
+    /// The CA of the members' peer certificates.
+    #[arg(
+        long,
+        env = "FLOTILLA_PEER_TRUSTED_CA_FILE",
+        requires = "peer_cert_file"
+    )]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The client port's TLS, and how the member's own client dials it.
+    fn client(
+        &self,
+    ) -> anyhow::Result<Option<(flotilla_transport::ServerTls, flotilla_transport::Dialer)>> {
+        use flotilla_transport::{ClientAuth, Dialer, ServerTls};
+        let (Some(cert), Some(key), Some(ca)) =
+            (&self.cert_file, &self.key_file, &self.trusted_ca_file)
+        else {
+            return Ok(None);
+        };
+        let auth = if self.client_cert_auth {
+            ClientAuth::Required
+        } else {
+            ClientAuth::Optional
+        };
+        let server = ServerTls::from_files(cert, key, Some(ca), auth)
+            .context("--cert-file, --key-file, --trusted-ca-file")?;
+        let dialer = Dialer::from_files(ca, Some((cert, key)))
+            .context("--cert-file, --key-file, --trusted-ca-file")?;
+        Ok(Some((server, dialer)))
+    }
+
+    fn peer(&self) -> anyhow::Result<Option<flotilla_store::node::PeerTls>> {
+        let (Some(cert), Some(key), Some(ca)) = (
+            &self.peer_cert_file,
+            &self.peer_key_file,
+            &self.peer_trusted_ca_file,
+        ) else {
+            return Ok(None);
+        };
+        flotilla_store::node::PeerTls::from_files(cert, key, ca)
+            .map(Some)
+            .context("--peer-cert-file, --peer-key-file, --peer-trusted-ca-file")
+    }
 }
 
 impl ServerArgs {
@@ -159,6 +234,8 @@ impl ServerArgs {
         c.max_range_response_bytes = self.max_range_response_bytes;
         c.corrupt_check_interval = self.corrupt_check_interval;
         c.initial_corrupt_check = self.initial_corrupt_check;
+        c.peer_tls = self.tls.peer()?;
+        c.client_tls = self.tls.cert_file.is_some();
         Ok(c)
     }
 }
@@ -206,9 +283,29 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let peer = tokio::net::TcpListener::bind(listen_peer)
         .await
         .with_context(|| format!("cannot listen for peers on {listen_peer}"))?;
+    let client_tls = args.tls.client()?;
+    if client_tls.is_none() {
+        eprintln!(
+            "flotilla: warning: the client port {} serves plaintext without authentication: \
+             anyone who reaches it owns the cluster (see --cert-file in docs/security.md)",
+            args.client_addr
+        );
+    }
+    if config.peer_tls.is_none() {
+        eprintln!(
+            "flotilla: warning: the peer port {listen_peer} serves plaintext: anyone who \
+             reaches it can send Raft messages (see --peer-cert-file in docs/security.md)"
+        );
+    }
+    let (client_server_tls, own_dialer) = client_tls.unzip();
     let node = StoreNode::start(config, peer).await?;
     let leader_stats = std::sync::Arc::new(crate::leader::LeaderStats::default());
-    let serving = tokio::spawn(serve_clients(node.clone(), client, leader_stats.clone()));
+    let serving = tokio::spawn(serve_clients(
+        node.clone(),
+        client,
+        client_server_tls,
+        leader_stats.clone(),
+    ));
     let leader_config = crate::leader::LeaderConfig {
         run_scheduler: !args.disable_scheduler,
         controllers_qps: args.kube_api_qps,
@@ -223,6 +320,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             default_toleration: args.default_toleration,
             ..Default::default()
         },
+        dialer: own_dialer.unwrap_or_default(),
     };
     tokio::spawn(crate::leader::run(
         node.clone(),
@@ -260,6 +358,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 pub async fn serve_clients(
     node: StoreNode,
     listener: tokio::net::TcpListener,
+    tls: Option<flotilla_transport::ServerTls>,
     leader_stats: std::sync::Arc<crate::leader::LeaderStats>,
 ) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -290,7 +389,7 @@ pub async fn serve_clients(
         .layer(crate::metrics::layer(requests))
         .serve_with_incoming_shutdown(
             routes,
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            flotilla_transport::incoming(listener, tls, "client"),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },

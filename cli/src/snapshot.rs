@@ -9,13 +9,12 @@ use clap::{Args, Subcommand};
 use flotilla_proto::etcdserverpb::SnapshotRequest;
 use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use flotilla_store::node::{restore_snapshot, verify_snapshot};
-use tonic::transport::Endpoint;
+use flotilla_transport::Dialer;
 
 #[derive(Args, Debug)]
 pub struct SnapshotArgs {
-    /// Control-plane members to try, in order (any one will do).
-    #[arg(long, env = "FLOTILLA_SERVER", default_value = crate::DEFAULT_SERVERS, global = true)]
-    pub server: String,
+    #[command(flatten)]
+    pub server: crate::verbs::ServerArg,
     #[command(subcommand)]
     pub command: SnapshotCommand,
 }
@@ -72,12 +71,13 @@ fn size_of(file: &Path) -> String {
 
 /// Streams the snapshot from the first member that serves it into FILE.part, checks it, and
 /// renames it into place: FILE is never left half written.
-async fn save(servers: &str, file: &Path) -> anyhow::Result<()> {
+async fn save(server: &crate::verbs::ServerArg, file: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     let part = file.with_extension("part");
     let mut errors = Vec::new();
-    for server in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        match save_from(server, &part).await {
+    let (servers, dialer) = server.target()?;
+    for server in &servers {
+        match save_from(server, &dialer, &part).await {
             Ok(()) => {
                 let h = match verify_snapshot(&part) {
                     Ok(h) => h,
@@ -109,13 +109,9 @@ async fn save(servers: &str, file: &Path) -> anyhow::Result<()> {
     )
 }
 
-async fn save_from(server: &str, part: &Path) -> anyhow::Result<()> {
-    let url = if server.contains("://") {
-        server.to_string()
-    } else {
-        format!("http://{server}")
-    };
-    let channel = Endpoint::from_shared(url)?
+async fn save_from(server: &str, dialer: &Dialer, part: &Path) -> anyhow::Result<()> {
+    let channel = dialer
+        .endpoint(server)?
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await?;

@@ -70,6 +70,115 @@ fn signal(p: &Proc, sig: i32) {
     }
 }
 
+/// The cluster's PKI in `DATA/pki`, made on the first `up` and reused after: the CA, a
+/// member certificate for each member (n1, n2, n3: serving the client port, and both ends
+/// of the peer port's mutual TLS), the agent's node certificate, and `admin` in
+/// `system:masters`. Kubeconfigs for the administrator and the agent are written next to
+/// it each time (the servers may have moved with --base-port).
+struct Pki {
+    dir: PathBuf,
+    admin_kubeconfig: PathBuf,
+    agent_kubeconfig: PathBuf,
+    admin: flotilla_transport::Dialer,
+}
+
+impl Pki {
+    fn ensure(data: &Path, node_name: &str, servers: &[String]) -> anyhow::Result<Pki> {
+        use crate::certs::{self, Kind, LeafSpec};
+        let dir = data.join("pki");
+        let ca = if dir.join("ca.crt").exists() {
+            certs::Ca::load(&dir)?
+        } else {
+            std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                .recursive(true)
+                .create(&dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+            let ca = certs::Ca::generate(certs::CA_DAYS)?;
+            let pair = certs::Issued {
+                cert_pem: ca.cert_pem().to_string(),
+                key_pem: ca.key_pem(),
+            };
+            certs::write_pair(&dir, "ca", &pair, false)?;
+            ca
+        };
+        let leaf = |name: &str, kind: Kind, groups: &[&str]| -> anyhow::Result<certs::Issued> {
+            let (cert, key) = certs::pair_paths(&dir, name);
+            if cert.exists() && key.exists() {
+                let read = |p: &Path| {
+                    std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+                };
+                return Ok(certs::Issued {
+                    cert_pem: read(&cert)?,
+                    key_pem: read(&key)?,
+                });
+            }
+            let spec = LeafSpec {
+                name: name.to_string(),
+                kind,
+                ips: vec![],
+                dns: vec![],
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+                days: certs::LEAF_DAYS,
+            };
+            let issued = certs::issue(&ca, &spec)?;
+            certs::write_pair(&dir, name, &issued, true)?;
+            Ok(issued)
+        };
+        for i in 1..=3 {
+            leaf(&format!("n{i}"), Kind::Member, &[])?;
+        }
+        let agent = leaf(node_name, Kind::Agent, &[])?;
+        let admin = leaf("admin", Kind::User, &["system:masters"])?;
+        let write = |name: &str, user: &str, issued: &certs::Issued| -> anyhow::Result<PathBuf> {
+            let path = data.join(name);
+            let text = certs::kubeconfig(ca.cert_pem(), user, issued, servers)?;
+            certs::write_atomic(&path, text.as_bytes(), 0o600, true)?;
+            Ok(path)
+        };
+        let admin_kubeconfig = write("admin.kubeconfig", "admin", &admin)?;
+        let agent_kubeconfig = write(
+            "agent.kubeconfig",
+            &format!("{}{node_name}", certs::NODE_USER_PREFIX),
+            &agent,
+        )?;
+        let admin = flotilla_transport::Dialer::tls(
+            ca.cert_pem().as_bytes(),
+            Some((admin.cert_pem.as_bytes(), admin.key_pem.as_bytes())),
+        )?;
+        Ok(Pki {
+            dir,
+            admin_kubeconfig,
+            agent_kubeconfig,
+            admin,
+        })
+    }
+
+    /// A member's TLS flags: its certificate on both ports, clients' certificates required.
+    fn member_flags(&self, name: &str) -> Vec<String> {
+        let (cert, key) = crate::certs::pair_paths(&self.dir, name);
+        let ca = self.dir.join("ca.crt");
+        let [cert, key, ca] = [cert, key, ca].map(|p| p.to_string_lossy().into_owned());
+        [
+            "--cert-file",
+            &cert,
+            "--key-file",
+            &key,
+            "--trusted-ca-file",
+            &ca,
+            "--client-cert-auth",
+            "--peer-cert-file",
+            &cert,
+            "--peer-key-file",
+            &key,
+            "--peer-trusted-ca-file",
+            &ca,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the flotilla binary")?;
     let data = &args.data_dir;
@@ -96,10 +205,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         if resuming { "Resuming" } else { "Starting" },
         data.display()
     );
+    let pki = Pki::ensure(data, &args.node_name, &endpoints)?;
     let mut procs = Vec::new();
     for i in 0..3u16 {
         let name = format!("n{}", i + 1);
-        let a: Vec<String> = [
+        let mut a: Vec<String> = [
             "server",
             "--name",
             &name,
@@ -115,6 +225,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        a.extend(pki.member_flags(&name));
         procs.push(spawn(
             &exe,
             &format!("member {name}"),
@@ -122,7 +233,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             &logs.join(format!("{name}.log")),
         )?);
     }
-    let client = Client::new(&endpoints).map_err(anyhow::Error::msg)?;
+    let client = Client::with_dialer(&endpoints, &pki.admin).map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     let result = async {
         wait_for(&mut procs, "a leader and the API", started, || async {
@@ -132,8 +243,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         if !args.no_agent {
             let a: Vec<String> = [
                 "agent",
-                "--servers",
-                &endpoints.join(","),
+                "--kubeconfig",
+                &pki.agent_kubeconfig.to_string_lossy(),
                 "--node-name",
                 &args.node_name,
                 "--data-dir",
@@ -175,10 +286,25 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     println!(
-        "\nFlotilla is up ({:.1} s). Servers: {}\n\nTry:\n  flotilla cluster status\n  flotilla get nodes\n  flotilla apply -f examples/ticker.yaml\n  flotilla get pods -w\n  flotilla logs POD\n\nLogs in {}. Ctrl-C stops everything.",
+        "\nFlotilla is up ({:.1} s). Servers (TLS only): {}\n\
+         Your credentials (user admin, group system:masters): {}\n\
+         The CLI reads them from ./{} in this directory; elsewhere, export KUBECONFIG={}\n\n\
+         Try:\n  flotilla cluster status\n  flotilla get nodes\n  flotilla apply -f examples/ticker.yaml\n  \
+         flotilla get pods -w\n  flotilla logs POD\n  \
+         etcdctl --endpoints https://{} --cacert {ca} --cert {cert} --key {key} member list\n\n\
+         Logs in {}. Ctrl-C stops everything.",
         started.elapsed().as_secs_f64(),
         endpoints.join(","),
-        logs.display()
+        pki.admin_kubeconfig.display(),
+        flotilla_client::kubeconfig::UP_KUBECONFIG,
+        std::path::absolute(&pki.admin_kubeconfig)
+            .unwrap_or_else(|_| pki.admin_kubeconfig.clone())
+            .display(),
+        endpoints[0],
+        logs.display(),
+        ca = pki.dir.join("ca.crt").display(),
+        cert = pki.dir.join("admin.crt").display(),
+        key = pki.dir.join("admin.key").display(),
     );
     // Until Ctrl-C, or a process dies.
     let outcome = tokio::select! {

@@ -17,23 +17,45 @@ use serde_json::{Value, json};
 
 use crate::table::{Columns, render};
 
-/// Where the API is.
+/// Where the API is, and who calls it.
 #[derive(Args, Debug, Clone)]
 pub struct ServerArg {
-    /// Control-plane nodes to use, in order (the client fails over to the next).
-    #[arg(long, env = "FLOTILLA_SERVER", default_value = crate::DEFAULT_SERVERS, global = true)]
-    pub server: String,
+    /// Control-plane nodes to use, in order (the client fails over to the next)
+    /// [default: the kubeconfig's servers, else 127.0.0.1:7379,127.0.0.1:7381,127.0.0.1:7383].
+    #[arg(long, env = "FLOTILLA_SERVER", global = true)]
+    pub server: Option<String>,
+    /// The kubeconfig with the servers, the cluster's CA and your certificate [default:
+    /// the first file of $KUBECONFIG, else ./flotilla-data/admin.kubeconfig when it exists].
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 impl ServerArg {
+    /// The servers to try, in order, and how to connect to them: `--server` when given
+    /// (plaintext, unless a kubeconfig gives TLS settings), else the kubeconfig's servers,
+    /// else `flotilla up`'s plaintext defaults.
+    pub fn target(&self) -> anyhow::Result<(Vec<String>, flotilla_transport::Dialer)> {
+        let kubeconfig = flotilla_client::kubeconfig::find(self.kubeconfig.as_deref())
+            .map(|p| flotilla_client::kubeconfig::load(&p))
+            .transpose()
+            .map_err(|e| anyhow!(e))?;
+        let split = |s: &str| -> Vec<String> {
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        Ok(match (&self.server, kubeconfig) {
+            (Some(s), k) => (split(s), k.map(|k| k.dialer).unwrap_or_default()),
+            (None, Some(k)) => (k.servers, k.dialer),
+            (None, None) => (split(crate::DEFAULT_SERVERS), Default::default()),
+        })
+    }
+
     pub fn client(&self) -> anyhow::Result<Client> {
-        let addrs: Vec<&str> = self
-            .server
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        Client::new(&addrs).map_err(|e| anyhow!(e))
+        let (servers, dialer) = self.target()?;
+        Client::with_dialer(&servers, &dialer).map_err(|e| anyhow!(e))
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{eventually, processes_with};
+use common::{etcdctl, eventually, ok, processes_with};
 
 /// A base port whose next five ports are free too.
 fn free_base() -> u16 {
@@ -98,10 +98,12 @@ impl Drop for Up {
     }
 }
 
-fn flotilla(servers: &str, args: &[&str], stdin: Option<&str>) -> Output {
+/// The CLI with `up`'s administrator kubeconfig (servers, CA, certificate).
+fn flotilla(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
         .args(args)
-        .args(["--server", servers])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -132,20 +134,68 @@ fn up_runs_pods_stops_cleanly_and_resumes() {
     let up = Up::start(&data, base);
     let said = up.until("Flotilla is up");
     assert!(said[0].starts_with("Starting"), "{said:#?}");
-    let nodes = flotilla(&servers, &["get", "nodes"], None);
+    assert!(said.last().unwrap().contains("TLS only"), "{said:#?}");
+    let said = up.until("Your credentials");
+    let kubeconfig = data.join("admin.kubeconfig");
+    assert!(
+        said[0].contains(&*kubeconfig.to_string_lossy()),
+        "{said:#?}"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&kubeconfig).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the kubeconfig holds a private key");
+
+    // TLS only, with client certificates: plaintext and anonymous clients are refused,
+    // etcdctl with etcd's own flags and up's certificates is let in.
+    let plain = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["get", "nodes", "--server", &servers])
+        .env_remove("KUBECONFIG")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plaintext client was served");
+    let pki = data.join("pki");
+    let pki = |f: &str| pki.join(f).to_string_lossy().into_owned();
+    let first = format!("https://127.0.0.1:{base}");
+    let anonymous = etcdctl(&first, &["--cacert", &pki("ca.crt"), "get", "k"]);
+    assert!(
+        !anonymous.status.success(),
+        "a client without a certificate was served"
+    );
+    let admin = [
+        "--cacert",
+        &pki("ca.crt"),
+        "--cert",
+        &pki("admin.crt"),
+        "--key",
+        &pki("admin.key"),
+    ];
+    ok(etcdctl(&first, &[&admin[..], &["put", "k", "v"]].concat()));
+    let got = ok(etcdctl(
+        &first,
+        &[&admin[..], &["get", "k", "--print-value-only"]].concat(),
+    ));
+    assert_eq!(got.trim(), "v");
+    let members = ok(etcdctl(&first, &[&admin[..], &["member", "list"]].concat()));
+    assert!(
+        members.contains(&format!("https://127.0.0.1:{}", base + 1)),
+        "{members}"
+    );
+
+    let nodes = flotilla(&kubeconfig, &["get", "nodes"], None);
     let table = String::from_utf8_lossy(&nodes.stdout).to_string();
     assert!(
         table.contains("local") && table.contains("Ready"),
         "{table}"
     );
-    let out = flotilla(&servers, &["apply", "-f", "-"], Some(&manifest));
+    let out = flotilla(&kubeconfig, &["apply", "-f", "-"], Some(&manifest));
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     eventually("the pod running", || {
-        let out = flotilla(&servers, &["get", "pod", "hello"], None);
+        let out = flotilla(&kubeconfig, &["get", "pod", "hello"], None);
         String::from_utf8_lossy(&out.stdout).contains("Running")
             && processes_with(&marker).len() == 1
     });
@@ -166,16 +216,23 @@ fn up_runs_pods_stops_cleanly_and_resumes() {
         );
     }
 
-    // Again: the same cluster, the pod runs again.
+    // Again: the same cluster and the same PKI, the pod runs again.
+    let ca = std::fs::read(data.join("pki/ca.crt")).unwrap();
+    let admin_crt = std::fs::read(data.join("pki/admin.crt")).unwrap();
     let up = Up::start(&data, base);
     let said = up.until("Flotilla is up");
     assert!(said[0].starts_with("Resuming"), "{said:#?}");
+    assert_eq!(std::fs::read(data.join("pki/ca.crt")).unwrap(), ca);
+    assert_eq!(
+        std::fs::read(data.join("pki/admin.crt")).unwrap(),
+        admin_crt
+    );
     eventually("the pod running again", || {
-        let out = flotilla(&servers, &["get", "pod", "hello"], None);
+        let out = flotilla(&kubeconfig, &["get", "pod", "hello"], None);
         String::from_utf8_lossy(&out.stdout).contains("Running")
             && processes_with(&marker).len() == 1
     });
-    let out = flotilla(&servers, &["logs", "hello"], None);
+    let out = flotilla(&kubeconfig, &["logs", "hello"], None);
     assert!(String::from_utf8_lossy(&out.stdout).contains("hi"));
     assert!(up.interrupt_and_wait().success());
     assert_eq!(processes_with(&marker).len(), 0);

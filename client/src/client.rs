@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use flotilla_proto::api::*;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 
@@ -76,8 +76,18 @@ fn should_fail_over(code: Code) -> bool {
 }
 
 impl Client {
-    /// A client of the servers at `addrs` (`HOST:PORT`); connections are made on first use.
+    /// A plaintext client of the servers at `addrs` (`HOST:PORT`); connections are made on
+    /// first use.
     pub fn new<S: AsRef<str>>(addrs: &[S]) -> std::result::Result<Self, String> {
+        Self::with_dialer(addrs, &flotilla_transport::Dialer::plain())
+    }
+
+    /// A client of the servers at `addrs`, connecting as `dialer` says (TLS, the caller's
+    /// certificate); connections are made on first use.
+    pub fn with_dialer<S: AsRef<str>>(
+        addrs: &[S],
+        dialer: &flotilla_transport::Dialer,
+    ) -> std::result::Result<Self, String> {
         if addrs.is_empty() {
             return Err("no server address given".into());
         }
@@ -85,13 +95,9 @@ impl Client {
         let mut names = Vec::new();
         for addr in addrs {
             let addr = addr.as_ref().trim();
-            let url = if addr.contains("://") {
-                addr.to_string()
-            } else {
-                format!("http://{addr}")
-            };
-            let endpoint = Endpoint::from_shared(url)
-                .map_err(|e| format!("invalid server address {addr:?}: {e}"))?
+            let endpoint = dialer
+                .endpoint(addr)
+                .map_err(|e| e.to_string())?
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))

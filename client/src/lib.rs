@@ -5,12 +5,14 @@
 //! - [`watch`]: a watch that resumes from the last revision it saw;
 //! - [`informer`]: list + watch → a local cache → add / update / delete handlers;
 //! - [`manifest`]: YAML/JSON manifests in Kubernetes' shape, with errors by path;
-//! - [`events`]: the spam filter that bounds the Events one object gets.
+//! - [`events`]: the spam filter that bounds the Events one object gets;
+//! - [`kubeconfig`]: the servers and credentials of a kubeconfig.
 
 mod breaker;
 pub mod client;
 pub mod events;
 pub mod informer;
+pub mod kubeconfig;
 pub mod manifest;
 pub mod watch;
 

@@ -41,6 +41,8 @@ pub const AGENT_ENDPOINT: &str = "flotilla.io/agent-endpoint";
 #[derive(Clone, Debug)]
 pub struct Config {
     pub servers: Vec<String>,
+    /// How the agent dials them: TLS with its node's certificate, or plaintext.
+    pub dialer: flotilla_transport::Dialer,
     pub node_name: String,
     pub node_ip: String,
     pub labels: BTreeMap<String, String>,
@@ -212,7 +214,7 @@ pub async fn run<R: Runtime>(
     rt: Arc<R>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
-    let client = Client::new(&config.servers).map_err(AgentError::Setup)?;
+    let client = Client::with_dialer(&config.servers, &config.dialer).map_err(AgentError::Setup)?;
     // The lease namespace, once the control plane answers.
     let ns = Namespace {
         metadata: Some(ObjectMeta {

@@ -10,21 +10,27 @@ use tonic::{Request, Response, Status};
 
 use super::{EtcdFace, strip_scheme, to_status, with_scheme};
 use crate::errors::{InvalidRequest, StoreError};
-use crate::node::MemberInfo;
+use crate::node::{MemberInfo, StoreConfig};
 
-fn to_member(m: &MemberInfo) -> Member {
+/// Members of one cluster share its TLS settings (one CA, set up together), so this
+/// member's own tell the scheme of every member's URLs.
+fn to_member(m: &MemberInfo, config: &StoreConfig) -> Member {
     Member {
         id: m.id,
         name: m.member.name.clone(),
-        peer_ur_ls: with_scheme(&m.member.peer_addr),
-        client_ur_ls: with_scheme(&m.member.client_addr),
+        peer_ur_ls: with_scheme(&m.member.peer_addr, config.peer_tls.is_some()),
+        client_ur_ls: with_scheme(&m.member.client_addr, config.client_tls),
         is_learner: m.is_learner,
     }
 }
 
 impl EtcdFace {
     fn member_list(&self) -> Vec<Member> {
-        self.node.members().iter().map(to_member).collect()
+        self.node
+            .members()
+            .iter()
+            .map(|m| to_member(m, self.node.config()))
+            .collect()
     }
 
     fn known(&self, id: u64) -> Result<MemberInfo, Status> {
@@ -63,7 +69,7 @@ impl Cluster for EtcdFace {
             member: Some(Member {
                 id,
                 name: String::new(),
-                peer_ur_ls: with_scheme(&addr),
+                peer_ur_ls: with_scheme(&addr, self.node.config().peer_tls.is_some()),
                 client_ur_ls: Vec::new(),
                 is_learner: req.is_learner,
             }),

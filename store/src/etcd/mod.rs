@@ -122,10 +122,11 @@ fn strip_scheme(url: &str) -> &str {
         .trim_start_matches("https://")
 }
 
-fn with_scheme(addr: &str) -> Vec<String> {
-    if addr.is_empty() {
-        Vec::new()
-    } else {
-        vec![format!("http://{addr}")]
+/// A member's URL as etcd lists it: `https://` when that port serves TLS.
+fn with_scheme(addr: &str, tls: bool) -> Vec<String> {
+    match (addr.is_empty(), tls) {
+        (true, _) => Vec::new(),
+        (false, true) => vec![format!("https://{addr}")],
+        (false, false) => vec![format!("http://{addr}")],
     }
 }

@@ -69,6 +69,38 @@ pub struct StoreConfig {
     pub peer_source_ip: Option<std::net::IpAddr>,
     /// Test hook: drops peer traffic the filter refuses.
     pub peer_filter: Option<Arc<dyn PeerFilter>>,
+    /// Mutual TLS on the peer port (`--peer-cert-file`, `--peer-key-file`,
+    /// `--peer-trusted-ca-file`); plaintext when unset.
+    pub peer_tls: Option<PeerTls>,
+    /// Whether the client port serves TLS: the member list then shows `https://` URLs.
+    pub client_tls: bool,
+}
+
+/// A member's TLS towards its peers: how it serves them (only members' certificates from
+/// the CA are let in) and how it dials them (its own certificate, the same CA).
+#[derive(Clone)]
+pub struct PeerTls {
+    pub server: flotilla_transport::ServerTls,
+    pub dialer: flotilla_transport::Dialer,
+}
+
+impl PeerTls {
+    /// From etcd's three peer flags.
+    pub fn from_files(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        trusted_ca: &std::path::Path,
+    ) -> Result<Self, flotilla_transport::Error> {
+        Ok(Self {
+            server: flotilla_transport::ServerTls::from_files(
+                cert,
+                key,
+                Some(trusted_ca),
+                flotilla_transport::ClientAuth::Members,
+            )?,
+            dialer: flotilla_transport::Dialer::from_files(trusted_ca, Some((cert, key)))?,
+        })
+    }
 }
 
 /// Default client port.
@@ -105,6 +137,8 @@ impl StoreConfig {
             watch: WatchConfig::default(),
             cache_bytes: 64 * 1024 * 1024,
             peer_filter: None,
+            peer_tls: None,
+            client_tls: false,
         }
     }
 
@@ -113,6 +147,14 @@ impl StoreConfig {
     /// A follower that hears nothing from its leader starts an election after
     /// `election_timeout_max` (openraft's leader lease) plus a random timeout between the two
     /// bounds: 560–720 ms of silence with the defaults.
+    /// How this member dials its peers.
+    pub(crate) fn peer_dialer(&self) -> flotilla_transport::Dialer {
+        self.peer_tls
+            .as_ref()
+            .map(|t| t.dialer.clone())
+            .unwrap_or_default()
+    }
+
     pub(crate) fn check(&self) -> Result<(), String> {
         if self.name.is_empty() {
             return Err("--name must not be empty".into());

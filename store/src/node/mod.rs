@@ -31,7 +31,8 @@ use tokio::task::JoinHandle;
 
 pub use backup::{restore_snapshot, verify_snapshot};
 pub use config::{
-    ClusterState, DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT, StoreConfig, parse_initial_cluster,
+    ClusterState, DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT, PeerTls, StoreConfig,
+    parse_initial_cluster,
 };
 pub use identity::Identity;
 pub use membership::MemberInfo;
@@ -174,6 +175,7 @@ impl StoreNode {
             config.peer_filter.clone(),
         )
         .with_source_ip(config.peer_source_ip)
+        .with_dialer(config.peer_dialer())
         .with_snapshot_files(snapshot_files.clone())
         .with_runtime(raft_runtime.handle().clone());
         let raft_config = raft_config(&config)?;
@@ -278,9 +280,14 @@ impl StoreNode {
             .max_decoding_message_size(PEER_MAX_MESSAGE)
             .max_encoding_message_size(PEER_MAX_MESSAGE);
         let mut stop = self.inner.shutdown.subscribe();
+        let tls = self
+            .inner
+            .config
+            .peer_tls
+            .as_ref()
+            .map(|t| t.server.clone());
         let task = self.inner.raft_runtime.handle().spawn(async move {
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = flotilla_transport::incoming(listener, tls, "peer");
             let result = tonic::transport::Server::builder()
                 .initial_stream_window_size(PEER_STREAM_WINDOW)
                 .initial_connection_window_size(PEER_CONNECTION_WINDOW)
@@ -680,7 +687,9 @@ async fn resolve_identity(config: &StoreConfig) -> Result<(Identity, bool), Star
 /// A member joining a running cluster learns its id (assigned by `member add`) and the
 /// cluster id from any running member that already lists its peer address.
 async fn discover_identity(config: &StoreConfig) -> Result<Identity, StartError> {
-    let peers = Peers::new(0, 0, None).with_source_ip(config.peer_source_ip);
+    let peers = Peers::new(0, 0, None)
+        .with_source_ip(config.peer_source_ip)
+        .with_dialer(config.peer_dialer());
     let hello = Hello {
         peer_addr: config.peer_addr.clone(),
     };
@@ -729,7 +738,9 @@ async fn discover_identity(config: &StoreConfig) -> Result<Identity, StartError>
 async fn probe_peers(config: &StoreConfig, identity: &Identity) -> Result<(), StartError> {
     // Sent with this member's cluster id: a member of another cluster refuses it, naming
     // neither cluster's id but the sender's.
-    let peers = Peers::new(0, identity.cluster_id, None).with_source_ip(config.peer_source_ip);
+    let peers = Peers::new(0, identity.cluster_id, None)
+        .with_source_ip(config.peer_source_ip)
+        .with_dialer(config.peer_dialer());
     let hello = Hello {
         peer_addr: config.peer_addr.clone(),
     };

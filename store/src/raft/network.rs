@@ -31,7 +31,7 @@ use openraft::raft::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::peer::{
     Hello, HelloReply, LeaderCallError, LeaderRequest, LeaderResponse, PreVoteRequest,
@@ -166,6 +166,8 @@ pub struct Peers {
     /// The runtime the connections and pipes to peers run on (the member's Raft runtime), so
     /// that Raft traffic never waits for client work; the caller's when unset.
     runtime: Option<tokio::runtime::Handle>,
+    /// Plain or mutual TLS (the member's `--peer-*` files).
+    dialer: flotilla_transport::Dialer,
 }
 
 impl Peers {
@@ -181,7 +183,14 @@ impl Peers {
             source_ip: None,
             snapshots: None,
             runtime: None,
+            dialer: flotilla_transport::Dialer::plain(),
         }
+    }
+
+    /// Dials peers with `dialer` (TLS with the member's certificate, or plaintext).
+    pub fn with_dialer(mut self, dialer: flotilla_transport::Dialer) -> Self {
+        self.dialer = dialer;
+        self
     }
 
     /// Runs the connections and pipes to peers on `runtime`.
@@ -212,7 +221,9 @@ impl Peers {
         if let Some(ch) = channels.get(addr) {
             return Ok(ch.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = self
+            .dialer
+            .endpoint(addr)
             .map_err(|e| PeerCallError::Unreachable {
                 addr: addr.into(),
                 reason: e.to_string(),
