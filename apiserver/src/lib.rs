@@ -31,7 +31,11 @@ pub use service::add_routes;
 
 /// Starts the API on `node`: the `default` namespace is created once a leader is there.
 pub fn start(node: StoreNode) -> Api {
-    let api = Api::new(node);
+    start_with(Api::new(node))
+}
+
+/// Starts the API server's background work for `api` (built with its dialer).
+pub fn start_with(api: Api) -> Api {
     tokio::spawn(ensure_default_namespace(api.clone()));
     api
 }

@@ -9,7 +9,6 @@ use flotilla_proto::api::{LogChunk, Node, Pod, PodLogsRequest};
 use flotilla_proto::flotilla_agent_v1::agent_client::AgentClient;
 use tokio_stream::Stream;
 use tonic::Status;
-use tonic::transport::Endpoint;
 
 use crate::errors::{ApiError, ApiResult};
 use crate::registry::{Api, effective_namespace};
@@ -87,12 +86,15 @@ impl Api {
                 spec.node_name
             ))
         };
-        let channel = Endpoint::from_shared(format!("http://{endpoint}"))
+        // An agent serving TLS publishes an https:// endpoint.
+        let channel = self
+            .agent_dialer()
+            .endpoint(&endpoint)
             .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(Duration::from_secs(3))
             .connect()
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| unreachable(flotilla_transport::source_chain(&e)))?;
         let stream = AgentClient::new(channel)
             .logs(req)
             .await

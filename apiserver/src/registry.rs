@@ -36,6 +36,8 @@ pub const ORPHAN_FINALIZER: &str = "orphan";
 #[derive(Clone)]
 pub struct Api {
     node: StoreNode,
+    /// How the API server dials agents (their log service): the member's own certificate.
+    agents: flotilla_transport::Dialer,
 }
 
 /// An object as read from the store, with the revision that wrote it.
@@ -200,7 +202,20 @@ fn allocate_cluster_ip<K: Resource>(object: &mut K) -> bool {
 
 impl Api {
     pub fn new(node: StoreNode) -> Self {
-        Self { node }
+        Self {
+            node,
+            agents: flotilla_transport::Dialer::plain(),
+        }
+    }
+
+    /// Dials agents with `dialer` (TLS with the member's certificate).
+    pub fn with_agent_dialer(mut self, dialer: flotilla_transport::Dialer) -> Self {
+        self.agents = dialer;
+        self
+    }
+
+    pub(crate) fn agent_dialer(&self) -> &flotilla_transport::Dialer {
+        &self.agents
     }
 
     pub fn node(&self) -> &StoreNode {

@@ -139,11 +139,29 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--node-name {node_name:?}: {e}"))?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
-    let (servers, dialer) = crate::verbs::ServerArg {
+    let server = crate::verbs::ServerArg {
         server: args.servers.clone(),
         kubeconfig: args.kubeconfig.clone(),
-    }
-    .target()?;
+    };
+    let (servers, dialer) = server.target()?;
+    // With a kubeconfig holding the node's certificate, the agent's own port serves TLS
+    // with it, to clients with a certificate from the same CA.
+    let tls = match server.kubeconfig()? {
+        Some(flotilla_client::kubeconfig::Target {
+            ca_pem: Some(ca),
+            identity: Some((cert, key)),
+            ..
+        }) => Some(
+            flotilla_transport::ServerTls::new(
+                &cert,
+                &key,
+                Some(&ca),
+                flotilla_transport::ClientAuth::Required,
+            )
+            .context("serving the agent's port with the kubeconfig's certificate")?,
+        ),
+        _ => None,
+    };
     let node_ip = match &args.node_ip {
         Some(ip) => ip
             .parse::<std::net::IpAddr>()
@@ -157,6 +175,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let config = Config {
         servers,
         dialer,
+        tls,
         node_name: node_name.clone(),
         node_ip: node_ip.clone(),
         labels: parse_labels(&args.labels)?,

@@ -304,6 +304,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         node.clone(),
         client,
         client_server_tls,
+        own_dialer.clone().unwrap_or_default(),
         leader_stats.clone(),
     ));
     let leader_config = crate::leader::LeaderConfig {
@@ -359,6 +360,7 @@ pub async fn serve_clients(
     node: StoreNode,
     listener: tokio::net::TcpListener,
     tls: Option<flotilla_transport::ServerTls>,
+    agents: flotilla_transport::Dialer,
     leader_stats: std::sync::Arc<crate::leader::LeaderStats>,
 ) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -371,7 +373,8 @@ pub async fn serve_clients(
         .context("building the reflection service")?;
     let routes = tonic::service::Routes::new(health).add_service(reflection);
     let routes = flotilla_store::etcd::add_routes(routes, &node);
-    let routes = flotilla_apiserver::add_routes(routes, flotilla_apiserver::start(node.clone()));
+    let api = flotilla_apiserver::Api::new(node.clone()).with_agent_dialer(agents);
+    let routes = flotilla_apiserver::add_routes(routes, flotilla_apiserver::start_with(api));
     let requests = std::sync::Arc::new(crate::metrics::RequestStats::default());
     let sources = std::sync::Arc::new(crate::metrics::Sources {
         node: node.clone(),

@@ -35,10 +35,7 @@ impl ServerArg {
     /// (plaintext, unless a kubeconfig gives TLS settings), else the kubeconfig's servers,
     /// else `flotilla up`'s plaintext defaults.
     pub fn target(&self) -> anyhow::Result<(Vec<String>, flotilla_transport::Dialer)> {
-        let kubeconfig = flotilla_client::kubeconfig::find(self.kubeconfig.as_deref())
-            .map(|p| flotilla_client::kubeconfig::load(&p))
-            .transpose()
-            .map_err(|e| anyhow!(e))?;
+        let kubeconfig = self.kubeconfig()?;
         let split = |s: &str| -> Vec<String> {
             s.split(',')
                 .map(str::trim)
@@ -51,6 +48,14 @@ impl ServerArg {
             (None, Some(k)) => (k.servers, k.dialer),
             (None, None) => (split(crate::DEFAULT_SERVERS), Default::default()),
         })
+    }
+
+    /// The kubeconfig in effect, read.
+    pub fn kubeconfig(&self) -> anyhow::Result<Option<flotilla_client::kubeconfig::Target>> {
+        flotilla_client::kubeconfig::find(self.kubeconfig.as_deref())
+            .map(|p| flotilla_client::kubeconfig::load(&p))
+            .transpose()
+            .map_err(|e| anyhow!(e))
     }
 
     pub fn client(&self) -> anyhow::Result<Client> {

@@ -300,3 +300,111 @@ fn strangers_at_the_peer_port_neither_join_nor_disturb() {
     assert_eq!(list.lines().count(), 3, "{list}");
     ok(c.etcdctl(&c.members[1], &c.admin(), &["put", "after", "strangers"]));
 }
+
+/// An agent started with a node's kubeconfig: it registers through TLS as
+/// `system:node:w1`, serves its own port with that certificate, and gives logs only to
+/// members and administrators.
+#[test]
+fn an_agent_serves_its_port_with_its_nodes_certificate() {
+    use flotilla_proto::api::{Node, PodLogsRequest};
+    use flotilla_proto::flotilla_agent_v1::agent_client::AgentClient;
+
+    let c = TlsCluster::start();
+    let servers: Vec<String> = c.members.iter().map(|m| m.client.clone()).collect();
+    let pki = c.pki.to_string_lossy().into_owned();
+    let kubeconfig = |user: &str| {
+        let text = ok(flotilla(&[
+            "certs",
+            "kubeconfig",
+            "--dir",
+            &pki,
+            "--user",
+            user,
+            "--server",
+            &servers.join(","),
+        ]));
+        let path = c.dir.path().join(format!("{user}.kubeconfig"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (w1, admin) = (kubeconfig("w1"), kubeconfig("admin"));
+    certs(&c.pki, &["issue", "--name", "alice", "--kind", "user"]);
+    let log = std::fs::File::create(c.dir.path().join("w1.log")).unwrap();
+    let logs_addr = format!("127.0.0.1:{}", common::free_port());
+    let agent = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args([
+            "agent",
+            "--runtime",
+            "fake",
+            "--node-name",
+            "w1",
+            "--kubeconfig",
+        ])
+        .arg(&w1)
+        .args(["--logs-addr", &logs_addr])
+        .arg("--data-dir")
+        .arg(c.dir.path().join("w1"))
+        .env_remove("KUBECONFIG")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _agent = KillOnDrop(agent);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = rt.enter();
+    let admin = flotilla_client::kubeconfig::load(&admin).unwrap();
+    let client = flotilla_client::Client::with_dialer(&admin.servers, &admin.dialer).unwrap();
+    let mut endpoint = String::new();
+    eventually("node w1 registered with its agent's endpoint", || {
+        let node: Option<Node> = rt.block_on(client.get::<Node>("", "w1")).ok();
+        endpoint = node
+            .and_then(|n| n.metadata)
+            .and_then(|m| {
+                m.annotations
+                    .get(flotilla_node_agent::AGENT_ENDPOINT)
+                    .cloned()
+            })
+            .unwrap_or_default();
+        !endpoint.is_empty()
+    });
+    assert_eq!(endpoint, format!("https://{logs_addr}"));
+    let ask = |user: &str| -> Result<(), tonic::Status> {
+        let f = |s: &str| c.pki.join(s);
+        let dialer = flotilla_transport::Dialer::from_files(
+            &f("ca.crt"),
+            Some((&f(&format!("{user}.crt")), &f(&format!("{user}.key")))),
+        )
+        .unwrap();
+        rt.block_on(async {
+            let channel = dialer.endpoint(&endpoint).unwrap().connect().await;
+            let channel = channel.unwrap_or_else(|e| panic!("the agent's port: {e:?}"));
+            AgentClient::new(channel)
+                .logs(PodLogsRequest {
+                    uid: "no-such-pod".into(),
+                    container: "main".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+        })
+    };
+    let denied = ask("alice").unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("\"alice\""), "{denied:?}");
+    let denied = ask("w1").unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    // A member and an administrator get past the check (to "no such container").
+    for user in ["n1", "admin"] {
+        if let Err(s) = ask(user) {
+            assert_ne!(s.code(), tonic::Code::PermissionDenied, "{user}: {s:?}");
+        }
+    }
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

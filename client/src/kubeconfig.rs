@@ -120,6 +120,11 @@ pub struct Target {
     pub dialer: Dialer,
     /// The context's namespace, when it names one.
     pub namespace: Option<String>,
+    /// The cluster's CA (PEM), when the kubeconfig has one.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The user's certificate and key (PEM), when it has them: an agent also serves its own
+    /// port with its node's certificate.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The kubeconfig to use: `explicit` (`--kubeconfig`), else the first file of `KUBECONFIG`,
@@ -230,9 +235,9 @@ pub fn target(config: &KubeConfig, dir: &Path) -> Result<Target, String> {
             }
         }
     };
-    let dialer = match ca {
+    let dialer = match &ca {
         Some(ca) => Dialer::tls(
-            &ca,
+            ca,
             identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
         )
         .map_err(|e| e.to_string())?,
@@ -248,6 +253,8 @@ pub fn target(config: &KubeConfig, dir: &Path) -> Result<Target, String> {
         servers,
         dialer,
         namespace: context.namespace.clone(),
+        ca_pem: ca,
+        identity,
     })
 }
 

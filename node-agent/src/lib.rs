@@ -43,6 +43,10 @@ pub struct Config {
     pub servers: Vec<String>,
     /// How the agent dials them: TLS with its node's certificate, or plaintext.
     pub dialer: flotilla_transport::Dialer,
+    /// TLS on the agent's own port (logs, metrics), with the node's certificate: clients
+    /// need a certificate from the cluster's CA, and logs are for members and
+    /// `system:masters` only. Plaintext when unset.
+    pub tls: Option<flotilla_transport::ServerTls>,
     pub node_name: String,
     pub node_ip: String,
     pub labels: BTreeMap<String, String>,
@@ -258,6 +262,13 @@ pub async fn run<R: Runtime>(
     } else {
         bound.to_string()
     };
+    // The scheme tells the API server to dial TLS.
+    let endpoint = if config.tls.is_some() {
+        format!("https://{endpoint}")
+    } else {
+        endpoint
+    };
+    let tls = config.tls.clone();
     let logs_server = {
         let service =
             flotilla_proto::flotilla_agent_v1::agent_server::AgentServer::new(logs::LogService {
@@ -277,7 +288,7 @@ pub async fn run<R: Runtime>(
                 .layer(flotilla_proto::guard::layer(metrics::PLAIN_HTTP))
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
+                    flotilla_transport::incoming(listener, tls, "agent"),
                     async move {
                         let _ = stop.wait_for(|s| *s).await;
                     },

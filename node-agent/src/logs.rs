@@ -42,6 +42,17 @@ impl<R: Runtime> Agent for LogService<R> {
     type LogsStream = ChunkStream;
 
     async fn logs(&self, r: Request<PodLogsRequest>) -> Result<Response<ChunkStream>, Status> {
+        // Over TLS, logs are for the members (the API server's proxy) and administrators;
+        // other certificates from the CA (another node's, a user's) are refused.
+        if let Some(peer) = flotilla_transport::ConnInfo::of(&r).and_then(|c| c.peer.as_deref())
+            && !(peer.is_member() || peer.groups.iter().any(|g| g == "system:masters"))
+        {
+            return Err(Status::permission_denied(format!(
+                "User {:?} cannot get resource \"pods/log\" from this node's agent: only the \
+                 control plane's members and system:masters may",
+                peer.user
+            )));
+        }
         let req = r.into_inner();
         let mut runs: Vec<_> = self
             .rt

@@ -135,7 +135,9 @@ impl Dialer {
     }
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
+/// An error with its causes (`transport error: tls handshake: invalid peer certificate`):
+/// tonic's own `Display` stops at "transport error".
+pub fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut next = e.source();
     while let Some(inner) = next {
@@ -176,6 +178,12 @@ pub enum ClientAuth {
 pub struct ServerTls {
     acceptor: tokio_rustls::TlsAcceptor,
     auth: ClientAuth,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerTls({:?})", self.auth)
+    }
 }
 
 impl ServerTls {
