@@ -27,7 +27,7 @@ pub async fn pod_startup(
     pods: usize,
     clients: usize,
 ) -> anyhow::Result<Report> {
-    let c = Client::new(endpoints).map_err(anyhow::Error::msg)?;
+    let c = Client::with_dialer(endpoints, &crate::net::dialer()).map_err(anyhow::Error::msg)?;
     ensure_namespace(&c, "bench-agent").await?;
     let start_rv = c
         .list_page::<Pod>(&ListRequest {
@@ -192,7 +192,7 @@ pub async fn agent_sim(
     prefix: &str,
     duration: Duration,
 ) -> anyhow::Result<Report> {
-    let c = Client::new(endpoints).map_err(anyhow::Error::msg)?;
+    let c = Client::with_dialer(endpoints, &crate::net::dialer()).map_err(anyhow::Error::msg)?;
     let wait = Instant::now();
     loop {
         let (n, ready) = nodes_ready(&c, prefix).await?;

@@ -21,7 +21,7 @@ fn clients(endpoints: &[String], conns: usize) -> anyhow::Result<Vec<Client>> {
         .map(|i| {
             let mut rotated = endpoints.to_vec();
             rotated.rotate_left(i % endpoints.len());
-            Client::new(&rotated).map_err(anyhow::Error::msg)
+            Client::with_dialer(&rotated, &crate::net::dialer()).map_err(anyhow::Error::msg)
         })
         .collect()
 }

@@ -29,7 +29,7 @@ use crate::sched::LEASE_NAMESPACE;
 fn client(endpoints: &[String], i: usize) -> anyhow::Result<Client> {
     let mut rotated = endpoints.to_vec();
     rotated.rotate_left(i % endpoints.len());
-    Client::new(&rotated).map_err(anyhow::Error::msg)
+    Client::with_dialer(&rotated, &crate::net::dialer()).map_err(anyhow::Error::msg)
 }
 
 /// Simulated nodes: Node objects, Leases renewed every `interval` while alive, and a
@@ -352,7 +352,7 @@ pub async fn failover(endpoints: &[String], member_pids: &[u32]) -> anyhow::Resu
         .filter(|(i, _)| *i != index)
         .map(|(_, e)| e.clone())
         .collect();
-    let c = Client::new(&survivors).map_err(anyhow::Error::msg)?;
+    let c = Client::with_dialer(&survivors, &crate::net::dialer()).map_err(anyhow::Error::msg)?;
     loop {
         match c
             .delete::<Pod>(&DeleteRequest {

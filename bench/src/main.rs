@@ -36,7 +36,7 @@ use crate::load::{Limit, Load};
     about = "Load generator for etcd v3 endpoints"
 )]
 struct Cli {
-    /// Endpoints, HOST:PORT,... (plain http; clients are spread over them round-robin, and
+    /// Endpoints, HOST:PORT,... (https with --cacert, else plain http; clients are spread over them round-robin, and
     /// when there are fewer clients than endpoints each client sends its successive requests
     /// to successive endpoints). The default is a Flotilla server's default client address.
     #[arg(long, global = true, default_value = "127.0.0.1:7379")]
@@ -44,6 +44,15 @@ struct Cli {
     /// Print each result as one JSON object instead of a human-readable line.
     #[arg(long, global = true)]
     json: bool,
+    /// TLS: the CA to trust (etcdctl's flag); endpoints are then dialled with https.
+    #[arg(long, global = true)]
+    cacert: Option<std::path::PathBuf>,
+    /// TLS: the client certificate to present (with --key).
+    #[arg(long, global = true, requires_all = ["key", "cacert"])]
+    cert: Option<std::path::PathBuf>,
+    /// TLS: the key of --cert.
+    #[arg(long, global = true, requires = "cert")]
+    key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -288,6 +297,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(ca) = &cli.cacert {
+        let identity = cli.cert.as_deref().zip(cli.key.as_deref());
+        net::use_tls(flotilla_transport::Dialer::from_files(ca, identity)?);
+    }
     let endpoints = net::endpoint_list(&cli.endpoints)?;
     let report = match cli.command {
         Command::Put {

@@ -4,7 +4,8 @@ use std::error::Error as _;
 use std::time::Duration;
 
 use anyhow::Context;
-use tonic::transport::{Channel, Endpoint};
+use flotilla_transport::Dialer;
+use tonic::transport::Channel;
 
 /// Splits `HOST:PORT,HOST:PORT,...` into endpoints; fails when none is given.
 pub fn endpoint_list(s: &str) -> anyhow::Result<Vec<String>> {
@@ -18,17 +19,26 @@ pub fn endpoint_list(s: &str) -> anyhow::Result<Vec<String>> {
     Ok(list)
 }
 
-/// A lazily connected plain-http channel to one endpoint (`HOST:PORT` or a full URL).
+static DIALER: std::sync::OnceLock<Dialer> = std::sync::OnceLock::new();
+
+/// Makes every connection of this run TLS (`--cacert`, `--cert`, `--key`, as etcdctl's).
+pub fn use_tls(dialer: Dialer) {
+    let _ = DIALER.set(dialer);
+}
+
+/// How this run connects: TLS after [`use_tls`], else plaintext.
+pub fn dialer() -> Dialer {
+    DIALER.get().cloned().unwrap_or_default()
+}
+
+/// A lazily connected channel to one endpoint (`HOST:PORT` or a full URL), TLS or not as
+/// [`dialer`] says.
 ///
 /// Connection failures surface on the first request, as a `tonic::Status`; with `timeout`, every
 /// request on the channel fails after that long.
 pub fn channel(endpoint: &str, timeout: Option<Duration>) -> anyhow::Result<Channel> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
-    };
-    let mut e = Endpoint::from_shared(url)
+    let mut e = dialer()
+        .endpoint(endpoint)
         .with_context(|| format!("bad endpoint {endpoint:?}"))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(1));
