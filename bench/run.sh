@@ -23,6 +23,9 @@
 #   BASE_PORT=23790   Flotilla uses BASE_PORT..+5, etcd BASE_PORT+10..+15 (client, peer pairs)
 #   FLOTILLA_SERVER_ARGS="--snapshot-bytes 8388608"   extra `flotilla server` flags
 #   KEEP_WORK=1       keep the members' data dirs and logs (the path is printed at the end)
+#   TLS=1             both systems with TLS on both ports, client certificates required, the
+#                     same certificates (made by `flotilla certs`): Flotilla with its etcd-named
+#                     flags, etcd with its own; the load generator with --cacert/--cert/--key
 #
 # Results: bench/results/<date>/results.jsonl (one JSON object per measurement, with "system"
 # and "round"), summary.md (medians and Flotilla/etcd ratios), bench.log (the load generator's
@@ -42,6 +45,7 @@ ONLY=${ONLY:-}
 BASE_PORT=${BASE_PORT:-23790}
 FLOTILLA_SERVER_ARGS=${FLOTILLA_SERVER_ARGS:-}
 WARM_PUTS=${WARM_PUTS:-0}
+TLS=${TLS:-0}
 
 out="bench/results/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out/logs"
@@ -72,6 +76,17 @@ systemctl stop etcd 2>/dev/null || true
 
 work=$(mktemp -d /tmp/flotilla-bench.XXXXXX) # $sys/$member/data, logs/$sys-$member.log
 mkdir -p "$work/logs"
+# TLS=1: one CA, a member certificate per member of either system, an admin for the load.
+TLS_ARGS=()
+if [ "$TLS" = 1 ]; then
+    pki="$work/pki"
+    "$FLOTILLA" certs init --dir "$pki" >/dev/null
+    for m in n1 n2 n3 e1 e2 e3; do
+        "$FLOTILLA" certs issue --dir "$pki" --name "$m" --kind member >/dev/null
+    done
+    "$FLOTILLA" certs issue --dir "$pki" --name admin --kind user --group system:masters >/dev/null
+    TLS_ARGS=(--cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key")
+fi
 declare -A PIDS # "$sys$i" -> pid of member i
 writer=""       # pid of a background unavailability writer
 
@@ -98,6 +113,8 @@ prefix_of() { if [ "$1" = flotilla ]; then echo n; else echo e; fi; }
 endpoints() { echo "127.0.0.1:$(client_port "$1" 1),127.0.0.1:$(client_port "$1" 2),127.0.0.1:$(client_port "$1" 3)"; }
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+scheme=http
+if [ "$TLS" = 1 ]; then scheme=https; fi
 
 # start_member SYS I: starts member I of SYS on its data dir (kept if it exists: a restart).
 start_member() {
@@ -114,28 +131,35 @@ start_member() {
     local cluster="" j
     for j in 1 2 3; do
         local peer="127.0.0.1:$(($(client_port "$sys" "$j") + 1))"
-        if [ "$sys" = flotilla ]; then cluster+="$pfx$j=$peer,"; else cluster+="$pfx$j=http://$peer,"; fi
+        if [ "$sys" = flotilla ]; then cluster+="$pfx$j=$peer,"; else cluster+="$pfx$j=$scheme://$peer,"; fi
     done
     cluster=${cluster%,}
+    local tls=()
+    if [ "$TLS" = 1 ]; then
+        local c="$pki/$pfx$i.crt" k="$pki/$pfx$i.key"
+        tls=(--cert-file "$c" --key-file "$k" --trusted-ca-file "$pki/ca.crt" --client-cert-auth
+            --peer-cert-file "$c" --peer-key-file "$k" --peer-trusted-ca-file "$pki/ca.crt")
+        if [ "$sys" = etcd ]; then tls+=(--peer-client-cert-auth); fi
+    fi
     if [ "$sys" = flotilla ]; then
         "$FLOTILLA" server --name "$pfx$i" --data-dir "$dir/data" \
             --client-addr "127.0.0.1:$cp" --peer-addr "127.0.0.1:$pp" \
-            --initial-cluster "$cluster" $FLOTILLA_SERVER_ARGS >>"$logf" 2>&1 &
+            --initial-cluster "$cluster" "${tls[@]}" $FLOTILLA_SERVER_ARGS >>"$logf" 2>&1 &
     else
         local state=new
         if [ -d "$dir/data/member" ]; then state=existing; fi
         etcd --name "$pfx$i" --data-dir "$dir/data" \
-            --listen-client-urls "http://127.0.0.1:$cp" --advertise-client-urls "http://127.0.0.1:$cp" \
-            --listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \
+            --listen-client-urls "$scheme://127.0.0.1:$cp" --advertise-client-urls "$scheme://127.0.0.1:$cp" \
+            --listen-peer-urls "$scheme://127.0.0.1:$pp" --initial-advertise-peer-urls "$scheme://127.0.0.1:$pp" \
             --initial-cluster "$cluster" --initial-cluster-state "$state" \
-            --initial-cluster-token flotilla-bench >>"$logf" 2>&1 &
+            --initial-cluster-token flotilla-bench "${tls[@]}" >>"$logf" 2>&1 &
     fi
     PIDS[$sys$i]=$!
 }
 
 # Waits until every member answers, all agree on a leader and serve linearizable reads.
 wait_healthy() {
-    if ! "$BENCH" --endpoints "$(endpoints "$1")" health --wait 60 >/dev/null 2>>"$out/bench.log"; then
+    if ! "$BENCH" "${TLS_ARGS[@]}" --endpoints "$(endpoints "$1")" health --wait 60 >/dev/null 2>>"$out/bench.log"; then
         echo "$1 is not healthy after 60 s (see $out/bench.log and $out/logs/)" >&2
         exit 1
     fi
@@ -177,7 +201,7 @@ bench() {
     local sys=$1 round=$2 r
     shift 2
     log "$sys round $round: $*"
-    if r=$("$BENCH" --json --endpoints "$(endpoints "$sys")" "$@" 2>>"$out/bench.log"); then
+    if r=$("$BENCH" "${TLS_ARGS[@]}" --json --endpoints "$(endpoints "$sys")" "$@" 2>>"$out/bench.log"); then
         record "$sys" "$round" "$r"
     else
         echo "FAILED: $sys $* (see $out/bench.log)" | tee -a "$out/bench.log" >&2
@@ -190,13 +214,13 @@ suite() {
     start_cluster "$sys"
     if [ "$WARM_PUTS" -gt 0 ]; then
         log "$sys round $round: warm-up, $WARM_PUTS puts"
-        "$BENCH" --endpoints "$(endpoints "$sys")" put --clients 64 --total "$WARM_PUTS" \
+        "$BENCH" "${TLS_ARGS[@]}" --endpoints "$(endpoints "$sys")" put --clients 64 --total "$WARM_PUTS" \
             --value-size 256 >/dev/null 2>>"$out/bench.log"
     fi
     for level in $PUT_LEVELS; do
         bench "$sys" "$round" put --clients "${level%%:*}" --total "$(n "${level#*:}")" --value-size 256
     done
-    "$BENCH" --endpoints "$(endpoints "$sys")" fill --keys 1000 --total 1000 --clients 16 >/dev/null 2>>"$out/bench.log"
+    "$BENCH" "${TLS_ARGS[@]}" --endpoints "$(endpoints "$sys")" fill --keys 1000 --total 1000 --clients 16 >/dev/null 2>>"$out/bench.log"
     for level in $RANGE_LEVELS; do
         for c in l s; do
             bench "$sys" "$round" range --clients "${level%%:*}" --total "$(n "${level#*:}")" \
@@ -212,7 +236,7 @@ suite() {
 # The member number of SYS's leader.
 leader_member() {
     local sys=$1 leader i
-    leader=$("$BENCH" --endpoints "$(endpoints "$sys")" leader 2>>"$out/bench.log") || return 1
+    leader=$("$BENCH" "${TLS_ARGS[@]}" --endpoints "$(endpoints "$sys")" leader 2>>"$out/bench.log") || return 1
     for i in 1 2 3; do
         if [ "$leader" = "127.0.0.1:$(client_port "$sys" "$i")" ]; then echo "$i"; fi
     done
@@ -226,7 +250,7 @@ failover() {
     start_cluster "$sys"
     for run in $(seq 1 "$FAILOVER_RUNS"); do
         log "$sys failover $run"
-        "$BENCH" --json --endpoints "$(endpoints "$sys")" unavailability --duration 8 \
+        "$BENCH" "${TLS_ARGS[@]}" --json --endpoints "$(endpoints "$sys")" unavailability --duration 8 \
             --timeout-ms 200 --interval-ms 10 >"$work/unavail.json" 2>>"$out/bench.log" &
         writer=$!
         sleep 3
@@ -279,7 +303,7 @@ measure_members() {
     echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (modified)')"
     echo "- etcd: $(etcd --version 2>/dev/null | head -1)"
     echo "- machine: $(nproc) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
-    echo "- RUNS=$RUNS FAILOVER_RUNS=$FAILOVER_RUNS SCALE=$SCALE PUT_LEVELS=\"$PUT_LEVELS\" RANGE_LEVELS=\"$RANGE_LEVELS\" WATCHERS=\"$WATCHERS\" WARM_PUTS=$WARM_PUTS"
+    echo "- TLS=$TLS RUNS=$RUNS FAILOVER_RUNS=$FAILOVER_RUNS SCALE=$SCALE PUT_LEVELS=\"$PUT_LEVELS\" RANGE_LEVELS=\"$RANGE_LEVELS\" WATCHERS=\"$WATCHERS\" WARM_PUTS=$WARM_PUTS"
     echo
 } >"$out/header.md"
 

@@ -24,6 +24,20 @@ fn certs(dir: &Path, args: &[&str]) {
     ok(flotilla(&[&["certs"], args, &["--dir", &dir]].concat()));
 }
 
+/// An administrator's certificate in `pki`: user `admin` in `system:masters`.
+fn issue_admin(pki: &Path) {
+    let args = [
+        "issue",
+        "--name",
+        "admin",
+        "--kind",
+        "user",
+        "--group",
+        "system:masters",
+    ];
+    certs(pki, &args);
+}
+
 /// `flotilla server`'s TLS flags for member `name`, its certificate from `pki`, trusting
 /// `ca` on both ports.
 fn tls_flags(pki: &Path, name: &str, ca: &Path) -> Vec<String> {
@@ -64,18 +78,7 @@ impl TlsCluster {
         for n in ["n1", "n2", "n3"] {
             certs(&pki, &["issue", "--name", n, "--kind", "member"]);
         }
-        certs(
-            &pki,
-            &[
-                "issue",
-                "--name",
-                "admin",
-                "--kind",
-                "user",
-                "--group",
-                "system:masters",
-            ],
-        );
+        issue_admin(&pki);
         certs(&pki, &["issue", "--name", "w1", "--kind", "agent"]);
         let mut members: Vec<Member> = ["n1", "n2", "n3"]
             .iter()
@@ -173,18 +176,7 @@ fn etcdctl_needs_a_certificate_from_the_clusters_ca() {
     );
     let other = c.dir.path().join("other-pki");
     certs(&other, &["init"]);
-    certs(
-        &other,
-        &[
-            "issue",
-            "--name",
-            "admin",
-            "--kind",
-            "user",
-            "--group",
-            "system:masters",
-        ],
-    );
+    issue_admin(&other);
     let f = |s: &str| other.join(s).to_string_lossy().into_owned();
     let stranger = vec![
         "--cacert".into(),
