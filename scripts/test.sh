@@ -33,16 +33,20 @@ export FLOTILLA_PYTHON="$PWD/$PYENV/bin/python"
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The binary tests run `flotilla` from the build tree; build it once for all of them.
-cargo build --locked -p flotilla-cli
+# One build of everything, binaries and tests together: one feature set (the tests'
+# dev-dependencies turn on features, such as tokio's test-util, that a build of the
+# binaries alone would not, and every crate above them would be compiled twice). The
+# tests, the chaos suite and the compose test all run these binaries.
+cargo build --workspace --all-targets --locked
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast
 else
     cargo test --workspace --locked --no-fail-fast
 fi
+export FLOTILLA_BIN=target/debug/flotilla
 # The chaos suite's fixed set: real clusters under every fault, histories checked
 # (docs/CHAOS.md). Reports land in target/chaos-reports.
-cargo run --locked -q -p flotilla-chaos -- --ci
+target/debug/flotilla-chaos --ci
 # The compose deployment (deploy/): three members and two workers in containers, the
 # leader's container killed. Skipped where no Docker engine answers.
-FLOTILLA_BIN=target/debug/flotilla deploy/test.sh
+deploy/test.sh
