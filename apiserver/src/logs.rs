@@ -86,7 +86,15 @@ impl Api {
                 spec.node_name
             ))
         };
-        // An agent serving TLS publishes an https:// endpoint.
+        // An agent serving TLS publishes an https:// endpoint; a member that dials TLS
+        // never talks to a plaintext one.
+        if self.agent_dialer().is_tls() && !endpoint.starts_with("https://") {
+            return Err(unreachable(
+                "it serves plaintext and this cluster uses TLS: start the agent with its \
+                 node's kubeconfig (docs/security.md)"
+                    .into(),
+            ));
+        }
         let channel = self
             .agent_dialer()
             .endpoint(&endpoint)

@@ -151,15 +151,26 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             ca_pem: Some(ca),
             identity: Some((cert, key)),
             ..
-        }) => Some(
+        }) => Some({
+            // The agent acts as, and serves its port as, its node: nobody else's identity.
+            let who = flotilla_transport::Peer::from_pem(&cert)?;
+            let node_user = format!("system:node:{node_name}");
+            if who.user != node_user || !who.server_auth {
+                bail!(
+                    "the kubeconfig's certificate is user {:?}, not {node_user}: give the agent \
+                     its node's kubeconfig (flotilla certs issue --kind agent --name {node_name}, \
+                     then flotilla certs kubeconfig --user {node_name}; docs/security.md)",
+                    who.user
+                );
+            }
             flotilla_transport::ServerTls::new(
                 &cert,
                 &key,
                 Some(&ca),
                 flotilla_transport::ClientAuth::Required,
             )
-            .context("serving the agent's port with the kubeconfig's certificate")?,
-        ),
+            .context("serving the agent's port with the kubeconfig's certificate")?
+        }),
         _ => None,
     };
     let node_ip = match &args.node_ip {

@@ -90,12 +90,26 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                     .filter_map(|m| Some(format!(
                         "{}={}",
                         m.name,
-                        m.peer_ur_ls.first()?.trim_start_matches("http://")
+                        m.peer_ur_ls
+                            .first()?
+                            .trim_start_matches("http://")
+                            .trim_start_matches("https://")
                     )))
                     .chain([format!("{name}={peer_addr}")])
                     .collect::<Vec<_>>()
                     .join(",")
             );
+            if members
+                .iter()
+                .any(|m| m.peer_ur_ls.iter().any(|u| u.starts_with("https://")))
+            {
+                println!(
+                    "and the TLS flags the other members have: --cert-file --key-file \
+                     --trusted-ca-file --client-cert-auth --peer-cert-file --peer-key-file \
+                     --peer-trusted-ca-file, with a member certificate for {name} \
+                     (flotilla certs issue --kind member; docs/security.md)"
+                );
+            }
             Ok(())
         }
         ClusterCommand::Promote { member } => {

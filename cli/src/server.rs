@@ -284,6 +284,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for peers on {listen_peer}"))?;
     let client_tls = args.tls.client()?;
+    if client_tls.is_some() && !args.tls.client_cert_auth {
+        eprintln!(
+            "flotilla: warning: the client port {} serves TLS but lets clients in without a \
+             certificate (no --client-cert-auth), and there is no authorization yet: an \
+             anonymous client owns the cluster",
+            args.client_addr
+        );
+    }
     if client_tls.is_none() {
         eprintln!(
             "flotilla: warning: the client port {} serves plaintext without authentication: \

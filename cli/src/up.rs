@@ -205,6 +205,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         if resuming { "Resuming" } else { "Starting" },
         data.display()
     );
+    if ["n1", "n2", "n3", "admin", "ca"].contains(&args.node_name.as_str()) {
+        bail!(
+            "--node-name {}: that name is taken by a member's or admin's certificate in {}",
+            args.node_name,
+            data.join("pki").display()
+        );
+    }
     let pki = Pki::ensure(data, &args.node_name, &endpoints)?;
     let mut procs = Vec::new();
     for i in 0..3u16 {
@@ -285,10 +292,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         stop(&mut procs).await;
         return Err(e);
     }
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let kubeconfig = absolute(&pki.admin_kubeconfig);
+    let found = if kubeconfig == absolute(Path::new(flotilla_client::kubeconfig::UP_KUBECONFIG)) {
+        format!(
+            "The CLI reads them from ./{} in this directory; elsewhere, export KUBECONFIG={}",
+            flotilla_client::kubeconfig::UP_KUBECONFIG,
+            kubeconfig.display()
+        )
+    } else {
+        format!("For the CLI: export KUBECONFIG={}", kubeconfig.display())
+    };
     println!(
         "\nFlotilla is up ({:.1} s). Servers (TLS only): {}\n\
          Your credentials (user admin, group system:masters): {}\n\
-         The CLI reads them from ./{} in this directory; elsewhere, export KUBECONFIG={}\n\n\
+         {found}\n\n\
          Try:\n  flotilla cluster status\n  flotilla get nodes\n  flotilla apply -f examples/ticker.yaml\n  \
          flotilla get pods -w\n  flotilla logs POD\n  \
          etcdctl --endpoints https://{} --cacert {ca} --cert {cert} --key {key} member list\n\n\
@@ -296,10 +314,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         endpoints.join(","),
         pki.admin_kubeconfig.display(),
-        flotilla_client::kubeconfig::UP_KUBECONFIG,
-        std::path::absolute(&pki.admin_kubeconfig)
-            .unwrap_or_else(|_| pki.admin_kubeconfig.clone())
-            .display(),
         endpoints[0],
         logs.display(),
         ca = pki.dir.join("ca.crt").display(),

@@ -257,11 +257,23 @@ fn strangers_at_the_peer_port_neither_join_nor_disturb() {
     certs(&other, &["issue", "--name", "rogue", "--kind", "member"]);
 
     // A would-be member that knows the cluster's CA but holds another CA's certificate, and
-    // one with a node's certificate from the cluster's own CA: each tries to join through
-    // n1 and is refused at the handshake.
+    // one with a node's certificate from the cluster's own CA. Each is added to the cluster
+    // first (as an administrator would), so that only the certificate check keeps it out:
+    // it tries to join through n1 and is refused at the handshake.
     let rogues = [("rogue", other.clone()), ("w1", c.pki.clone())];
     for (name, pki) in &rogues {
         let mut m = Member::new(name, c.dir.path().join(format!("{name}-data")));
+        let peer_url = format!("--peer-urls=https://{}", m.peer);
+        let added = ok(c.etcdctl(
+            &c.members[0],
+            &c.admin(),
+            &["member", "add", name, &peer_url],
+        ));
+        let id = added
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_else(|| panic!("no member id in {added:?}"))
+            .to_string();
         m.extra = tls_flags(pki, name, &c.pki.join("ca.crt"));
         m.extra
             .extend(["--initial-cluster-state".into(), "existing".into()]);
@@ -276,6 +288,7 @@ fn strangers_at_the_peer_port_neither_join_nor_disturb() {
             std::thread::sleep(Duration::from_millis(100));
         };
         assert!(!status.success(), "{name} joined");
+        ok(c.etcdctl(&c.members[0], &c.admin(), &["member", "remove", &id]));
     }
     let log = c.log(0);
     assert!(

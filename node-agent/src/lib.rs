@@ -262,7 +262,7 @@ pub async fn run<R: Runtime>(
     } else {
         bound.to_string()
     };
-    // The scheme tells the API server to dial TLS.
+    // `https://` tells the API server to dial TLS; a plaintext agent publishes HOST:PORT.
     let endpoint = if config.tls.is_some() {
         format!("https://{endpoint}")
     } else {
@@ -273,6 +273,7 @@ pub async fn run<R: Runtime>(
         let service =
             flotilla_proto::flotilla_agent_v1::agent_server::AgentServer::new(logs::LogService {
                 rt: rt.clone(),
+                tls: config.tls.is_some(),
             });
         let routes = metrics::add_routes(
             tonic::service::Routes::new(service),

@@ -17,6 +17,8 @@ use crate::runtime::{ContainerState, Runtime};
 
 pub struct LogService<R> {
     pub rt: Arc<R>,
+    /// Whether the port serves TLS: then every caller must be identified.
+    pub tls: bool,
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
@@ -44,14 +46,19 @@ impl<R: Runtime> Agent for LogService<R> {
     async fn logs(&self, r: Request<PodLogsRequest>) -> Result<Response<ChunkStream>, Status> {
         // Over TLS, logs are for the members (the API server's proxy) and administrators;
         // other certificates from the CA (another node's, a user's) are refused.
-        if let Some(peer) = flotilla_transport::ConnInfo::of(&r).and_then(|c| c.peer.as_deref())
-            && !(peer.is_member() || peer.groups.iter().any(|g| g == "system:masters"))
-        {
-            return Err(Status::permission_denied(format!(
-                "User {:?} cannot get resource \"pods/log\" from this node's agent: only the \
-                 control plane's members and system:masters may",
-                peer.user
-            )));
+        let peer = flotilla_transport::ConnInfo::of(&r).and_then(|c| c.peer.as_deref());
+        match peer {
+            None if self.tls => {
+                return Err(Status::unauthenticated("no client certificate"));
+            }
+            Some(p) if !(p.is_member() || p.groups.iter().any(|g| g == "system:masters")) => {
+                return Err(Status::permission_denied(format!(
+                    "User {:?} cannot get resource \"pods/log\" from this node's agent: only \
+                     the control plane's members and system:masters may",
+                    p.user
+                )));
+            }
+            _ => {}
         }
         let req = r.into_inner();
         let mut runs: Vec<_> = self

@@ -126,11 +126,17 @@ impl Dialer {
             (Some(tls), true) => endpoint
                 .tls_config(tls.clone())
                 .map_err(|e| invalid(format!("TLS to {addr}"), source_chain(&e))),
+            // A caller set up for TLS never falls back to plaintext because an address
+            // (a kubeconfig's, a Node annotation's) says so.
+            (Some(_), false) => Err(invalid(
+                format!("the server address {addr:?}"),
+                "plaintext (http) where TLS is set up: the server must serve TLS",
+            )),
             (None, true) => Err(invalid(
                 format!("the server address {addr:?}"),
                 "https needs the cluster's CA certificate (a kubeconfig, or --cacert)",
             )),
-            (_, false) => Ok(endpoint),
+            (None, false) => Ok(endpoint),
         }
     }
 }
@@ -298,6 +304,12 @@ impl Peer {
         })
     }
 
+    /// Reads the identity from the first certificate of a PEM file.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, Error> {
+        let first = certs(pem, "the certificate")?.swap_remove(0);
+        Self::from_der(&first)
+    }
+
     /// A member's certificate: one for serving, and not a node's (agents' certificates
     /// also serve, their own port).
     pub fn is_member(&self) -> bool {
@@ -402,6 +414,34 @@ impl AsyncWrite for Conn {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections accepted and not yet taken by the server.
 const BACKLOG: usize = 128;
+/// TLS handshakes in flight at once per listener: a connection accepted beyond them is
+/// closed at once, so a flood of silent connections holds a bounded number of sockets.
+const MAX_HANDSHAKES: usize = 256;
+
+/// At most one warning a second per listener (the rest are counted and said with the
+/// next), so a flood of bad connections cannot flood the log.
+#[derive(Default)]
+struct LogLimit {
+    last_second: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LogLimit {
+    fn warn(&self, what: std::fmt::Arguments<'_>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.last_second.swap(now, Relaxed) == now {
+            self.suppressed.fetch_add(1, Relaxed);
+            return;
+        }
+        match self.suppressed.swap(0, Relaxed) {
+            0 => tracing::warn!("{what}"),
+            n => tracing::warn!("{what} (and {n} more in the second before)"),
+        }
+    }
+}
 
 /// The connections `listener` accepts, for `tonic`'s `serve_with_incoming`: plain, or
 /// TLS after a handshake (each in its own task). `port` names the port in logs ("client",
@@ -413,6 +453,8 @@ pub fn incoming(
     port: &'static str,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(BACKLOG);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let log = Arc::new(LogLimit::default());
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -423,7 +465,9 @@ pub fn incoming(
                 Ok(a) => a,
                 Err(e) => {
                     // Out of file descriptors and the like: wait rather than spin.
-                    tracing::warn!("accepting a connection on the {port} port failed: {e}");
+                    log.warn(format_args!(
+                        "accepting a connection on the {port} port failed: {e}"
+                    ));
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -443,17 +487,24 @@ pub fn incoming(
                 }
                 continue;
             };
-            let tx = tx.clone();
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                log.warn(format_args!(
+                    "closed a connection on the {port} port from {remote}: \
+                     {MAX_HANDSHAKES} TLS handshakes are already in progress"
+                ));
+                continue;
+            };
+            let (tx, log) = (tx.clone(), log.clone());
             tokio::spawn(async move {
-                match handshake(tls, tcp, remote).await {
+                let result = handshake(tls, tcp, remote).await;
+                drop(permit);
+                match result {
                     Ok(conn) => {
                         let _ = tx.send(Ok(conn)).await;
                     }
-                    Err(reason) => {
-                        tracing::warn!(
-                            "refused a connection on the {port} port from {remote}: {reason}"
-                        )
-                    }
+                    Err(reason) => log.warn(format_args!(
+                        "refused a connection on the {port} port from {remote}: {reason}"
+                    )),
                 }
             });
         }

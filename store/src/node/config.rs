@@ -182,7 +182,10 @@ pub fn parse_initial_cluster(s: &str) -> Result<Vec<(String, String)>, String> {
         let Some((name, addr)) = part.split_once('=') else {
             return Err(format!("--initial-cluster: `{part}` is not NAME=HOST:PORT"));
         };
-        let addr = addr.trim_start_matches("http://");
+        // etcd's form carries a scheme; TLS is the flags' business, not the address's.
+        let addr = addr
+            .trim_start_matches("http://")
+            .trim_start_matches("https://");
         if name.is_empty() || !addr.contains(':') {
             return Err(format!("--initial-cluster: `{part}` is not NAME=HOST:PORT"));
         }
@@ -202,8 +205,10 @@ mod tests {
 
     #[test]
     fn initial_cluster_parses_and_refuses_duplicates() {
-        let c = parse_initial_cluster("a=127.0.0.1:1,b=http://127.0.0.1:2").unwrap();
+        let c = parse_initial_cluster("a=127.0.0.1:1,b=http://127.0.0.1:2,c=https://127.0.0.1:3")
+            .unwrap();
         assert_eq!(c[1], ("b".to_string(), "127.0.0.1:2".to_string()));
+        assert_eq!(c[2], ("c".to_string(), "127.0.0.1:3".to_string()));
         assert!(parse_initial_cluster("a=127.0.0.1:1,a=127.0.0.1:2").is_err());
         assert!(parse_initial_cluster("a127.0.0.1:1").is_err());
         assert!(parse_initial_cluster("a=nohost").is_err());
