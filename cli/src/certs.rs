@@ -845,6 +845,21 @@ pub async fn run(args: CertsArgs) -> anyhow::Result<()> {
 }
 
 fn init(dir: &Path, days: u32, force: bool) -> anyhow::Result<()> {
+    let ca = create_ca(dir, days, force)?;
+    let (cert_path, key_path) = pair_paths(dir, "ca");
+    println!(
+        "wrote {} and {} (valid until {}); keep ca.key secret: whoever holds it can issue any \
+         identity",
+        cert_path.display(),
+        key_path.display(),
+        ca.not_after().date()
+    );
+    Ok(())
+}
+
+/// Makes a CA valid for `days` in `dir` (created mode 0700): `ca.crt` and `ca.key`.
+/// Refuses to replace one unless `force` (`certs init`, and `flotilla up`'s first start).
+pub fn create_ca(dir: &Path, days: u32, force: bool) -> anyhow::Result<Ca> {
     let (cert_path, key_path) = pair_paths(dir, "ca");
     if !force {
         for path in [&cert_path, &key_path] {
@@ -869,14 +884,7 @@ fn init(dir: &Path, days: u32, force: bool) -> anyhow::Result<()> {
         key_pem: ca.key_pem(),
     };
     write_pair(dir, "ca", &issued, force)?;
-    println!(
-        "wrote {} and {} (valid until {}); keep ca.key secret: whoever holds it can issue any \
-         identity",
-        cert_path.display(),
-        key_path.display(),
-        ca.not_after().date()
-    );
-    Ok(())
+    Ok(ca)
 }
 
 fn issue_cmd(a: IssueArgs) -> anyhow::Result<()> {

@@ -89,17 +89,7 @@ impl Pki {
         let ca = if dir.join("ca.crt").exists() {
             certs::Ca::load(&dir)?
         } else {
-            std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-                .recursive(true)
-                .create(&dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
-            let ca = certs::Ca::generate(certs::CA_DAYS)?;
-            let pair = certs::Issued {
-                cert_pem: ca.cert_pem().to_string(),
-                key_pem: ca.key_pem(),
-            };
-            certs::write_pair(&dir, "ca", &pair, false)?;
-            ca
+            certs::create_ca(&dir, certs::CA_DAYS, false)?
         };
         let leaf = |name: &str, kind: Kind, groups: &[&str]| -> anyhow::Result<certs::Issued> {
             let (cert, key) = certs::pair_paths(&dir, name);
