@@ -5,12 +5,14 @@
 //! - [`validate`]: defaults and validation per kind, with errors that name the field;
 //! - [`watch`]: filtered watches from the local member's watch hub;
 //! - [`service`]: the gRPC services, one per kind;
+//! - [`auth`]: who is calling (certificates, tokens) and what they may do; the audit log;
 //! - [`errors`]: the error type and its gRPC status codes.
 //!
 //! Every control-plane node serves the whole API: reads and watches from its own copy
 //! (linearizable reads confirm the leader's read index first), writes through the store's
 //! proposal path, which carries them to the leader.
 
+pub mod auth;
 pub mod errors;
 pub mod fence;
 pub mod logs;
@@ -29,23 +31,26 @@ pub use errors::{ApiError, ApiResult};
 pub use registry::Api;
 pub use service::add_routes;
 
-/// Starts the API on `node`: the `default` namespace is created once a leader is there.
+/// Starts the API on `node`: the `default` namespace and the nodes' lease namespace are
+/// created once a leader is there.
 pub fn start(node: StoreNode) -> Api {
     start_with(Api::new(node))
 }
 
 /// Starts the API server's background work for `api` (built with its dialer).
 pub fn start_with(api: Api) -> Api {
-    tokio::spawn(ensure_default_namespace(api.clone()));
+    for name in ["default", flotilla_proto::api::NODE_LEASE_NAMESPACE] {
+        tokio::spawn(ensure_namespace(api.clone(), name));
+    }
     api
 }
 
-async fn ensure_default_namespace(api: Api) {
+async fn ensure_namespace(api: Api, name: &'static str) {
     let mut stop = api.node().shutdown_signal();
     let mut pause = Duration::from_millis(100);
     loop {
         if api
-            .read::<Namespace>("", "default", false)
+            .read::<Namespace>("", name, false)
             .await
             .ok()
             .flatten()
@@ -55,14 +60,14 @@ async fn ensure_default_namespace(api: Api) {
         }
         let ns = Namespace {
             metadata: Some(ObjectMeta {
-                name: "default".into(),
+                name: name.into(),
                 ..Default::default()
             }),
             ..Default::default()
         };
         match api.create(ns).await {
             Ok(_) | Err(ApiError::AlreadyExists { .. }) => return,
-            Err(e) => tracing::debug!("creating the default namespace: {e}"),
+            Err(e) => tracing::debug!("creating the namespace {name}: {e}"),
         }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}

@@ -38,6 +38,8 @@ pub struct Api {
     node: StoreNode,
     /// How the API server dials agents (their log service): the member's own certificate.
     agents: flotilla_transport::Dialer,
+    /// Where each request's audit event goes (`--audit-log-path`).
+    audit: Option<crate::auth::audit::AuditLog>,
 }
 
 /// An object as read from the store, with the revision that wrote it.
@@ -86,7 +88,7 @@ pub fn effective_namespace<K: Resource>(namespace: &str) -> String {
     }
 }
 
-fn new_uid() -> String {
+pub(crate) fn new_uid() -> String {
     let b: [u8; 16] = rand::rng().random();
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
     // Shaped like a version 4 UUID.
@@ -205,7 +207,18 @@ impl Api {
         Self {
             node,
             agents: flotilla_transport::Dialer::plain(),
+            audit: None,
         }
+    }
+
+    /// Writes one audit event per request to `log`.
+    pub fn with_audit(mut self, log: crate::auth::audit::AuditLog) -> Self {
+        self.audit = Some(log);
+        self
+    }
+
+    pub(crate) fn audit_log(&self) -> Option<&crate::auth::audit::AuditLog> {
+        self.audit.as_ref()
     }
 
     /// Dials agents with `dialer` (TLS with the member's certificate).
@@ -418,6 +431,7 @@ impl Api {
     /// Writes `new` in place of `current` if nobody changed it since; a no-op when they are
     /// equal (no new resourceVersion).
     async fn replace<K: Resource>(&self, current: &Stored<K>, mut new: K) -> ApiResult<K> {
+        crate::auth::check_write(&current.object)?;
         let mut old = current.object.clone();
         old.metadata_mut().resource_version.clear();
         new.metadata_mut().resource_version.clear();
@@ -445,6 +459,7 @@ impl Api {
 
     /// Removes `current` from the store if nobody changed it since.
     async fn remove<K: Resource>(&self, current: &Stored<K>) -> ApiResult<K> {
+        crate::auth::check_write(&current.object)?;
         let key = key_of::<K>(current.object.namespace(), current.object.name());
         let mut success = vec![delete(key.clone())];
         success.extend(reserved_keys(&current.object).into_iter().map(delete));

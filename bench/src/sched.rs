@@ -28,7 +28,7 @@ pub struct SchedOpts {
     pub member_pids: Vec<u32>,
 }
 
-pub const LEASE_NAMESPACE: &str = "flotilla-node-lease";
+pub const LEASE_NAMESPACE: &str = flotilla_proto::api::NODE_LEASE_NAMESPACE;
 
 fn node(name: &str) -> anyhow::Result<Node> {
     Ok(from_value(json!({

@@ -2,6 +2,7 @@
 //! verbs.
 
 mod agent;
+mod auth;
 mod certs;
 mod cluster;
 mod leader;
@@ -71,6 +72,8 @@ enum Command {
     Logs(Verb<verbs::LogsArgs>),
     /// Follow, undo, list, pause and resume deployment rollouts.
     Rollout(Verb<rollout::RolloutArgs>),
+    /// Inspect authorization: `auth can-i VERB RESOURCE` asks whether an action is allowed.
+    Auth(Verb<auth::AuthArgs>),
 }
 
 fn init_logging() {
@@ -130,6 +133,7 @@ fn main() -> std::process::ExitCode {
             Command::Scale(v) => verbs::scale(&v.server, v.args).await,
             Command::Rollout(v) => rollout::run(&v.server, v.args).await,
             Command::Logs(v) => verbs::logs(&v.server, v.args).await,
+            Command::Auth(v) => auth::run(&v.server, v.args).await,
         }
     });
     match result {

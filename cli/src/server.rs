@@ -76,6 +76,14 @@ pub struct ServerArgs {
     /// Largest client request accepted, in bytes.
     #[arg(long, default_value_t = 1536 * 1024)]
     pub max_request_bytes: usize,
+    /// Read-only API requests served at once, per member; one more is answered 429 with a
+    /// retry hint (kube-apiserver's flag). Watches and log streams, system:masters, and
+    /// members that check no identity are not counted. 0: no bound.
+    #[arg(long, default_value_t = 400)]
+    pub max_requests_inflight: usize,
+    /// Mutating API requests served at once, per member, as --max-requests-inflight.
+    #[arg(long, default_value_t = 200)]
+    pub max_mutating_requests_inflight: usize,
     /// A range's answer is cut after this many bytes of keys and values, with `more` set as a
     /// limit would (etcd has no such bound; clients page with `limit`). Ranges over more than
     /// 1,000 keys are also served two at a time, off the threads Raft runs on.
@@ -161,6 +169,15 @@ pub struct TlsArgs {
         requires = "peer_cert_file"
     )]
     pub peer_trusted_ca_file: Option<PathBuf>,
+    /// kube-apiserver's static token file: one `token,user,uid[,"group1,group2"]` line per
+    /// bearer token. Clients may then connect without a certificate and present a token.
+    /// Needs --cert-file: a token sent in plaintext can be read on the way.
+    #[arg(long, env = "FLOTILLA_TOKEN_AUTH_FILE", requires = "cert_file")]
+    pub token_auth_file: Option<PathBuf>,
+    /// Appends one JSON line per request to FILE: Kubernetes' audit.k8s.io/v1 Event at level
+    /// Metadata (who, what, the decision, the status code).
+    #[arg(long, env = "FLOTILLA_AUDIT_LOG_PATH", value_name = "FILE")]
+    pub audit_log_path: Option<PathBuf>,
 }
 
 impl TlsArgs {
@@ -174,7 +191,9 @@ impl TlsArgs {
         else {
             return Ok(None);
         };
-        let auth = if self.client_cert_auth {
+        // Token clients come without a certificate; the API then refuses a request that
+        // carries neither.
+        let auth = if self.client_cert_auth && self.token_auth_file.is_none() {
             ClientAuth::Required
         } else {
             ClientAuth::Optional
@@ -184,6 +203,35 @@ impl TlsArgs {
         let dialer = Dialer::from_files(ca, Some((cert, key)))
             .context("--cert-file, --key-file, --trusted-ca-file")?;
         Ok(Some((server, dialer)))
+    }
+
+    /// Whether identities are checked: with client certificate auth or a token file.
+    fn checks_identities(&self) -> bool {
+        self.client_cert_auth || self.token_auth_file.is_some()
+    }
+
+    /// How the client port authenticates, and where it audits.
+    async fn authn(&self) -> anyhow::Result<flotilla_apiserver::auth::layer::Authn> {
+        let tokens = match &self.token_auth_file {
+            Some(path) => {
+                flotilla_apiserver::auth::tokens::Tokens::load(path).map_err(anyhow::Error::msg)?
+            }
+            None => Default::default(),
+        };
+        let audit = match &self.audit_log_path {
+            Some(path) => Some(
+                flotilla_apiserver::auth::audit::AuditLog::open(path)
+                    .await
+                    .with_context(|| format!("--audit-log-path {}", path.display()))?,
+            ),
+            None => None,
+        };
+        Ok(flotilla_apiserver::auth::layer::Authn {
+            enabled: self.checks_identities(),
+            tokens,
+            audit,
+            inflight: Default::default(),
+        })
     }
 
     fn peer(&self) -> anyhow::Result<Option<flotilla_store::node::PeerTls>> {
@@ -284,14 +332,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for peers on {listen_peer}"))?;
     let client_tls = args.tls.client()?;
-    if client_tls.is_some() && !args.tls.client_cert_auth {
+    if client_tls.is_some() && !args.tls.checks_identities() {
         eprintln!(
-            "flotilla: warning: the client port {} serves TLS but lets clients in without a \
-             certificate (no --client-cert-auth), and there is no authorization yet: an \
-             anonymous client owns the cluster",
+            "flotilla: warning: the client port {} serves TLS but checks no identity (neither \
+             --client-cert-auth nor --token-auth-file): an anonymous client owns the cluster",
             args.client_addr
         );
     }
+    let mut authn = args.tls.authn().await?;
+    authn.inflight = flotilla_apiserver::auth::layer::Inflight::new(
+        args.max_requests_inflight,
+        args.max_mutating_requests_inflight,
+    );
+    let authn = std::sync::Arc::new(authn);
     if client_tls.is_none() {
         eprintln!(
             "flotilla: warning: the client port {} serves plaintext without authentication: \
@@ -313,6 +366,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         client,
         client_server_tls,
         own_dialer.clone().unwrap_or_default(),
+        authn,
         leader_stats.clone(),
     ));
     let leader_config = crate::leader::LeaderConfig {
@@ -369,6 +423,7 @@ pub async fn serve_clients(
     listener: tokio::net::TcpListener,
     tls: Option<flotilla_transport::ServerTls>,
     agents: flotilla_transport::Dialer,
+    authn: std::sync::Arc<flotilla_apiserver::auth::layer::Authn>,
     leader_stats: std::sync::Arc<crate::leader::LeaderStats>,
 ) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -381,7 +436,10 @@ pub async fn serve_clients(
         .context("building the reflection service")?;
     let routes = tonic::service::Routes::new(health).add_service(reflection);
     let routes = flotilla_store::etcd::add_routes(routes, &node);
-    let api = flotilla_apiserver::Api::new(node.clone()).with_agent_dialer(agents);
+    let mut api = flotilla_apiserver::Api::new(node.clone()).with_agent_dialer(agents);
+    if let Some(log) = &authn.audit {
+        api = api.with_audit(log.clone());
+    }
     let routes = flotilla_apiserver::add_routes(routes, flotilla_apiserver::start_with(api));
     let requests = std::sync::Arc::new(crate::metrics::RequestStats::default());
     let sources = std::sync::Arc::new(crate::metrics::Sources {
@@ -397,6 +455,10 @@ pub async fn serve_clients(
         // of reach of web pages (gRPC content types only, no Origin).
         .accept_http1(true)
         .layer(flotilla_proto::guard::layer(crate::metrics::PLAIN_HTTP))
+        .layer(flotilla_apiserver::auth::layer::layer(
+            authn,
+            crate::metrics::PLAIN_HTTP,
+        ))
         .layer(crate::metrics::layer(requests))
         .serve_with_incoming_shutdown(
             routes,

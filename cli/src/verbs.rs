@@ -105,6 +105,7 @@ pub fn server_error(e: ClientError) -> anyhow::Error {
             return anyhow!("the control plane is unavailable: {}", e.status.message());
         }
         Code::DeadlineExceeded => "Timeout",
+        Code::Unauthenticated => "Unauthorized",
         _ => "InternalError",
     };
     anyhow!("Error from server ({reason}): {}", e.status.message())
@@ -129,15 +130,23 @@ pub fn qualified(kind: &KindInfo, name: &str) -> String {
 }
 
 fn read_manifest(file: &str) -> anyhow::Result<Vec<Document>> {
-    let text = if file == "-" {
-        let mut s = String::new();
+    // At most one byte past the limit is read: parse refuses the rest unread.
+    let limit = manifest::MAX_MANIFEST_BYTES as u64 + 1;
+    let mut bytes = Vec::new();
+    if file == "-" {
         std::io::stdin()
-            .read_to_string(&mut s)
+            .take(limit)
+            .read_to_end(&mut bytes)
             .context("reading the manifest from stdin")?;
-        s
     } else {
-        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?
-    };
+        std::fs::File::open(file)
+            .and_then(|f| f.take(limit).read_to_end(&mut bytes))
+            .with_context(|| format!("reading {file}"))?;
+    }
+    if bytes.len() > manifest::MAX_MANIFEST_BYTES {
+        return Err(manifest::too_large(bytes.len())).with_context(|| format!("error in {file}"));
+    }
+    let text = String::from_utf8(bytes).with_context(|| format!("{file} is not UTF-8 text"))?;
     let docs = manifest::parse(&text).with_context(|| format!("error in {file}"))?;
     if docs.is_empty() {
         bail!("{file}: no objects in the manifest");

@@ -643,11 +643,15 @@ fn a_node_that_stops_renewing_its_lease_is_drained() {
         Cluster::start_with(&["--node-monitor-grace", "2s", "--default-toleration", "1s"]);
     runtime().block_on(async {
         let c = client(&cluster);
-        c.create(&obj::<Namespace>(
-            json!({"metadata": {"name": "flotilla-node-lease"}}),
-        ))
-        .await
-        .unwrap();
+        // The control plane makes the nodes' lease namespace (Kubernetes' kube-node-lease).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.get::<Namespace>("", "flotilla-node-lease").await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "no flotilla-node-lease namespace"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         for n in ["n1", "n2"] {
             c.create(&node(n)).await.unwrap();
             c.create(&obj::<Lease>(json!({

@@ -72,6 +72,11 @@ struct TlsCluster {
 
 impl TlsCluster {
     fn start() -> Self {
+        Self::start_with(|_, _| vec![])
+    }
+
+    /// A cluster whose member `name` also gets `extra(pki, name)`'s flags.
+    fn start_with(extra: impl Fn(&Path, &str) -> Vec<String>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = dir.path().join("pki");
         certs(&pki, &["init"]);
@@ -85,6 +90,7 @@ impl TlsCluster {
             .map(|n| {
                 let mut m = Member::new(n, dir.path().join(n));
                 m.extra = tls_flags(&pki, n, &pki.join("ca.crt"));
+                m.extra.extend(extra(&pki, n));
                 m
             })
             .collect();
@@ -403,6 +409,376 @@ fn an_agent_serves_its_port_with_its_nodes_certificate() {
             assert_ne!(s.code(), tonic::Code::PermissionDenied, "{user}: {s:?}");
         }
     }
+}
+
+#[test]
+fn each_identity_may_do_only_what_kubernetes_lets_it() {
+    use flotilla_client::Client;
+    use flotilla_proto::api::{Deployment, Node, ObjectMeta, Pod, PodSpec, PodStatus, Resource};
+    use flotilla_transport::Dialer;
+    use tonic::Code;
+
+    let c = TlsCluster::start_with(|pki, member| {
+        let tokens = pki.join("tokens.csv");
+        std::fs::write(
+            &tokens,
+            "# token,user,uid,groups\n\
+             bob-token,bob,1002,\"ops,system:masters\"\n\
+             carol-token,carol,1003,dev\n",
+        )
+        .unwrap();
+        let audit = pki.join(format!("{member}-audit.log"));
+        vec![
+            "--token-auth-file".into(),
+            tokens.to_string_lossy().into_owned(),
+            "--audit-log-path".into(),
+            audit.to_string_lossy().into_owned(),
+        ]
+    });
+    certs(&c.pki, &["issue", "--name", "alice", "--kind", "user"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = rt.enter();
+    // Every client asks the first member (it fails over only when that one is down).
+    let first = [c.members[0].client.clone()];
+    let ca = c.pki.join("ca.crt");
+    let as_user = |user: &str| {
+        let f = |s: String| c.pki.join(s);
+        let (cert, key) = (f(format!("{user}.crt")), f(format!("{user}.key")));
+        Client::with_dialer(
+            &first,
+            &Dialer::from_files(&ca, Some((&cert, &key))).unwrap(),
+        )
+        .unwrap()
+    };
+    let with_token = |token: &str| {
+        let dialer = Dialer::from_files(&ca, None).unwrap().with_token(token);
+        Client::with_dialer(&first, &dialer).unwrap()
+    };
+    let (admin, w1, alice) = (as_user("admin"), as_user("w1"), as_user("alice"));
+    let denied = |r: Result<(), flotilla_client::ClientError>| -> String {
+        let e = r.expect_err("should be refused");
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        e.status.message().to_string()
+    };
+    let node = |name: &str| Node {
+        metadata: Some(ObjectMeta {
+            name: name.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod_on = |name: &str, node: &str| Pod {
+        metadata: Some(ObjectMeta {
+            name: name.into(),
+            namespace: "default".into(),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            node_name: node.into(),
+            containers: vec![flotilla_proto::api::Container {
+                name: "main".into(),
+                image: "busybox".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    // The administrator sets the scene; node w1 registers itself.
+    rt.block_on(async {
+        admin.create(&node("w2")).await.unwrap();
+        admin.create(&pod_on("mine", "w1")).await.unwrap();
+        admin.create(&pod_on("theirs", "w2")).await.unwrap();
+        w1.create(&node("w1")).await.unwrap();
+    });
+
+    // Node w1: its own pods' status, yes; another node, another node's pods, a
+    // Deployment, no, in Kubernetes' words.
+    let running = |mut pod: Pod| {
+        pod.status = Some(PodStatus {
+            phase: "Running".into(),
+            ..Default::default()
+        });
+        pod
+    };
+    rt.block_on(async {
+        let mine: Pod = w1.get("default", "mine").await.unwrap();
+        w1.update_status(&running(mine)).await.unwrap();
+        let theirs: Pod = w1.get("default", "theirs").await.unwrap();
+        let msg = denied(w1.update_status(&running(theirs)).await.map(|_| ()));
+        assert_eq!(
+            msg,
+            "pods \"theirs\" is forbidden: node \"w1\" can only update or delete pods with \
+             spec.nodeName set to itself"
+        );
+        let msg = denied(
+            w1.delete_named::<Pod>("default", "theirs")
+                .await
+                .map(|_| ()),
+        );
+        assert!(msg.contains("node \"w1\" can only"), "{msg}");
+        let w2: Node = w1.get("", "w2").await.unwrap();
+        let msg = denied(w1.update_status(&w2).await.map(|_| ()));
+        assert_eq!(
+            msg,
+            "nodes/status \"w2\" is forbidden: User \"system:node:w1\" cannot update \
+             resource \"nodes/status\" in API group \"\" at the cluster scope"
+        );
+        let deployment: Deployment = flotilla_proto::api::json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "main", "image": "busybox"}]}}}
+        }))
+        .unwrap();
+        let msg = denied(w1.create(&deployment).await.map(|_| ()));
+        assert_eq!(
+            msg,
+            "deployments \"web\" is forbidden: User \"system:node:w1\" cannot create resource \
+             \"deployments\" in API group \"apps\" in the namespace \"default\""
+        );
+        // The stored objects are as the administrator left them.
+        let theirs: Pod = admin.get("default", "theirs").await.unwrap();
+        assert!(theirs.status.is_none_or(|s| s.phase != "Running"));
+        let mine: Pod = admin.get("default", "mine").await.unwrap();
+        assert_eq!(mine.status.unwrap().phase, "Running");
+        assert!(admin.get::<Deployment>("default", "web").await.is_err());
+    });
+
+    // A user with no binding may do nothing, whether by certificate or by token.
+    rt.block_on(async {
+        let msg = denied(
+            alice
+                .delete_named::<Pod>("default", "mine")
+                .await
+                .map(|_| ()),
+        );
+        assert_eq!(
+            msg,
+            "pods \"mine\" is forbidden: User \"alice\" cannot delete resource \"pods\" in API \
+             group \"\" in the namespace \"default\""
+        );
+        let carol = with_token("carol-token");
+        let msg = denied(carol.get::<Pod>("default", "mine").await.map(|_| ()));
+        assert!(
+            msg.starts_with("pods \"mine\" is forbidden: User \"carol\""),
+            "{msg}"
+        );
+        // A token in system:masters may; an unknown token and no identity at all may not.
+        let bob = with_token("bob-token");
+        let pod: Pod = bob.get("default", "mine").await.unwrap();
+        assert_eq!(pod.name(), "mine");
+        for (who, client) in [
+            ("an unknown token", with_token("guess")),
+            (
+                "no identity",
+                Client::with_dialer(&first, &Dialer::from_files(&ca, None).unwrap()).unwrap(),
+            ),
+        ] {
+            let e = client.get::<Pod>("default", "mine").await.unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated, "{who}: {e}");
+        }
+    });
+
+    // The etcd face is for system:masters only.
+    let out = c.etcdctl(
+        &c.members[0],
+        &c.user("w1"),
+        &["get", "/registry", "--prefix"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    ok(c.etcdctl(
+        &c.members[0],
+        &c.admin(),
+        &["get", "/registry", "--prefix", "--keys-only"],
+    ));
+
+    // The audit log has a line for each decision, in Kubernetes' Event shape.
+    let audit = c.pki.join("n1-audit.log");
+    let mut events: Vec<serde_json::Value> = vec![];
+    let find = |events: &[serde_json::Value], user: &str, verb: &str, code: u64| {
+        events
+            .iter()
+            .find(|e| {
+                e["user"]["username"] == user
+                    && e["verb"] == verb
+                    && e["responseStatus"]["code"] == code
+            })
+            .cloned()
+    };
+    eventually("the audit log has every decision", || {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        events = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+            .collect();
+        find(&events, "system:node:w1", "create", 403).is_some()
+            && find(&events, "alice", "delete", 403).is_some()
+            && find(&events, "system:node:w1", "update", 200).is_some()
+            && find(&events, "admin", "create", 201).is_some()
+            && find(&events, "bob", "get", 200).is_some()
+            && events.iter().any(|e| e["responseStatus"]["code"] == 401)
+    });
+    let e = find(&events, "system:node:w1", "create", 403).unwrap();
+    assert_eq!(e["apiVersion"], "audit.k8s.io/v1");
+    assert_eq!(e["kind"], "Event");
+    assert_eq!(e["level"], "Metadata");
+    assert_eq!(e["annotations"]["authorization.k8s.io/decision"], "forbid");
+    assert_eq!(e["objectRef"]["resource"], "deployments");
+    assert_eq!(e["objectRef"]["apiGroup"], "apps");
+    assert_eq!(e["objectRef"]["namespace"], "default");
+    assert_eq!(e["objectRef"]["name"], "web");
+    assert_eq!(
+        e["requestURI"],
+        "/apis/apps/v1/namespaces/default/deployments/web"
+    );
+    assert_eq!(e["sourceIPs"][0], "127.0.0.1");
+    assert!(
+        e["user"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g == "system:nodes")
+    );
+    let e = find(&events, "bob", "get", 200).unwrap();
+    assert_eq!(e["user"]["uid"], "1002");
+    assert_eq!(e["annotations"]["authorization.k8s.io/decision"], "allow");
+    let ok_etcd = events
+        .iter()
+        .any(|e| e["verb"] == "Range" && e["user"]["username"] == "admin");
+    assert!(ok_etcd, "the etcd face's requests are audited too");
+
+    // `flotilla auth can-i` answers from the same code, as kubectl words it.
+    let pki = c.pki.to_string_lossy().into_owned();
+    let kubeconfig = |user: &str| {
+        let text = ok(flotilla(&[
+            "certs",
+            "kubeconfig",
+            "--dir",
+            &pki,
+            "--user",
+            user,
+            "--server",
+            &first[0],
+        ]));
+        let path = c.dir.path().join(format!("{user}.kubeconfig"));
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let can_i = |kc: &str, args: &[&str]| -> (bool, String) {
+        let out = flotilla(&[&["auth", "can-i", "--kubeconfig", kc], args].concat());
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (
+            out.status.success(),
+            stdout + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (admin_kc, w1_kc, alice_kc) = (kubeconfig("admin"), kubeconfig("w1"), kubeconfig("alice"));
+    assert_eq!(
+        can_i(&admin_kc, &["create", "deployments"]),
+        (true, "yes".into())
+    );
+    assert_eq!(can_i(&w1_kc, &["get", "pods", "-A"]), (true, "yes".into()));
+    assert_eq!(
+        can_i(&w1_kc, &["update", "nodes/w2", "--subresource", "status"]),
+        (
+            false,
+            "no - nodes/status \"w2\" is forbidden: User \"system:node:w1\" cannot update \
+             resource \"nodes/status\" in API group \"\" at the cluster scope"
+                .into()
+        )
+    );
+    let (yes, out) = can_i(&w1_kc, &["create", "deployments.apps", "-n", "shop"]);
+    assert!(
+        !yes && out.starts_with("no - deployments is forbidden"),
+        "{out}"
+    );
+    // About someone else: for system:masters.
+    let (yes, out) = can_i(&admin_kc, &["delete", "pods", "--as", "alice"]);
+    assert!(
+        !yes && out.contains("User \"alice\" cannot delete"),
+        "{out}"
+    );
+    let as_node = ["--as", "system:node:w1", "--as-group", "system:nodes"];
+    let (yes, out) = can_i(
+        &admin_kc,
+        &[
+            &["patch", "leases/w1", "-n", "flotilla-node-lease"],
+            &as_node[..],
+        ]
+        .concat(),
+    );
+    assert!(yes, "{out}");
+    let (yes, out) = can_i(&alice_kc, &["get", "pods", "--as", "bob"]);
+    assert!(!yes, "{out}");
+    assert!(
+        out.contains(
+            "Error from server (Forbidden): subjectaccessreviews is forbidden: User \"alice\""
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn past_the_inflight_bound_a_client_is_told_to_come_back() {
+    use flotilla_proto::api::{Event, ObjectMeta, ObjectReference};
+    use flotilla_proto::flotilla_api_v1::events_client::EventsClient;
+
+    let c =
+        TlsCluster::start_with(|_, _| vec!["--max-mutating-requests-inflight".into(), "1".into()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let event = |i: usize| Event {
+        metadata: Some(ObjectMeta {
+            name: format!("e{i}"),
+            namespace: "default".into(),
+            ..Default::default()
+        }),
+        involved_object: Some(ObjectReference {
+            kind: "Node".into(),
+            name: "w1".into(),
+            ..Default::default()
+        }),
+        reason: "Probe".into(),
+        ..Default::default()
+    };
+    // 64 creates at once on one connection, as `user`: how many were refused, and how.
+    let burst = |user: &str, from: usize| -> Vec<tonic::Status> {
+        let f = |s: String| c.pki.join(s);
+        let dialer = flotilla_transport::Dialer::from_files(
+            &f("ca.crt".into()),
+            Some((&f(format!("{user}.crt")), &f(format!("{user}.key")))),
+        )
+        .unwrap();
+        let endpoint = dialer.endpoint(&c.members[0].client).unwrap();
+        rt.block_on(async {
+            let client = EventsClient::new(endpoint.connect().await.unwrap());
+            let calls = (from..from + 64).map(|i| {
+                let mut client = client.clone();
+                let e = event(i);
+                async move { client.create(e).await }
+            });
+            futures::future::join_all(calls)
+                .await
+                .into_iter()
+                .filter_map(Result::err)
+                .collect()
+        })
+    };
+    let refused = burst("w1", 0);
+    assert!(!refused.is_empty(), "64 creates at once under a bound of 1");
+    assert!(refused.len() < 64, "some were served");
+    for s in &refused {
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+        assert_eq!(s.message(), "Too many requests, please try again later.");
+        let hint = s.metadata().get("grpc-retry-pushback-ms").unwrap();
+        assert_eq!(hint.to_str().unwrap(), "1000");
+    }
+    // system:masters is not held to it.
+    let refused = burst("admin", 100);
+    assert!(refused.is_empty(), "{refused:?}");
 }
 
 struct KillOnDrop(std::process::Child);

@@ -58,6 +58,8 @@ struct Inner {
     channels: Vec<Channel>,
     current: AtomicUsize,
     timeout: Duration,
+    /// Sent as `authorization` with every call: the dialer's bearer token.
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     /// Sent as `flotilla-fence-term` with every call: writes apply only under that term's
     /// leader.
     fence_term: Option<u64>,
@@ -91,6 +93,14 @@ impl Client {
         if addrs.is_empty() {
             return Err("no server address given".into());
         }
+        let authorization = match dialer.token() {
+            Some(token) => Some(
+                format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| "the bearer token has characters a header cannot carry")?,
+            ),
+            None => None,
+        };
         let mut channels = Vec::new();
         let mut names = Vec::new();
         for addr in addrs {
@@ -111,6 +121,7 @@ impl Client {
                 channels,
                 current: AtomicUsize::new(0),
                 timeout: Duration::from_secs(30),
+                authorization,
                 fence_term: None,
                 breaker: Arc::default(),
                 limiter: None,
@@ -144,6 +155,7 @@ impl Client {
                 channels: self.inner.channels.clone(),
                 current: AtomicUsize::new(self.inner.current.load(Ordering::Relaxed)),
                 timeout: self.inner.timeout,
+                authorization: self.inner.authorization.clone(),
                 fence_term,
                 breaker: self.inner.breaker.clone(),
                 limiter,
@@ -153,6 +165,9 @@ impl Client {
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(msg);
+        if let Some(v) = &self.inner.authorization {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
         if let Some(term) = self.inner.fence_term
             && let Ok(v) = term.to_string().parse()
         {

@@ -95,6 +95,9 @@ pub struct User {
     pub client_certificate: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_key: Option<PathBuf>,
+    /// A bearer token (from the members' `--token-auth-file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -248,6 +251,17 @@ pub fn target(config: &KubeConfig, dir: &Path) -> Result<Target, String> {
             ));
         }
         None => Dialer::plain(),
+    };
+    let dialer = match user.and_then(|u| u.token.as_deref()) {
+        Some(_) if !dialer.is_tls() => {
+            return Err(format!(
+                "user {:?} has a token and cluster {:?} no certificate-authority-data: a token \
+                 is sent only over TLS",
+                context.user, context.cluster
+            ));
+        }
+        Some(token) => dialer.with_token(token.trim()),
+        None => dialer,
     };
     Ok(Target {
         servers,

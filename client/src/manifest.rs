@@ -50,8 +50,18 @@ pub struct ManifestError {
     pub message: String,
 }
 
+/// The largest manifest read: a bigger one is refused before it is parsed, so a runaway
+/// file cannot take the reader's memory (one object is bounded much lower, by the members'
+/// `--max-request-bytes`).
+pub const MAX_MANIFEST_BYTES: usize = 32 << 20;
+
 /// Splits and checks a manifest. Every document must name a known kind with its apiVersion.
+/// A manifest over [`MAX_MANIFEST_BYTES`] is refused, and so is one whose aliases expand
+/// beyond reason (a "billion laughs" YAML bomb).
 pub fn parse(text: &str) -> Result<Vec<Document>, ManifestError> {
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(too_large(text.len()));
+    }
     let mut docs = Vec::new();
     let mut index = 0;
     for de in serde_norway::Deserializer::from_str(text) {
@@ -87,6 +97,18 @@ pub fn parse(text: &str) -> Result<Vec<Document>, ManifestError> {
         docs.push(check(index, value)?);
     }
     Ok(docs)
+}
+
+/// The error for a manifest of `len` bytes (or more).
+pub fn too_large(len: usize) -> ManifestError {
+    ManifestError {
+        document: 0,
+        path: "<root>".into(),
+        message: format!(
+            "the manifest is {len} bytes or more, over the limit of {MAX_MANIFEST_BYTES}: split \
+             it into several files"
+        ),
+    }
 }
 
 fn check(index: usize, value: Value) -> Result<Document, ManifestError> {
@@ -195,6 +217,28 @@ pub use with_kind;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_yaml_bomb_and_a_huge_manifest_are_refused_quickly() {
+        // "Billion laughs": nine levels of nine aliases each, 9^9 strings once expanded.
+        let mut bomb = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for i in 1..9 {
+            let p = i - 1;
+            bomb.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let start = std::time::Instant::now();
+        let err = parse(&bomb).unwrap_err();
+        assert!(start.elapsed() < std::time::Duration::from_secs(2), "{err}");
+        assert!(err.message.starts_with("not valid YAML or JSON"), "{err}");
+        // 100 MB: refused before any parsing.
+        let huge = "#".repeat(100 << 20);
+        let start = std::time::Instant::now();
+        let err = parse(&huge).unwrap_err();
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+        assert!(err.message.contains("over the limit of 33554432"), "{err}");
+    }
+
     use super::*;
 
     const GOOD: &str = r#"

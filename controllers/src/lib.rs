@@ -40,7 +40,7 @@ use tokio::sync::watch;
 use crate::queue::WorkQueue;
 
 /// Where node agents keep their Leases (one per node, named after it).
-pub const NODE_LEASE_NAMESPACE: &str = "flotilla-node-lease";
+pub const NODE_LEASE_NAMESPACE: &str = flotilla_proto::api::NODE_LEASE_NAMESPACE;
 
 #[derive(Clone, Debug)]
 pub struct Config {

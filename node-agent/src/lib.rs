@@ -34,7 +34,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use crate::runtime::{ContainerRecord, Runtime};
 use crate::worker::{Msg, NodeInfo, Worker, futures_join};
 
-pub const LEASE_NAMESPACE: &str = "flotilla-node-lease";
+pub const LEASE_NAMESPACE: &str = flotilla_proto::api::NODE_LEASE_NAMESPACE;
 /// The Node annotation with the agent's log service address (as the API server reads it).
 pub const AGENT_ENDPOINT: &str = "flotilla.io/agent-endpoint";
 
@@ -219,19 +219,11 @@ pub async fn run<R: Runtime>(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
     let client = Client::with_dialer(&config.servers, &config.dialer).map_err(AgentError::Setup)?;
-    // The lease namespace, once the control plane answers.
-    let ns = Namespace {
-        metadata: Some(ObjectMeta {
-            name: LEASE_NAMESPACE.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    // The lease namespace, which the control plane makes once it has a leader.
     let mut waited = 0;
     loop {
-        match client.create(&ns).await {
+        match client.get::<Namespace>("", LEASE_NAMESPACE).await {
             Ok(_) => break,
-            Err(e) if e.is_already_exists() => break,
             Err(e) if waited < 60 => {
                 if waited % 5 == 0 {
                     eprintln!("flotilla agent: waiting for the control plane ({e})");

@@ -55,14 +55,17 @@ pub fn read(path: &Path) -> Result<Vec<u8>, Error> {
 #[derive(Clone, Default)]
 pub struct Dialer {
     tls: Option<ClientTlsConfig>,
+    /// A bearer token sent with every request (kube-apiserver's token file).
+    token: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Dialer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.tls.is_some() {
-            "Dialer(tls)"
-        } else {
-            "Dialer(plain)"
+        f.write_str(match (self.tls.is_some(), self.token.is_some()) {
+            (true, false) => "Dialer(tls)",
+            (true, true) => "Dialer(tls, token)",
+            (false, false) => "Dialer(plain)",
+            (false, true) => "Dialer(plain, token)",
         })
     }
 }
@@ -87,7 +90,22 @@ impl Dialer {
         Endpoint::from_static("https://localhost")
             .tls_config(config.clone())
             .map_err(|e| invalid("the TLS client settings", source_chain(&e)))?;
-        Ok(Self { tls: Some(config) })
+        Ok(Self {
+            tls: Some(config),
+            token: None,
+        })
+    }
+
+    /// Sends `token` as `authorization: Bearer TOKEN` with every request made through
+    /// clients that honour [`Dialer::token`] (the Flotilla client does).
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The bearer token, if one was given.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     /// TLS from files: the CA (`--cacert`, `--trusted-ca-file`) and, optionally, a

@@ -110,6 +110,10 @@ async fn serve(node: StoreNode, listener: TcpListener) {
     let routes = flotilla_apiserver::add_routes(tonic::service::Routes::default(), api);
     let mut stop = node.shutdown_signal();
     let _ = tonic::transport::Server::builder()
+        .layer(flotilla_apiserver::auth::layer::layer(
+            Default::default(),
+            &[],
+        ))
         .serve_with_incoming_shutdown(
             routes,
             tonic::transport::server::TcpIncoming::from(listener),

@@ -19,6 +19,10 @@ use serde::de::DeserializeOwned;
 
 pub use crate::flotilla_api_v1::*;
 
+/// The namespace of the nodes' heartbeat Leases (Kubernetes' `kube-node-lease`), made by
+/// the control plane at start.
+pub const NODE_LEASE_NAMESPACE: &str = "flotilla-node-lease";
+
 /// One kind of API object.
 pub trait Resource:
     prost::Message + Default + Clone + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static
