@@ -15,6 +15,7 @@ const PROTOS: &[&str] = &[
     "flotilla/api/v1/meta.proto",
     "flotilla/api/v1/core.proto",
     "flotilla/api/v1/apps.proto",
+    "flotilla/api/v1/rbac.proto",
     "flotilla/api/v1/services.proto",
     "flotilla/agent/v1/agent.proto",
 ];

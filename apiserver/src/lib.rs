@@ -31,7 +31,8 @@ pub use errors::{ApiError, ApiResult};
 pub use registry::Api;
 pub use service::add_routes;
 
-/// Starts the API on `node`: the `default` namespace and the nodes' lease namespace are
+/// Starts the API on `node`: the `default` namespace, the nodes' lease namespace and the
+/// default roles (`cluster-admin` bound to `system:masters`, `admin`, `edit`, `view`) are
 /// created once a leader is there.
 pub fn start(node: StoreNode) -> Api {
     start_with(Api::new(node))
@@ -40,24 +41,6 @@ pub fn start(node: StoreNode) -> Api {
 /// Starts the API server's background work for `api` (built with its dialer).
 pub fn start_with(api: Api) -> Api {
     for name in ["default", flotilla_proto::api::NODE_LEASE_NAMESPACE] {
-        tokio::spawn(ensure_namespace(api.clone(), name));
-    }
-    api
-}
-
-async fn ensure_namespace(api: Api, name: &'static str) {
-    let mut stop = api.node().shutdown_signal();
-    let mut pause = Duration::from_millis(100);
-    loop {
-        if api
-            .read::<Namespace>("", name, false)
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-        {
-            return;
-        }
         let ns = Namespace {
             metadata: Some(ObjectMeta {
                 name: name.into(),
@@ -65,9 +48,35 @@ async fn ensure_namespace(api: Api, name: &'static str) {
             }),
             ..Default::default()
         };
-        match api.create(ns).await {
+        tokio::spawn(ensure(api.clone(), ns));
+    }
+    for role in auth::bootstrap::cluster_roles() {
+        tokio::spawn(ensure(api.clone(), role));
+    }
+    for binding in auth::bootstrap::cluster_role_bindings() {
+        tokio::spawn(ensure(api.clone(), binding));
+    }
+    api
+}
+
+/// Creates `object` unless it exists, retrying until a leader takes it.
+async fn ensure<K: validate::Kind>(api: Api, object: K) {
+    let mut stop = api.node().shutdown_signal();
+    let mut pause = Duration::from_millis(100);
+    let name = object.name().to_string();
+    loop {
+        if api
+            .read::<K>("", &name, false)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            return;
+        }
+        match api.create(object.clone()).await {
             Ok(_) | Err(ApiError::AlreadyExists { .. }) => return,
-            Err(e) => tracing::debug!("creating the namespace {name}: {e}"),
+            Err(e) => tracing::debug!("creating {} {name}: {e}", K::PLURAL),
         }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}

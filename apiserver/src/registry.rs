@@ -270,6 +270,43 @@ impl Api {
         }
     }
 
+    /// The objects of a kind in this member's own copy (no read barrier), in `namespace` or
+    /// all; what does not decode is left out and logged.
+    pub(crate) fn local_list<K: Resource>(&self, namespace: Option<&str>) -> Vec<K> {
+        let prefix = prefix_of::<K>(namespace);
+        let result = self.node.kv().range(&RangeRequest {
+            range_end: prefix_end(&prefix),
+            key: prefix,
+            ..Default::default()
+        });
+        match result {
+            Ok(r) => r
+                .kvs
+                .iter()
+                .filter_map(|kv| match Self::decode(kv) {
+                    Ok(o) => Some(o),
+                    Err(e) => {
+                        tracing::warn!("{e}");
+                        None
+                    }
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!("reading {}: {e}", K::PLURAL);
+                Vec::new()
+            }
+        }
+    }
+
+    /// One object from this member's own copy (no read barrier).
+    pub(crate) fn local_get<K: Resource>(&self, namespace: &str, name: &str) -> Option<K> {
+        let result = self.node.kv().range(&RangeRequest {
+            key: key_of::<K>(namespace, name),
+            ..Default::default()
+        });
+        Self::decode(result.ok()?.kvs.first()?).ok()
+    }
+
     /// Reads one object; `fresh` makes it a linearizable read.
     pub async fn read<K: Resource>(
         &self,

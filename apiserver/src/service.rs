@@ -2,9 +2,10 @@
 
 use flotilla_proto::api::*;
 use flotilla_proto::flotilla_api_v1::{
-    access_reviews_server, deployments_server, endpoints_service_server, events_server,
-    leases_server, namespaces_server, nodes_server, pods_server, replica_sets_server,
-    resource_quotas_server, services_server,
+    access_reviews_server, cluster_role_bindings_server, cluster_roles_server, deployments_server,
+    endpoints_service_server, events_server, leases_server, namespaces_server, nodes_server,
+    pods_server, replica_sets_server, resource_quotas_server, role_bindings_server, roles_server,
+    services_server,
 };
 use std::time::SystemTime;
 
@@ -43,7 +44,7 @@ impl Api {
     where
         F: Future<Output = ApiResult<R>>,
     {
-        let restriction = match auth::authorize(&ctx.caller, &attrs) {
+        let restriction = match auth::authorize(&ctx.caller, &attrs, self) {
             Decision::Allow(restriction) => restriction,
             Decision::Deny(message) => {
                 let e = ApiError::Forbidden(message);
@@ -215,6 +216,25 @@ service!(
     ResourceQuotaList,
     status {}
 );
+service!(roles_server::Roles, Role, RoleList, {});
+service!(
+    cluster_roles_server::ClusterRoles,
+    ClusterRole,
+    ClusterRoleList,
+    {}
+);
+service!(
+    role_bindings_server::RoleBindings,
+    RoleBinding,
+    RoleBindingList,
+    {}
+);
+service!(
+    cluster_role_bindings_server::ClusterRoleBindings,
+    ClusterRoleBinding,
+    ClusterRoleBindingList,
+    {}
+);
 
 #[tonic::async_trait]
 impl access_reviews_server::AccessReviews for Api {
@@ -232,7 +252,7 @@ impl access_reviews_server::AccessReviews for Api {
                      system:masters, about someone else)",
                 ));
             }
-            review.status = Some(auth::review(&caller, &spec)?);
+            review.status = Some(auth::review(&caller, &spec, self)?);
             review.kind = "SelfSubjectAccessReview".into();
             review.api_version = "authorization.k8s.io/v1".into();
             Ok(review)
@@ -261,7 +281,7 @@ impl access_reviews_server::AccessReviews for Api {
                 uid: spec.uid.clone(),
                 groups,
             }));
-            review.status = Some(auth::review(&subject, &spec)?);
+            review.status = Some(auth::review(&subject, &spec, self)?);
             review.kind = "SubjectAccessReview".into();
             review.api_version = "authorization.k8s.io/v1".into();
             Ok(review)
@@ -290,6 +310,10 @@ pub fn add_routes(routes: tonic::service::Routes, api: Api) -> tonic::service::R
         events_server::EventsServer,
         leases_server::LeasesServer,
         resource_quotas_server::ResourceQuotasServer,
+        roles_server::RolesServer,
+        cluster_roles_server::ClusterRolesServer,
+        role_bindings_server::RoleBindingsServer,
+        cluster_role_bindings_server::ClusterRoleBindingsServer,
         access_reviews_server::AccessReviewsServer
     )
 }

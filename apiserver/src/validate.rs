@@ -1073,6 +1073,170 @@ impl Kind for Lease {
     }
 }
 
+// --------------------------------------------------------------------------------- RBAC
+
+/// The API group of roles and bindings, and of User and Group subjects.
+pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
+
+fn validate_rules(rules: &[PolicyRule], cluster: bool, errs: &mut FieldErrors) {
+    for (i, rule) in rules.iter().enumerate() {
+        let at = |f: &str| format!("rules[{i}].{f}");
+        if rule.verbs.is_empty() {
+            errs.add(
+                at("verbs"),
+                "required: verbs must contain at least one value",
+            );
+        }
+        if !rule.non_resource_urls.is_empty() {
+            if !cluster {
+                errs.add(
+                    at("nonResourceURLs"),
+                    "namespaced rules cannot apply to non-resource URLs",
+                );
+            }
+            if !rule.api_groups.is_empty() || !rule.resources.is_empty() {
+                errs.add(
+                    at("nonResourceURLs"),
+                    "rules cannot apply to both regular resources and non-resource URLs",
+                );
+            }
+            continue;
+        }
+        if rule.api_groups.is_empty() {
+            errs.add(
+                at("apiGroups"),
+                "required: resource rules must supply at least one api group",
+            );
+        }
+        if rule.resources.is_empty() {
+            errs.add(
+                at("resources"),
+                "required: resource rules must supply at least one resource",
+            );
+        }
+    }
+}
+
+impl Kind for Role {
+    fn validate(&self, errs: &mut FieldErrors) {
+        validate_rules(&self.rules, false, errs);
+    }
+}
+
+impl Kind for ClusterRole {
+    fn validate(&self, errs: &mut FieldErrors) {
+        validate_rules(&self.rules, true, errs);
+    }
+}
+
+/// User and Group subjects are in the RBAC group, service accounts in the core group.
+fn default_subjects(subjects: &mut [Subject]) {
+    for s in subjects {
+        if s.api_group.is_empty() && (s.kind == "User" || s.kind == "Group") {
+            s.api_group = RBAC_GROUP.into();
+        }
+    }
+}
+
+fn validate_binding(
+    subjects: &[Subject],
+    role_ref: Option<&RoleRef>,
+    cluster: bool,
+    errs: &mut FieldErrors,
+) {
+    match role_ref {
+        None => errs.add("roleRef", "required"),
+        Some(r) => {
+            if r.api_group != RBAC_GROUP {
+                errs.add(
+                    "roleRef.apiGroup",
+                    format!(
+                        "unsupported value {:?}: must be {RBAC_GROUP:?}",
+                        r.api_group
+                    ),
+                );
+            }
+            let kinds: &[&str] = if cluster {
+                &["ClusterRole"]
+            } else {
+                &["Role", "ClusterRole"]
+            };
+            one_of(&r.kind, kinds, "roleRef.kind", errs);
+            if r.name.is_empty() {
+                errs.add("roleRef.name", "required");
+            }
+        }
+    }
+    for (i, s) in subjects.iter().enumerate() {
+        let at = |f: &str| format!("subjects[{i}].{f}");
+        if s.name.is_empty() {
+            errs.add(at("name"), "required");
+        }
+        match s.kind.as_str() {
+            "User" | "Group" => {
+                if s.api_group != RBAC_GROUP {
+                    errs.add(
+                        at("apiGroup"),
+                        format!(
+                            "unsupported value {:?}: must be {RBAC_GROUP:?}",
+                            s.api_group
+                        ),
+                    );
+                }
+            }
+            "ServiceAccount" => {
+                if !s.api_group.is_empty() {
+                    errs.add(at("apiGroup"), "must be empty for a ServiceAccount");
+                }
+                if cluster && s.namespace.is_empty() {
+                    errs.add(at("namespace"), "required for a ServiceAccount");
+                }
+            }
+            other => errs.add(
+                at("kind"),
+                format!("unsupported value {other:?}: must be User, Group or ServiceAccount"),
+            ),
+        }
+    }
+}
+
+fn validate_role_ref_unchanged(
+    new: Option<&RoleRef>,
+    old: Option<&RoleRef>,
+    errs: &mut FieldErrors,
+) {
+    if new != old {
+        errs.add(
+            "roleRef",
+            "cannot change roleRef: delete the binding and create it again",
+        );
+    }
+}
+
+impl Kind for RoleBinding {
+    fn apply_defaults(&mut self) {
+        default_subjects(&mut self.subjects);
+    }
+    fn validate(&self, errs: &mut FieldErrors) {
+        validate_binding(&self.subjects, self.role_ref.as_ref(), false, errs);
+    }
+    fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
+        validate_role_ref_unchanged(self.role_ref.as_ref(), old.role_ref.as_ref(), errs);
+    }
+}
+
+impl Kind for ClusterRoleBinding {
+    fn apply_defaults(&mut self) {
+        default_subjects(&mut self.subjects);
+    }
+    fn validate(&self, errs: &mut FieldErrors) {
+        validate_binding(&self.subjects, self.role_ref.as_ref(), true, errs);
+    }
+    fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
+        validate_role_ref_unchanged(self.role_ref.as_ref(), old.role_ref.as_ref(), errs);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

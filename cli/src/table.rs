@@ -416,6 +416,46 @@ impl Columns for Lease {
     }
 }
 
+/// As kubectl: `NAME CREATED AT`.
+macro_rules! role_columns {
+    ($($ty:ty),*) => {$(
+        impl Columns for $ty {
+            fn headers(_: bool) -> Vec<&'static str> {
+                vec!["NAME", "CREATED AT"]
+            }
+            fn row(&self, _: bool, _: SystemTime) -> Vec<String> {
+                let at = self.metadata.as_ref().map(|m| m.creation_timestamp.clone());
+                vec![self.name().to_string(), or_none(&at.unwrap_or_default())]
+            }
+        }
+    )*};
+}
+role_columns!(Role, ClusterRole);
+
+/// As kubectl: `NAME ROLE AGE`, ROLE as `ClusterRole/view`.
+macro_rules! binding_columns {
+    ($($ty:ty),*) => {$(
+        impl Columns for $ty {
+            fn headers(_: bool) -> Vec<&'static str> {
+                vec!["NAME", "ROLE", "AGE"]
+            }
+            fn row(&self, _: bool, now: SystemTime) -> Vec<String> {
+                let role = self
+                    .role_ref
+                    .as_ref()
+                    .map(|r| format!("{}/{}", r.kind, r.name))
+                    .unwrap_or_default();
+                vec![
+                    self.name().to_string(),
+                    or_none(&role),
+                    created(self.metadata.as_ref(), now),
+                ]
+            }
+        }
+    )*};
+}
+binding_columns!(RoleBinding, ClusterRoleBinding);
+
 /// Lays rows out in columns separated by three spaces, as kubectl does.
 pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();

@@ -18,7 +18,7 @@ fn a_generated_python_client_creates_lists_and_watches() {
     let c = Cluster::start();
     let out_dir = tempfile::tempdir().unwrap();
     let protos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/proto");
-    let files: Vec<String> = ["meta", "core", "apps", "services"]
+    let files: Vec<String> = ["meta", "core", "apps", "rbac", "services"]
         .iter()
         .map(|f| format!("flotilla/api/v1/{f}.proto"))
         .collect();

@@ -16,17 +16,14 @@ fn flotilla(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// A key, its value, create and mod revision, and version.
-type Kv = (String, String, i64, i64, i64);
+/// A key, its value (bytes: objects are protobuf), create and mod revision, and version.
+type Kv = (String, Vec<u8>, i64, i64, i64);
 
 /// Every key as etcdctl sees it, and the revision it was read at.
 fn key_space(endpoint: &str) -> (Vec<Kv>, i64) {
     let out = ok(etcdctl(endpoint, &["get", "", "--prefix", "-w", "json"]));
     let v: Value = serde_json::from_str(&out).unwrap();
-    let b64 = |v: &Value| {
-        use base64_decode::decode;
-        String::from_utf8(decode(v.as_str().unwrap_or(""))).unwrap()
-    };
+    let b64 = |v: &Value| base64_decode::decode(v.as_str().unwrap_or(""));
     let kvs = v["kvs"]
         .as_array()
         .cloned()
@@ -34,7 +31,7 @@ fn key_space(endpoint: &str) -> (Vec<Kv>, i64) {
         .iter()
         .map(|kv| {
             (
-                b64(&kv["key"]),
+                String::from_utf8(b64(&kv["key"])).unwrap(),
                 b64(&kv["value"]),
                 kv["create_revision"].as_i64().unwrap(),
                 kv["mod_revision"].as_i64().unwrap(),
@@ -181,6 +178,6 @@ fn a_saved_snapshot_founds_a_cluster_holding_exactly_that_state() {
     ok(etcdctl(&new_ep.join(","), &["put", "k00", "new"]));
     let (after, new_revision) = key_space(&members[1].client);
     let k00 = after.iter().find(|kv| kv.0 == "k00").unwrap();
-    assert_eq!((k00.1.as_str(), k00.3), ("new", new_revision));
+    assert_eq!((k00.1.as_slice(), k00.3), (&b"new"[..], new_revision));
     assert!(new_revision > revision);
 }

@@ -123,6 +123,26 @@ impl TlsCluster {
         ]
     }
 
+    /// A Flotilla client of the first member as `user` of the PKI (it fails over only
+    /// when that member is down, so every request lands where its audit line is).
+    fn client(&self, user: &str) -> flotilla_client::Client {
+        let f = |s: String| self.pki.join(s);
+        let dialer = flotilla_transport::Dialer::from_files(
+            &f("ca.crt".into()),
+            Some((&f(format!("{user}.crt")), &f(format!("{user}.key")))),
+        )
+        .unwrap();
+        flotilla_client::Client::with_dialer(&[&self.members[0].client], &dialer).unwrap()
+    }
+
+    /// A client of the first member with bearer token `token` and no certificate.
+    fn token_client(&self, token: &str) -> flotilla_client::Client {
+        let dialer = flotilla_transport::Dialer::from_files(&self.pki.join("ca.crt"), None)
+            .unwrap()
+            .with_token(token);
+        flotilla_client::Client::with_dialer(&[&self.members[0].client], &dialer).unwrap()
+    }
+
     fn admin(&self) -> Vec<String> {
         self.user("admin")
     }
@@ -252,6 +272,12 @@ fn the_cli_reads_its_servers_and_certificate_from_a_kubeconfig() {
     // Without the kubeconfig, the same servers refuse the CLI.
     let plain = flotilla(&["get", "namespaces", "--server", &servers[1..].join(",")]);
     assert!(!plain.status.success());
+    // ... and say what to do about it.
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        err.contains("use a kubeconfig with the cluster's CA"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -438,23 +464,10 @@ fn each_identity_may_do_only_what_kubernetes_lets_it() {
     certs(&c.pki, &["issue", "--name", "alice", "--kind", "user"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _in_runtime = rt.enter();
-    // Every client asks the first member (it fails over only when that one is down).
     let first = [c.members[0].client.clone()];
     let ca = c.pki.join("ca.crt");
-    let as_user = |user: &str| {
-        let f = |s: String| c.pki.join(s);
-        let (cert, key) = (f(format!("{user}.crt")), f(format!("{user}.key")));
-        Client::with_dialer(
-            &first,
-            &Dialer::from_files(&ca, Some((&cert, &key))).unwrap(),
-        )
-        .unwrap()
-    };
-    let with_token = |token: &str| {
-        let dialer = Dialer::from_files(&ca, None).unwrap().with_token(token);
-        Client::with_dialer(&first, &dialer).unwrap()
-    };
-    let (admin, w1, alice) = (as_user("admin"), as_user("w1"), as_user("alice"));
+    let with_token = |token: &str| c.token_client(token);
+    let (admin, w1, alice) = (c.client("admin"), c.client("w1"), c.client("alice"));
     let denied = |r: Result<(), flotilla_client::ClientError>| -> String {
         let e = r.expect_err("should be refused");
         assert_eq!(e.code(), Code::PermissionDenied, "{e}");
@@ -525,13 +538,7 @@ fn each_identity_may_do_only_what_kubernetes_lets_it() {
             "nodes/status \"w2\" is forbidden: User \"system:node:w1\" cannot update \
              resource \"nodes/status\" in API group \"\" at the cluster scope"
         );
-        let deployment: Deployment = flotilla_proto::api::json::from_value(serde_json::json!({
-            "metadata": {"name": "web", "namespace": "default"},
-            "spec": {"selector": {"matchLabels": {"app": "web"}},
-                     "template": {"metadata": {"labels": {"app": "web"}},
-                                  "spec": {"containers": [{"name": "main", "image": "busybox"}]}}}
-        }))
-        .unwrap();
+        let deployment = deployment("default");
         let msg = denied(w1.create(&deployment).await.map(|_| ()));
         assert_eq!(
             msg,
@@ -723,6 +730,118 @@ fn each_identity_may_do_only_what_kubernetes_lets_it() {
 }
 
 #[test]
+fn role_bindings_grant_what_their_roles_say_and_no_more() {
+    use flotilla_client::Client;
+    use flotilla_proto::api::json::from_value;
+    use flotilla_proto::api::{Namespace, Pod, RoleBinding};
+    use serde_json::json;
+    use tonic::Code;
+
+    let c = TlsCluster::start_with(|pki, _| {
+        let tokens = pki.join("tokens.csv");
+        std::fs::write(&tokens, "carol-token,carol,1003,dev\n").unwrap();
+        vec![
+            "--token-auth-file".into(),
+            tokens.to_string_lossy().into_owned(),
+        ]
+    });
+    certs(&c.pki, &["issue", "--name", "alice", "--kind", "user"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = rt.enter();
+    let first = [c.members[0].client.clone()];
+    let (admin, alice) = (c.client("admin"), c.client("alice"));
+    let carol = c.token_client("carol-token");
+    let code = |r: Result<(), flotilla_client::ClientError>| r.err().map(|e| e.code());
+    let binding = |name: &str, kind: &str, who: &str, role: &str| -> RoleBinding {
+        from_value(json!({
+            "metadata": {"name": name, "namespace": "shop"},
+            "subjects": [{"kind": kind, "name": who}],
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        }))
+        .unwrap()
+    };
+    let deployment = deployment("shop");
+    let list_pods = |client: &Client, ns: &str| {
+        let req = flotilla_proto::api::ListRequest {
+            namespace: ns.into(),
+            ..Default::default()
+        };
+        rt.block_on(client.list::<Pod>(&req)).map(|_| ())
+    };
+    // The control plane made the default roles.
+    let roles = ok(flotilla(&[
+        "get",
+        "clusterroles",
+        "--server",
+        &first[0],
+        "--kubeconfig",
+        &{
+            let text = ok(flotilla(&[
+                "certs",
+                "kubeconfig",
+                "--dir",
+                &c.pki.to_string_lossy(),
+                "--user",
+                "admin",
+                "--server",
+                &first[0],
+            ]));
+            let path = c.dir.path().join("admin.kubeconfig");
+            std::fs::write(&path, text).unwrap();
+            path.to_string_lossy().into_owned()
+        },
+    ]));
+    for role in ["cluster-admin", "admin", "edit", "view"] {
+        assert!(
+            roles.lines().any(|l| l.starts_with(&format!("{role} "))),
+            "{roles}"
+        );
+    }
+    rt.block_on(
+        admin.create(&from_value::<Namespace>(json!({"metadata": {"name": "shop"}})).unwrap()),
+    )
+    .unwrap();
+    // No binding: nothing.
+    assert_eq!(
+        code(list_pods(&alice, "shop")),
+        Some(Code::PermissionDenied)
+    );
+    // view for alice in shop: reads there, and nothing else.
+    rt.block_on(admin.create(&binding("alice-view", "User", "alice", "view")))
+        .unwrap();
+    eventually("alice's binding is in force", || {
+        list_pods(&alice, "shop").is_ok()
+    });
+    assert_eq!(
+        code(list_pods(&alice, "default")),
+        Some(Code::PermissionDenied)
+    );
+    let r = rt.block_on(alice.create(&deployment)).map(|_| ());
+    assert_eq!(code(r), Some(Code::PermissionDenied));
+    // She cannot grant herself more: writing bindings is for system:masters.
+    let r = rt
+        .block_on(alice.create(&binding("alice-edit", "User", "alice", "edit")))
+        .map(|_| ());
+    assert_eq!(code(r), Some(Code::PermissionDenied));
+    // edit for group dev: carol (a token in group dev) creates a Deployment in shop.
+    assert_eq!(
+        code(rt.block_on(carol.create(&deployment)).map(|_| ())),
+        Some(Code::PermissionDenied)
+    );
+    rt.block_on(admin.create(&binding("dev-edit", "Group", "dev", "edit")))
+        .unwrap();
+    eventually("the group's binding is in force", || {
+        rt.block_on(carol.create(&deployment)).is_ok()
+    });
+    // Deleting the binding takes the rights away.
+    rt.block_on(admin.delete_named::<RoleBinding>("shop", "alice-view"))
+        .unwrap();
+    eventually("alice's rights are gone", || {
+        code(list_pods(&alice, "shop")) == Some(Code::PermissionDenied)
+    });
+}
+
+#[test]
 fn past_the_inflight_bound_a_client_is_told_to_come_back() {
     use flotilla_proto::api::{Event, ObjectMeta, ObjectReference};
     use flotilla_proto::flotilla_api_v1::events_client::EventsClient;
@@ -779,6 +898,17 @@ fn past_the_inflight_bound_a_client_is_told_to_come_back() {
     // system:masters is not held to it.
     let refused = burst("admin", 100);
     assert!(refused.is_empty(), "{refused:?}");
+}
+
+/// Deployment `web` in `namespace`.
+fn deployment(namespace: &str) -> flotilla_proto::api::Deployment {
+    flotilla_proto::api::json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": namespace},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "main", "image": "busybox"}]}}}
+    }))
+    .unwrap()
 }
 
 struct KillOnDrop(std::process::Child);

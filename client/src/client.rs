@@ -58,6 +58,8 @@ struct Inner {
     channels: Vec<Channel>,
     current: AtomicUsize,
     timeout: Duration,
+    /// Whether the channels are TLS.
+    tls: bool,
     /// Sent as `authorization` with every call: the dialer's bearer token.
     authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     /// Sent as `flotilla-fence-term` with every call: writes apply only under that term's
@@ -121,6 +123,7 @@ impl Client {
                 channels,
                 current: AtomicUsize::new(0),
                 timeout: Duration::from_secs(30),
+                tls: dialer.is_tls(),
                 authorization,
                 fence_term: None,
                 breaker: Arc::default(),
@@ -155,6 +158,7 @@ impl Client {
                 channels: self.inner.channels.clone(),
                 current: AtomicUsize::new(self.inner.current.load(Ordering::Relaxed)),
                 timeout: self.inner.timeout,
+                tls: self.inner.tls,
                 authorization: self.inner.authorization.clone(),
                 fence_term,
                 breaker: self.inner.breaker.clone(),
@@ -242,14 +246,48 @@ impl Client {
                     Err(s) => {
                         // The server answered: the control plane is up.
                         self.inner.breaker.reached();
-                        return Err(s.into());
+                        return Err(self.with_hint(s).into());
                     }
                 }
             }
             self.inner.breaker.round_failed(probe);
             rounds_left -= 1;
         }
-        Err(last.into())
+        Err(self.with_hint(last).into())
+    }
+
+    /// `status` with a hint when it looks like the client and the servers disagree about
+    /// TLS (a plaintext client at a TLS port sees its connection dropped mid-handshake).
+    fn with_hint(&self, status: Status) -> Status {
+        let message = status.message().to_ascii_lowercase();
+        let hint = if !self.inner.tls
+            && [
+                "h2 protocol error",
+                "connection reset",
+                "connection closed",
+                "broken pipe",
+            ]
+            .iter()
+            .any(|m| message.contains(m))
+        {
+            "; if the servers serve TLS, use a kubeconfig with the cluster's CA and your \
+             certificate (--kubeconfig, or KUBECONFIG; see docs/security.md)"
+        } else if self.inner.tls
+            && ["invalidcontenttype", "corrupt message"]
+                .iter()
+                .any(|m| message.contains(m))
+        {
+            "; the servers may serve plaintext: check the kubeconfig's https:// addresses"
+        } else {
+            return status;
+        };
+        // Not the server's answer (tonic words a dropped HTTP/2 connection as INTERNAL):
+        // this client could not talk to it.
+        Status::with_metadata(
+            Code::Unavailable,
+            format!("{}{hint}", status.message()),
+            status.metadata().clone(),
+        )
     }
 
     /// A unary call, tried on each server in turn while they are unavailable (see

@@ -209,6 +209,22 @@ macro_rules! with_kind {
                 type $k = __api::ResourceQuota;
                 $body
             }
+            "Role" => {
+                type $k = __api::Role;
+                $body
+            }
+            "ClusterRole" => {
+                type $k = __api::ClusterRole;
+                $body
+            }
+            "RoleBinding" => {
+                type $k = __api::RoleBinding;
+                $body
+            }
+            "ClusterRoleBinding" => {
+                type $k = __api::ClusterRoleBinding;
+                $body
+            }
             other => unreachable!("kind {other} is in KINDS but not in with_kind!"),
         }
     }};

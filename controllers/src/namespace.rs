@@ -7,7 +7,7 @@ use flotilla_client::informer::Change;
 use flotilla_client::{Client, ClientError};
 use flotilla_proto::api::{
     DeleteRequest, Deployment, Endpoints, Event, Lease, ListRequest, Namespace, Pod, ReplicaSet,
-    Resource, ResourceQuota, Service,
+    Resource, ResourceQuota, Role, RoleBinding, Service,
 };
 
 use crate::Ctx;
@@ -60,6 +60,8 @@ pub async fn reconcile(ctx: &Ctx, key: &str) -> Result<Requeue, ClientError> {
         + empty::<Endpoints>(c, key).await?
         + empty::<Lease>(c, key).await?
         + empty::<ResourceQuota>(c, key).await?
+        + empty::<RoleBinding>(c, key).await?
+        + empty::<Role>(c, key).await?
         + empty::<Event>(c, key).await?;
     if left > 0 {
         tracing::debug!(namespace = key, left, "namespace still has objects");

@@ -16,8 +16,10 @@
 //! [`Caller::Unchecked`], and the member says so at start.
 
 pub mod audit;
+pub mod bootstrap;
 pub mod layer;
 pub mod node;
+pub mod rbac;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -180,8 +182,10 @@ pub enum Decision {
     Deny(String),
 }
 
-/// Decides whether `caller` may do what `attrs` describe.
-pub fn authorize(caller: &Caller, attrs: &Attributes) -> Decision {
+/// Decides whether `caller` may do what `attrs` describe, with the RBAC bindings of
+/// `rules`: `system:masters` everything, a node what the Node authorizer gives it, then
+/// whatever RBAC grants (a node too, as Kubernetes' `Node,RBAC` chain).
+pub fn authorize(caller: &Caller, attrs: &Attributes, rules: &dyn rbac::Rules) -> Decision {
     let user = match caller {
         Caller::Unchecked => return Decision::Allow(None),
         Caller::User(user) => user,
@@ -190,13 +194,16 @@ pub fn authorize(caller: &Caller, attrs: &Attributes) -> Decision {
         return Decision::Allow(None);
     }
     if let Some(node) = user.node_name() {
-        return match node::authorize(node, attrs) {
-            node::Verdict::Allow => Decision::Allow(None),
+        match node::authorize(node, attrs) {
+            node::Verdict::Allow => return Decision::Allow(None),
             node::Verdict::AllowOwnPods => {
-                Decision::Allow(Some(Restriction::PodsOfNode(node.to_string())))
+                return Decision::Allow(Some(Restriction::PodsOfNode(node.to_string())));
             }
-            node::Verdict::Deny => Decision::Deny(forbidden(user, attrs)),
-        };
+            node::Verdict::Deny => {}
+        }
+    }
+    if rbac::allows(rules, user, attrs) {
+        return Decision::Allow(None);
     }
     Decision::Deny(forbidden(user, attrs))
 }
@@ -229,6 +236,7 @@ pub fn review_request(resource: &str) -> Attributes {
 pub fn review(
     caller: &Caller,
     spec: &SubjectAccessReviewSpec,
+    rules: &dyn rbac::Rules,
 ) -> Result<SubjectAccessReviewStatus, ApiError> {
     let Some(ra) = &spec.resource_attributes else {
         return Err(ApiError::invalid(
@@ -257,7 +265,7 @@ pub fn review(
         namespace: ra.namespace.clone(),
         name: ra.name.clone(),
     };
-    Ok(match authorize(caller, &attrs) {
+    Ok(match authorize(caller, &attrs, rules) {
         Decision::Allow(_) => SubjectAccessReviewStatus {
             allowed: true,
             reason: match caller {

@@ -1,6 +1,9 @@
 use std::sync::Arc;
 
-use flotilla_proto::api::{Deployment, Event, Lease, Namespace, Node, Pod, PodSpec, Service};
+use flotilla_proto::api::{
+    ClusterRoleBinding, Deployment, Event, Lease, Namespace, Node, Pod, PodSpec, PolicyRule,
+    Resource, Role, RoleBinding, RoleRef, Service, Subject,
+};
 
 use super::*;
 
@@ -17,7 +20,7 @@ fn node(n: &str) -> Caller {
 }
 
 fn allowed(caller: &Caller, attrs: &Attributes) -> bool {
-    matches!(authorize(caller, attrs), Decision::Allow(_))
+    matches!(authorize(caller, attrs, &rbac::NoRules), Decision::Allow(_))
 }
 
 #[test]
@@ -98,7 +101,7 @@ fn a_node_writes_only_its_own_node_lease_and_pods() {
         Attributes::new::<Event>("create", "shop", ""),
     ] {
         assert_eq!(
-            authorize(&n1, &attrs),
+            authorize(&n1, &attrs, &rbac::NoRules),
             Decision::Allow(None),
             "{attrs:?} should be allowed"
         );
@@ -110,7 +113,7 @@ fn a_node_writes_only_its_own_node_lease_and_pods() {
         Attributes::new::<Pod>("delete", "shop", "web"),
     ] {
         assert_eq!(
-            authorize(&n1, &attrs),
+            authorize(&n1, &attrs, &rbac::NoRules),
             Decision::Allow(Some(Restriction::PodsOfNode("n1".into()))),
             "{attrs:?}"
         );
@@ -175,4 +178,201 @@ async fn a_restricted_write_needs_the_pod_bound_to_the_node() {
     .await;
     assert!(check_write(&pod_on("n2")).is_ok());
     scope(None, async { assert!(check_write(&pod_on("n2")).is_ok()) }).await;
+}
+
+/// Bindings and roles held in memory, as the store would hold them.
+struct Fixed {
+    cluster_bindings: Vec<ClusterRoleBinding>,
+    bindings: Vec<RoleBinding>,
+    roles: Vec<Role>,
+}
+
+impl rbac::Rules for Fixed {
+    fn rules_for(&self, user: &UserInfo, namespace: &str) -> Vec<PolicyRule> {
+        let cluster_roles = bootstrap::cluster_roles();
+        rbac::bound_rules(
+            user,
+            namespace,
+            &self.cluster_bindings,
+            &self.bindings,
+            &|name| cluster_roles.iter().find(|r| r.name() == name).cloned(),
+            &|ns, name| {
+                self.roles
+                    .iter()
+                    .find(|r| r.name() == name && r.namespace() == ns)
+                    .cloned()
+            },
+        )
+    }
+}
+
+fn subject(kind: &str, name: &str) -> Subject {
+    Subject {
+        kind: kind.into(),
+        api_group: if kind == "ServiceAccount" {
+            String::new()
+        } else {
+            crate::validate::RBAC_GROUP.into()
+        },
+        name: name.into(),
+        namespace: String::new(),
+    }
+}
+
+fn binding(ns: &str, role_kind: &str, role: &str, subjects: Vec<Subject>) -> RoleBinding {
+    RoleBinding {
+        metadata: Some(flotilla_proto::api::ObjectMeta {
+            name: format!("{role}-binding"),
+            namespace: ns.into(),
+            ..Default::default()
+        }),
+        subjects,
+        role_ref: Some(RoleRef {
+            api_group: crate::validate::RBAC_GROUP.into(),
+            kind: role_kind.into(),
+            name: role.into(),
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn each_built_in_role_allows_its_verbs_and_no_more() {
+    let rules = Fixed {
+        cluster_bindings: bootstrap::cluster_role_bindings(),
+        bindings: vec![
+            binding(
+                "shop",
+                "ClusterRole",
+                "view",
+                vec![subject("User", "viewer")],
+            ),
+            binding(
+                "shop",
+                "ClusterRole",
+                "edit",
+                vec![subject("Group", "devs")],
+            ),
+            binding(
+                "shop",
+                "ClusterRole",
+                "admin",
+                vec![subject("User", "owner")],
+            ),
+            binding(
+                "shop",
+                "Role",
+                "log-reader",
+                vec![subject("ServiceAccount", "robot")],
+            ),
+        ],
+        roles: vec![Role {
+            metadata: Some(flotilla_proto::api::ObjectMeta {
+                name: "log-reader".into(),
+                namespace: "shop".into(),
+                ..Default::default()
+            }),
+            rules: vec![PolicyRule {
+                verbs: vec!["get".into()],
+                api_groups: vec!["".into()],
+                resources: vec!["pods/log".into()],
+                resource_names: vec!["web".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let may = |caller: &Caller, attrs: Attributes| {
+        matches!(authorize(caller, &attrs, &rules), Decision::Allow(_))
+    };
+    let viewer = user("viewer", &[AUTHENTICATED]);
+    let dev = user("dan", &["devs", AUTHENTICATED]);
+    let owner = user("olga", &[AUTHENTICATED]);
+    let owner_named = user("owner", &[AUTHENTICATED]);
+    let robot = user("system:serviceaccount:shop:robot", &[AUTHENTICATED]);
+    // view: reads in its namespace only; no writes; not roles.
+    assert!(may(&viewer, Attributes::new::<Pod>("list", "shop", "")));
+    assert!(may(
+        &viewer,
+        Attributes::new::<Pod>("get", "shop", "web").subresource("log")
+    ));
+    assert!(may(
+        &viewer,
+        Attributes::new::<Deployment>("watch", "shop", "")
+    ));
+    assert!(!may(
+        &viewer,
+        Attributes::new::<Pod>("delete", "shop", "web")
+    ));
+    assert!(!may(&viewer, Attributes::new::<Pod>("list", "other", "")));
+    assert!(!may(&viewer, Attributes::new::<Pod>("list", "", "")));
+    assert!(!may(&viewer, Attributes::new::<Role>("list", "shop", "")));
+    assert!(!may(&viewer, Attributes::new::<Node>("list", "", "")));
+    // edit, through a group: the workloads.
+    assert!(may(
+        &dev,
+        Attributes::new::<Deployment>("create", "shop", "web")
+    ));
+    assert!(may(&dev, Attributes::new::<Pod>("delete", "shop", "web")));
+    assert!(!may(
+        &dev,
+        Attributes::new::<Pod>("update", "shop", "web").subresource("status")
+    ));
+    assert!(!may(&dev, Attributes::new::<Role>("create", "shop", "r")));
+    assert!(!may(
+        &dev,
+        Attributes::new::<Deployment>("create", "other", "web")
+    ));
+    // admin reads roles and bindings, but writing them stays with system:masters.
+    assert!(
+        !may(&owner, Attributes::new::<Pod>("list", "shop", "")),
+        "by name only"
+    );
+    assert!(may(
+        &owner_named,
+        Attributes::new::<RoleBinding>("list", "shop", "")
+    ));
+    assert!(!may(
+        &owner_named,
+        Attributes::new::<RoleBinding>("create", "shop", "b")
+    ));
+    // A Role with resourceNames: that object's subresource only.
+    assert!(may(
+        &robot,
+        Attributes::new::<Pod>("get", "shop", "web").subresource("log")
+    ));
+    assert!(!may(
+        &robot,
+        Attributes::new::<Pod>("get", "shop", "db").subresource("log")
+    ));
+    assert!(!may(&robot, Attributes::new::<Pod>("get", "shop", "web")));
+    // cluster-admin, bound to system:masters by a ClusterRoleBinding.
+    let masters_by_binding = UserInfo {
+        name: "root".into(),
+        uid: String::new(),
+        groups: vec![MASTERS.into()],
+    };
+    let rules_of_root = rbac::Rules::rules_for(&rules, &masters_by_binding, "");
+    assert!(rules_of_root.iter().any(|r| r.verbs == ["*"]));
+}
+
+#[test]
+fn a_rule_matches_kubernetes_wildcards() {
+    let r = |resources: &[&str]| PolicyRule {
+        verbs: vec!["get".into()],
+        api_groups: vec!["".into()],
+        resources: resources.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let status = Attributes::new::<Pod>("get", "shop", "web").subresource("status");
+    assert!(rbac::rule_allows(&r(&["pods/status"]), &status));
+    assert!(rbac::rule_allows(&r(&["pods/*"]), &status));
+    assert!(rbac::rule_allows(&r(&["*/status"]), &status));
+    assert!(rbac::rule_allows(&r(&["*"]), &status));
+    assert!(!rbac::rule_allows(&r(&["pods"]), &status));
+    let apps = Attributes::new::<Deployment>("get", "shop", "web");
+    assert!(
+        !rbac::rule_allows(&r(&["deployments"]), &apps),
+        "wrong group"
+    );
 }

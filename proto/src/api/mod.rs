@@ -191,6 +191,14 @@ resource!(Lease, LeaseList, LeaseEvent, "Leases", "coordination.k8s.io/v1", "lea
     namespaced: true, status: no, fields: {});
 resource!(ResourceQuota, ResourceQuotaList, ResourceQuotaEvent, "ResourceQuotas", "v1", "resourcequotas",
     namespaced: true, status: yes, fields: {});
+resource!(Role, RoleList, RoleEvent, "Roles", "rbac.authorization.k8s.io/v1", "roles",
+    namespaced: true, status: no, fields: {});
+resource!(ClusterRole, ClusterRoleList, ClusterRoleEvent, "ClusterRoles", "rbac.authorization.k8s.io/v1", "clusterroles",
+    namespaced: false, status: no, fields: {});
+resource!(RoleBinding, RoleBindingList, RoleBindingEvent, "RoleBindings", "rbac.authorization.k8s.io/v1", "rolebindings",
+    namespaced: true, status: no, fields: {});
+resource!(ClusterRoleBinding, ClusterRoleBindingList, ClusterRoleBindingEvent, "ClusterRoleBindings", "rbac.authorization.k8s.io/v1", "clusterrolebindings",
+    namespaced: false, status: no, fields: {});
 
 /// What the command line and manifests know about each kind, by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +235,10 @@ pub const KINDS: &[KindInfo] = &[
     kind_info!(Event, ["event", "ev"]),
     kind_info!(Lease, ["lease"]),
     kind_info!(ResourceQuota, ["resourcequota", "quota"]),
+    kind_info!(Role, ["role"]),
+    kind_info!(ClusterRole, ["clusterrole"]),
+    kind_info!(RoleBinding, ["rolebinding"]),
+    kind_info!(ClusterRoleBinding, ["clusterrolebinding"]),
 ];
 
 /// Finds a kind by its kind name (`Deployment`), plural (`deployments`) or alias (`deploy`),

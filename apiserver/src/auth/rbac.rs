@@ -1,0 +1,140 @@
+//! RBAC, as Kubernetes' RBAC authorizer decides: a request is allowed when a rule of a role
+//! bound to the caller allows it. ClusterRoleBindings grant their ClusterRole everywhere; a
+//! RoleBinding grants its Role (or a ClusterRole) in its own namespace only.
+//!
+//! The bindings and roles are read from the member's own copy of the key space (not a
+//! linearizable read: as kube-apiserver reads them from its informers' caches, a change is
+//! in force within moments on every member).
+//!
+//! Writing roles and bindings stays with `system:masters` for now: Kubernetes lets others
+//! write them only under its escalation checks (`escalate`, `bind`), which are not in yet,
+//! so RBAC never grants a write in `rbac.authorization.k8s.io`.
+
+use flotilla_proto::api::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject,
+};
+
+use super::{Attributes, UserInfo};
+use crate::validate::RBAC_GROUP;
+
+/// Where the rules bound to a user come from.
+pub trait Rules {
+    /// The rules of every role bound to `user`, cluster-wide and in `namespace`.
+    fn rules_for(&self, user: &UserInfo, namespace: &str) -> Vec<PolicyRule>;
+}
+
+/// No bindings at all.
+pub struct NoRules;
+
+impl Rules for NoRules {
+    fn rules_for(&self, _: &UserInfo, _: &str) -> Vec<PolicyRule> {
+        Vec::new()
+    }
+}
+
+/// Whether RBAC allows `user` what `attrs` describe.
+pub fn allows(rules: &dyn Rules, user: &UserInfo, attrs: &Attributes) -> bool {
+    if attrs.api_group == RBAC_GROUP && !matches!(attrs.verb.as_str(), "get" | "list" | "watch") {
+        return false;
+    }
+    rules
+        .rules_for(user, &attrs.namespace)
+        .iter()
+        .any(|r| rule_allows(r, attrs))
+}
+
+/// Whether one rule allows `attrs`.
+pub fn rule_allows(rule: &PolicyRule, attrs: &Attributes) -> bool {
+    let has = |list: &[String], value: &str| list.iter().any(|v| v == "*" || v == value);
+    if !has(&rule.verbs, &attrs.verb) || !has(&rule.api_groups, &attrs.api_group) {
+        return false;
+    }
+    let resource_ok = rule.resources.iter().any(|r| {
+        if attrs.subresource.is_empty() {
+            r == "*" || *r == attrs.resource
+        } else {
+            r == "*"
+                || *r == format!("{}/{}", attrs.resource, attrs.subresource)
+                || *r == format!("{}/*", attrs.resource)
+                || *r == format!("*/{}", attrs.subresource)
+        }
+    });
+    if !resource_ok {
+        return false;
+    }
+    // resourceNames narrow a rule to those objects; a request without a name (a list, a
+    // create with generateName) does not match such a rule.
+    rule.resource_names.is_empty()
+        || (!attrs.name.is_empty() && rule.resource_names.contains(&attrs.name))
+}
+
+/// Whether `subject` of a binding in `binding_namespace` is `user`.
+pub fn subject_matches(subject: &Subject, user: &UserInfo, binding_namespace: &str) -> bool {
+    match subject.kind.as_str() {
+        "User" => subject.name == user.name,
+        "Group" => user.in_group(&subject.name),
+        "ServiceAccount" => {
+            let ns = if subject.namespace.is_empty() {
+                binding_namespace
+            } else {
+                &subject.namespace
+            };
+            user.name == format!("system:serviceaccount:{ns}:{}", subject.name)
+        }
+        _ => false,
+    }
+}
+
+/// The rules bound to `user`, given the cluster's bindings and roles.
+pub fn bound_rules(
+    user: &UserInfo,
+    namespace: &str,
+    cluster_bindings: &[ClusterRoleBinding],
+    bindings: &[RoleBinding],
+    cluster_role: &dyn Fn(&str) -> Option<ClusterRole>,
+    role: &dyn Fn(&str, &str) -> Option<Role>,
+) -> Vec<PolicyRule> {
+    let mut rules = Vec::new();
+    for b in cluster_bindings {
+        if b.subjects.iter().any(|s| subject_matches(s, user, ""))
+            && let Some(r) = &b.role_ref
+            && let Some(cr) = cluster_role(&r.name)
+        {
+            rules.extend(cr.rules);
+        }
+    }
+    for b in bindings {
+        let ns = b.metadata.as_ref().map_or("", |m| m.namespace.as_str());
+        if ns != namespace || !b.subjects.iter().any(|s| subject_matches(s, user, ns)) {
+            continue;
+        }
+        match &b.role_ref {
+            Some(r) if r.kind == "ClusterRole" => {
+                rules.extend(cluster_role(&r.name).map(|c| c.rules).unwrap_or_default())
+            }
+            Some(r) if r.kind == "Role" => {
+                rules.extend(role(ns, &r.name).map(|c| c.rules).unwrap_or_default())
+            }
+            _ => {}
+        }
+    }
+    rules
+}
+
+impl Rules for crate::Api {
+    fn rules_for(&self, user: &UserInfo, namespace: &str) -> Vec<PolicyRule> {
+        let bindings = if namespace.is_empty() {
+            Vec::new()
+        } else {
+            self.local_list::<RoleBinding>(Some(namespace))
+        };
+        bound_rules(
+            user,
+            namespace,
+            &self.local_list::<ClusterRoleBinding>(None),
+            &bindings,
+            &|name| self.local_get::<ClusterRole>("", name),
+            &|ns, name| self.local_get::<Role>(ns, name),
+        )
+    }
+}
