@@ -45,7 +45,8 @@ else
 fi
 export FLOTILLA_BIN=target/debug/flotilla
 # The chaos suite's fixed set: real clusters under every fault, histories checked
-# (docs/CHAOS.md). Reports land in target/chaos-reports.
+# (docs/CHAOS.md), the process runs with TLS on every port. Reports land in
+# target/chaos-reports.
 target/debug/flotilla-chaos --ci
 # The compose deployment (deploy/): three members and two workers in containers, the
 # leader's container killed. Skipped where no Docker engine answers.

@@ -14,10 +14,11 @@ use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use flotilla_proto::etcdserverpb::{
     MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest, StatusRequest,
 };
+use flotilla_transport::Dialer;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::docker::{self, DockerEnv};
 use crate::proxy::{self, NetState};
@@ -37,6 +38,10 @@ pub struct ClusterSpec {
     pub workers: usize,
     /// Containers on private Docker networks instead of processes on loopback.
     pub docker: bool,
+    /// TLS on every port with client certificates required, as `flotilla up` runs (the
+    /// process harness only): the PKI made by `flotilla certs`, the harness's clients
+    /// `system:masters`, each agent its node's identity.
+    pub tls: bool,
 }
 
 /// cpu each worker offers, in millicores.
@@ -108,6 +113,10 @@ pub struct Cluster {
     docker: Option<DockerEnv>,
     net: watch::Sender<NetState>,
     proxies: Vec<tokio::task::JoinHandle<()>>,
+    /// The PKI's folder, with TLS on.
+    pki: Option<PathBuf>,
+    /// How the harness's clients dial the members (as `system:masters` with TLS on).
+    dialer: Dialer,
 }
 
 /// A free port on loopback for a member or agent to bind later, across its restarts.
@@ -136,9 +145,10 @@ fn free_port() -> anyhow::Result<SocketAddr> {
     bail!("no free port below the ephemeral range (from {ephemeral_low})")
 }
 
-pub fn channel_to(addr: SocketAddr) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .expect("a socket address is a valid URI")
+pub fn channel_to(addr: SocketAddr, dialer: &Dialer) -> Channel {
+    dialer
+        .endpoint(&addr.to_string())
+        .expect("a socket address is a valid address")
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .connect_lazy()
@@ -156,6 +166,14 @@ impl Cluster {
             Some(DockerEnv::create(&spec.binary, &spec.dir, &prefix).await?)
         } else {
             None
+        };
+        if spec.tls && spec.docker {
+            bail!("TLS runs use the process harness");
+        }
+        let pki = spec.tls.then(|| spec.dir.join("pki"));
+        let dialer = match &pki {
+            Some(dir) => make_pki(&spec, dir).await?,
+            None => Dialer::plain(),
         };
         for i in 0..spec.nodes {
             let name = format!("n{}", i + 1);
@@ -191,7 +209,7 @@ impl Cluster {
                 disconnected: false,
                 paused: false,
                 joining: false,
-                channel: channel_to(client_addr),
+                channel: channel_to(client_addr, &dialer),
             });
         }
         let workers = (0..spec.workers)
@@ -214,6 +232,8 @@ impl Cluster {
             docker,
             net,
             proxies,
+            pki,
+            dialer,
         };
         for i in 0..cluster.members.len() {
             cluster.start_member(i).await?;
@@ -226,6 +246,11 @@ impl Cluster {
             cluster.start_worker(i).await?;
         }
         Ok(cluster)
+    }
+
+    /// How the harness's clients dial the members.
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
     }
 
     fn initial_cluster(&self) -> String {
@@ -262,6 +287,29 @@ impl Cluster {
             "--default-toleration".into(),
             format!("{}s", EVICTION_TOLERATION.as_secs()),
         ];
+        if let Some(pki) = &self.pki {
+            let f = |s: String| pki.join(s).to_string_lossy().into_owned();
+            let (cert, key, ca) = (
+                f(format!("{}.crt", m.name)),
+                f(format!("{}.key", m.name)),
+                f("ca.crt".into()),
+            );
+            args.extend([
+                "--cert-file".into(),
+                cert.clone(),
+                "--key-file".into(),
+                key.clone(),
+                "--trusted-ca-file".into(),
+                ca.clone(),
+                "--client-cert-auth".into(),
+                "--peer-cert-file".into(),
+                cert,
+                "--peer-key-file".into(),
+                key,
+                "--peer-trusted-ca-file".into(),
+                ca,
+            ]);
+        }
         if self.docker.is_some() {
             args.extend([
                 "--data-dir".into(),
@@ -357,7 +405,7 @@ impl Cluster {
             Some(_) => PathBuf::from("/agent"),
             None => w.data_dir.clone(),
         };
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "agent".into(),
             "--servers".into(),
             servers,
@@ -376,6 +424,14 @@ impl Cluster {
             "--max-pods".into(),
             WORKER_MAX_PODS.to_string(),
         ];
+        if let Some(pki) = &self.pki {
+            // The node's own identity: the Node authorizer holds it to its node.
+            let kubeconfig = pki.join(format!("{}.kubeconfig", w.name));
+            args.extend([
+                "--kubeconfig".into(),
+                kubeconfig.to_string_lossy().into_owned(),
+            ]);
+        }
         let env = self.node_env();
         if let Some(d) = &mut self.docker {
             let w = &mut self.workers[i];
@@ -834,7 +890,8 @@ impl Cluster {
             std::fs::remove_dir_all(&m.data_dir)
                 .with_context(|| format!("wiping {}", m.data_dir.display()))?;
         }
-        let url = format!("http://{}", m.peer_addr);
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", m.peer_addr);
         // Remove through any member that can: retried across leader changes.
         let old_id = self
             .retry(deadline, "listing members", |mut c| {
@@ -1013,6 +1070,68 @@ async fn exited(
 }
 
 /// Starts `binary ARGS` with its output appended to `log`; killed if the handle is dropped.
+/// Makes the cluster's PKI in `dir` with the binary's own `flotilla certs`: the CA, one
+/// member certificate per member, `admin` in `system:masters`, one node certificate and
+/// kubeconfig per worker. Returns the administrator's dialer.
+async fn make_pki(spec: &ClusterSpec, dir: &Path) -> anyhow::Result<Dialer> {
+    let d = dir.to_string_lossy().into_owned();
+    let certs = |args: Vec<String>| {
+        let d = d.clone();
+        async move {
+            let out = Command::new(&spec.binary)
+                .arg("certs")
+                .args(&args)
+                .args(["--dir", &d])
+                .output()
+                .await
+                .context("running flotilla certs")?;
+            if !out.status.success() {
+                bail!(
+                    "flotilla certs {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            anyhow::Ok(out.stdout)
+        }
+    };
+    let strings = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    certs(strings(&["init"])).await?;
+    for i in 0..spec.nodes {
+        let name = format!("n{}", i + 1);
+        certs(strings(&["issue", "--name", &name, "--kind", "member"])).await?;
+    }
+    certs(strings(&[
+        "issue",
+        "--name",
+        "admin",
+        "--kind",
+        "user",
+        "--group",
+        "system:masters",
+    ]))
+    .await?;
+    for i in 0..spec.workers {
+        let name = format!("w{}", i + 1);
+        certs(strings(&["issue", "--name", &name, "--kind", "agent"])).await?;
+        // The agent's --servers gives the addresses; the kubeconfig its credentials.
+        let kubeconfig = certs(strings(&[
+            "kubeconfig",
+            "--user",
+            &name,
+            "--server",
+            "127.0.0.1:1",
+        ]))
+        .await?;
+        std::fs::write(dir.join(format!("{name}.kubeconfig")), kubeconfig)?;
+    }
+    Dialer::from_files(
+        &dir.join("ca.crt"),
+        Some((&dir.join("admin.crt"), &dir.join("admin.key"))),
+    )
+    .context("the harness's TLS client")
+}
+
 fn spawn_logged(
     binary: &Path,
     args: &[String],

@@ -54,6 +54,10 @@ struct Args {
     /// Pause between one client's operations.
     #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
     pace: Duration,
+    /// TLS on every port with client certificates required, as `flotilla up` runs it (the
+    /// process harness only). The CI set runs its process runs this way.
+    #[arg(long)]
+    tls: bool,
     /// Runs the fixed set of scenarios and seeds CI runs, instead of one scenario.
     #[arg(long)]
     ci: bool,
@@ -126,10 +130,10 @@ fn main() -> anyhow::Result<()> {
             "chaos: {name} (seed {seed}, {}) on {} members {}: {} ...",
             humantime::format_duration(duration),
             args.nodes,
-            if docker {
-                "in containers"
-            } else {
-                "as processes"
+            match (docker, args.ci || args.tls) {
+                (true, _) => "in containers",
+                (false, true) => "as processes, TLS on",
+                (false, false) => "as processes",
             },
             scenario.about
         );
@@ -146,6 +150,9 @@ fn main() -> anyhow::Result<()> {
             keep_data: args.keep_data,
             workers: args.workers,
             docker,
+            // The CI set: every process run with TLS on, the container run plaintext (as
+            // the compose deployment serves).
+            tls: if args.ci { !docker } else { args.tls },
         };
         let summary = runtime.block_on(run(opts))?;
         print_summary(&summary);

@@ -48,6 +48,8 @@ pub struct RunOptions {
     pub workers: usize,
     /// Containers on Docker networks instead of processes on loopback.
     pub docker: bool,
+    /// TLS on every port, identities checked (see [`ClusterSpec::tls`]).
+    pub tls: bool,
 }
 
 /// Counts by outcome.
@@ -146,6 +148,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
         seed: opts.seed,
         workers: opts.workers,
         docker: opts.docker,
+        tls: opts.tls,
     };
     let mut cluster = Cluster::start(spec).await?;
     let result = drive(&opts, &plan, &mut cluster, &report_dir).await;
@@ -219,7 +222,8 @@ async fn drive(
 
     // Deployments, when there are workers to run them.
     let workers_down = Arc::new(AtomicBool::new(false));
-    let api = Client::new(&cluster.client_addrs()).map_err(anyhow::Error::msg)?;
+    let api = Client::with_dialer(&cluster.client_addrs(), cluster.dialer())
+        .map_err(anyhow::Error::msg)?;
     let deployment_names: Vec<String> = if opts.workers > 0 {
         vec!["web".into(), "api".into()]
     } else {
@@ -429,13 +433,14 @@ async fn drive(
         passed,
         report_dir: report_dir.to_path_buf(),
         replay: format!(
-            "cargo run -p flotilla-chaos -- --scenario {} --seed {} --duration {}s --nodes {} --workers {}{}",
+            "cargo run -p flotilla-chaos -- --scenario {} --seed {} --duration {}s --nodes {} --workers {}{}{}",
             opts.scenario.name,
             opts.seed,
             opts.duration.as_secs(),
             opts.nodes,
             opts.workers,
-            if opts.docker { " --harness docker" } else { "" }
+            if opts.docker { " --harness docker" } else { "" },
+            if opts.tls { " --tls" } else { "" }
         ),
     })
 }
