@@ -367,6 +367,7 @@ impl Api {
         object.apply_defaults();
         let auto_ip = allocate_cluster_ip(&mut object);
         check(&object, None)?;
+        crate::auth::escalation::check(&object)?;
 
         let ns = object.namespace().to_string();
         let name = object.name().to_string();
@@ -469,6 +470,7 @@ impl Api {
     /// equal (no new resourceVersion).
     async fn replace<K: Resource>(&self, current: &Stored<K>, mut new: K) -> ApiResult<K> {
         crate::auth::check_write(&current.object)?;
+        crate::auth::escalation::check(&new)?;
         let mut old = current.object.clone();
         old.metadata_mut().resource_version.clear();
         new.metadata_mut().resource_version.clear();

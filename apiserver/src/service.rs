@@ -52,7 +52,9 @@ impl Api {
                 return Err(e.into());
             }
         };
-        let out = auth::scope(restriction, crate::fence::scope(ctx.fence, work)).await;
+        let escalation = auth::escalation::for_request(self, &ctx.caller, &attrs);
+        let work = auth::escalation::scope(escalation, crate::fence::scope(ctx.fence, work));
+        let out = auth::scope(restriction, work).await;
         self.audit(&ctx, &attrs, out.as_ref().err());
         Ok(Response::new(out?))
     }

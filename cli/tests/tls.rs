@@ -833,6 +833,36 @@ fn role_bindings_grant_what_their_roles_say_and_no_more() {
     eventually("the group's binding is in force", || {
         rt.block_on(carol.create(&deployment)).is_ok()
     });
+    // An admin of shop grants inside what she holds, and no more.
+    certs(&c.pki, &["issue", "--name", "olga", "--kind", "user"]);
+    let olga = c.client("olga");
+    rt.block_on(admin.create(&binding("olga-admin", "User", "olga", "admin")))
+        .unwrap();
+    eventually("olga's binding is in force", || {
+        rt.block_on(olga.create(&binding("viewer", "User", "victor", "view")))
+            .is_ok()
+    });
+    let e = rt
+        .block_on(olga.create(&binding("root", "User", "olga", "cluster-admin")))
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(
+        e.status.message().starts_with(
+            "rolebindings.rbac.authorization.k8s.io \"root\" is forbidden: user \"olga\""
+        ) && e
+            .status
+            .message()
+            .contains("attempting to grant RBAC permissions not currently held"),
+        "{e}"
+    );
+    let nodes_role: flotilla_proto::api::Role = from_value(json!({
+        "metadata": {"name": "node-reader", "namespace": "shop"},
+        "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}],
+    }))
+    .unwrap();
+    let e = rt.block_on(olga.create(&nodes_role)).unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.status.message().contains("Resources:[\"nodes\"]"), "{e}");
     // Deleting the binding takes the rights away.
     rt.block_on(admin.delete_named::<RoleBinding>("shop", "alice-view"))
         .unwrap();

@@ -17,6 +17,7 @@
 
 pub mod audit;
 pub mod bootstrap;
+pub mod escalation;
 pub mod layer;
 pub mod node;
 pub mod rbac;

@@ -6,16 +6,14 @@
 //! linearizable read: as kube-apiserver reads them from its informers' caches, a change is
 //! in force within moments on every member).
 //!
-//! Writing roles and bindings stays with `system:masters` for now: Kubernetes lets others
-//! write them only under its escalation checks (`escalate`, `bind`), which are not in yet,
-//! so RBAC never grants a write in `rbac.authorization.k8s.io`.
+//! Writing roles and bindings is held to Kubernetes' escalation checks
+//! ([`super::escalation`]): one grants only what one holds.
 
 use flotilla_proto::api::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject,
 };
 
 use super::{Attributes, UserInfo};
-use crate::validate::RBAC_GROUP;
 
 /// Where the rules bound to a user come from.
 pub trait Rules {
@@ -34,9 +32,6 @@ impl Rules for NoRules {
 
 /// Whether RBAC allows `user` what `attrs` describe.
 pub fn allows(rules: &dyn Rules, user: &UserInfo, attrs: &Attributes) -> bool {
-    if attrs.api_group == RBAC_GROUP && !matches!(attrs.verb.as_str(), "get" | "list" | "watch") {
-        return false;
-    }
     rules
         .rules_for(user, &attrs.namespace)
         .iter()
@@ -137,4 +132,72 @@ impl Rules for crate::Api {
             &|ns, name| self.local_get::<Role>(ns, name),
         )
     }
+}
+
+/// Whether `list` (a rule's resources) covers resource `r` (`pods`, `pods/status`, `*`).
+fn resource_covered(list: &[String], r: &str) -> bool {
+    list.iter().any(|o| {
+        o == "*"
+            || o == r
+            || r.split_once('/')
+                .is_some_and(|(res, sub)| *o == format!("{res}/*") || *o == format!("*/{sub}"))
+    })
+}
+
+/// Whether `url` is matched by a rule's nonResourceURLs (`*`, exact, or `/prefix/*`).
+fn url_covered(list: &[String], url: &str) -> bool {
+    list.iter()
+        .any(|o| o == "*" || o == url || o.strip_suffix('*').is_some_and(|p| url.starts_with(p)))
+}
+
+/// The permissions of `rules` that no rule of `owner` covers, each as one rule of one
+/// verb, group, resource and name (Kubernetes' escalation check: a wildcard is covered
+/// only by a wildcard). Empty: `owner` holds everything `rules` grants.
+pub fn uncovered(owner: &[PolicyRule], rules: &[PolicyRule]) -> Vec<PolicyRule> {
+    let has = |list: &[String], v: &str| list.iter().any(|o| o == "*" || o == v);
+    let mut missing = Vec::new();
+    for rule in rules {
+        for verb in &rule.verbs {
+            for url in &rule.non_resource_urls {
+                let held = owner
+                    .iter()
+                    .any(|o| has(&o.verbs, verb) && url_covered(&o.non_resource_urls, url));
+                if !held {
+                    missing.push(PolicyRule {
+                        verbs: vec![verb.clone()],
+                        non_resource_urls: vec![url.clone()],
+                        ..Default::default()
+                    });
+                }
+            }
+            for group in &rule.api_groups {
+                for resource in &rule.resources {
+                    let names: Vec<Option<&String>> = if rule.resource_names.is_empty() {
+                        vec![None]
+                    } else {
+                        rule.resource_names.iter().map(Some).collect()
+                    };
+                    for name in names {
+                        let held = owner.iter().any(|o| {
+                            has(&o.verbs, verb)
+                                && has(&o.api_groups, group)
+                                && resource_covered(&o.resources, resource)
+                                && (o.resource_names.is_empty()
+                                    || name.is_some_and(|n| o.resource_names.contains(n)))
+                        });
+                        if !held {
+                            missing.push(PolicyRule {
+                                verbs: vec![verb.clone()],
+                                api_groups: vec![group.clone()],
+                                resources: vec![resource.clone()],
+                                resource_names: name.cloned().into_iter().collect(),
+                                ..Default::default()
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    missing
 }

@@ -323,7 +323,8 @@ fn each_built_in_role_allows_its_verbs_and_no_more() {
         &dev,
         Attributes::new::<Deployment>("create", "other", "web")
     ));
-    // admin reads roles and bindings, but writing them stays with system:masters.
+    // admin writes the namespace's roles and bindings (held to the escalation checks at
+    // the write), not the cluster's.
     assert!(
         !may(&owner, Attributes::new::<Pod>("list", "shop", "")),
         "by name only"
@@ -332,9 +333,13 @@ fn each_built_in_role_allows_its_verbs_and_no_more() {
         &owner_named,
         Attributes::new::<RoleBinding>("list", "shop", "")
     ));
-    assert!(!may(
+    assert!(may(
         &owner_named,
         Attributes::new::<RoleBinding>("create", "shop", "b")
+    ));
+    assert!(!may(
+        &owner_named,
+        Attributes::new::<ClusterRoleBinding>("create", "", "b")
     ));
     // A Role with resourceNames: that object's subresource only.
     assert!(may(
@@ -375,4 +380,66 @@ fn a_rule_matches_kubernetes_wildcards() {
         !rbac::rule_allows(&r(&["deployments"]), &apps),
         "wrong group"
     );
+}
+
+#[test]
+fn one_grants_only_what_one_holds() {
+    let rule = |verbs: &[&str], groups: &[&str], resources: &[&str], names: &[&str]| {
+        let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        PolicyRule {
+            verbs: v(verbs),
+            api_groups: v(groups),
+            resources: v(resources),
+            resource_names: v(names),
+            ..Default::default()
+        }
+    };
+    let held = vec![
+        rule(&["get", "list"], &[""], &["pods", "pods/*"], &[]),
+        rule(&["*"], &["apps"], &["deployments"], &[]),
+        rule(&["update"], &[""], &["services"], &["web"]),
+    ];
+    // Held: subsets, subresources through pods/*, a verb wildcard, a named object.
+    for grant in [
+        rule(&["get"], &[""], &["pods"], &[]),
+        rule(&["list"], &[""], &["pods/log", "pods/status"], &[]),
+        rule(&["create", "delete"], &["apps"], &["deployments"], &[]),
+        rule(&["update"], &[""], &["services"], &["web"]),
+    ] {
+        assert!(
+            rbac::uncovered(&held, std::slice::from_ref(&grant)).is_empty(),
+            "{grant:?}"
+        );
+    }
+    // Not held: another verb, group, resource or name; a wildcard the holder lacks.
+    for grant in [
+        rule(&["delete"], &[""], &["pods"], &[]),
+        rule(&["get"], &["apps"], &["pods"], &[]),
+        rule(&["get"], &[""], &["nodes"], &[]),
+        rule(&["update"], &[""], &["services"], &["db"]),
+        rule(&["update"], &[""], &["services"], &[]),
+        rule(&["*"], &[""], &["pods"], &[]),
+        rule(&["get"], &["*"], &["pods"], &[]),
+    ] {
+        assert_eq!(
+            rbac::uncovered(&held, std::slice::from_ref(&grant)).len(),
+            1,
+            "{grant:?}"
+        );
+    }
+    // Each uncovered permission is named on its own.
+    let missing = rbac::uncovered(
+        &held,
+        &[rule(&["get", "delete"], &[""], &["pods", "nodes"], &[])],
+    );
+    assert_eq!(missing.len(), 3);
+    // cluster-admin's rules hold everything.
+    let all = bootstrap::cluster_roles()[0].rules.clone();
+    for role in bootstrap::cluster_roles() {
+        assert!(
+            rbac::uncovered(&all, &role.rules).is_empty(),
+            "{}",
+            role.name()
+        );
+    }
 }
