@@ -68,7 +68,9 @@ fn validate<K: Kind>(obj: &mut K) -> FieldErrors {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512)
+    ))]
 
     #[test]
     fn random_manifests_never_panic(v in arb_json()) {
