@@ -135,6 +135,24 @@ impl TlsCluster {
         flotilla_client::Client::with_dialer(&[&self.members[0].client], &dialer).unwrap()
     }
 
+    /// Writes a kubeconfig for `user` of the PKI naming `servers` (comma-separated) and
+    /// returns its path.
+    fn kubeconfig(&self, user: &str, servers: &str) -> String {
+        let text = ok(flotilla(&[
+            "certs",
+            "kubeconfig",
+            "--dir",
+            &self.pki.to_string_lossy(),
+            "--user",
+            user,
+            "--server",
+            servers,
+        ]));
+        let path = self.dir.path().join(format!("{user}.kubeconfig"));
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    }
+
     /// A client of the first member with bearer token `token` and no certificate.
     fn token_client(&self, token: &str) -> flotilla_client::Client {
         let dialer = flotilla_transport::Dialer::from_files(&self.pki.join("ca.crt"), None)
@@ -235,36 +253,30 @@ fn etcdctl_needs_a_certificate_from_the_clusters_ca() {
 fn the_cli_reads_its_servers_and_certificate_from_a_kubeconfig() {
     let mut c = TlsCluster::start();
     let servers: Vec<String> = c.members.iter().map(|m| m.client.clone()).collect();
-    let out = ok(flotilla(&[
-        "certs",
-        "kubeconfig",
-        "--dir",
-        &c.pki.to_string_lossy(),
-        "--user",
-        "admin",
-        "--server",
-        &servers.join(","),
-    ]));
-    let kubeconfig = c.dir.path().join("admin.kubeconfig");
-    std::fs::write(&kubeconfig, out).unwrap();
-    let kc = kubeconfig.to_string_lossy().into_owned();
+    let kc = c.kubeconfig("admin", &servers.join(","));
+    let kubeconfig = std::path::PathBuf::from(&kc);
 
     let namespaces = ok(flotilla(&["get", "namespaces", "--kubeconfig", &kc]));
     assert!(namespaces.contains("default"), "{namespaces}");
     // KUBECONFIG works as --kubeconfig does.
-    let status = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(["cluster", "status"])
-        .env("KUBECONFIG", &kubeconfig)
-        .output()
-        .unwrap();
-    let status = ok(status);
+    // Each member publishes its client URL once it has joined (as etcd's members publish
+    // their attributes), moments after it serves: poll until all three show.
+    let mut status = String::new();
+    eventually(
+        "cluster status shows every member's https client URL",
+        || {
+            let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+                .args(["cluster", "status"])
+                .env("KUBECONFIG", &kubeconfig)
+                .output()
+                .unwrap();
+            status = ok(out);
+            c.members
+                .iter()
+                .all(|m| status.contains(&format!("https://{}", m.client)))
+        },
+    );
     assert!(status.contains("leader:"), "{status}");
-    for m in &c.members {
-        assert!(
-            status.contains(&format!("https://{}", m.client)),
-            "{status}"
-        );
-    }
     // The first server down: the CLI fails over along the kubeconfig's list.
     c.members[0].kill9();
     let namespaces = ok(flotilla(&["get", "namespaces", "--kubeconfig", &kc]));
@@ -348,22 +360,7 @@ fn an_agent_serves_its_port_with_its_nodes_certificate() {
 
     let c = TlsCluster::start();
     let servers: Vec<String> = c.members.iter().map(|m| m.client.clone()).collect();
-    let pki = c.pki.to_string_lossy().into_owned();
-    let kubeconfig = |user: &str| {
-        let text = ok(flotilla(&[
-            "certs",
-            "kubeconfig",
-            "--dir",
-            &pki,
-            "--user",
-            user,
-            "--server",
-            &servers.join(","),
-        ]));
-        let path = c.dir.path().join(format!("{user}.kubeconfig"));
-        std::fs::write(&path, text).unwrap();
-        path
-    };
+    let kubeconfig = |user: &str| std::path::PathBuf::from(c.kubeconfig(user, &servers.join(",")));
     let (w1, admin) = (kubeconfig("w1"), kubeconfig("admin"));
     certs(&c.pki, &["issue", "--name", "alice", "--kind", "user"]);
     let log = std::fs::File::create(c.dir.path().join("w1.log")).unwrap();
@@ -659,22 +656,7 @@ fn each_identity_may_do_only_what_kubernetes_lets_it() {
     assert!(ok_etcd, "the etcd face's requests are audited too");
 
     // `flotilla auth can-i` answers from the same code, as kubectl words it.
-    let pki = c.pki.to_string_lossy().into_owned();
-    let kubeconfig = |user: &str| {
-        let text = ok(flotilla(&[
-            "certs",
-            "kubeconfig",
-            "--dir",
-            &pki,
-            "--user",
-            user,
-            "--server",
-            &first[0],
-        ]));
-        let path = c.dir.path().join(format!("{user}.kubeconfig"));
-        std::fs::write(&path, text).unwrap();
-        path.to_string_lossy().into_owned()
-    };
+    let kubeconfig = |user: &str| c.kubeconfig(user, &first[0]);
     let can_i = |kc: &str, args: &[&str]| -> (bool, String) {
         let out = flotilla(&[&["auth", "can-i", "--kubeconfig", kc], args].concat());
         let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -775,21 +757,7 @@ fn role_bindings_grant_what_their_roles_say_and_no_more() {
         "--server",
         &first[0],
         "--kubeconfig",
-        &{
-            let text = ok(flotilla(&[
-                "certs",
-                "kubeconfig",
-                "--dir",
-                &c.pki.to_string_lossy(),
-                "--user",
-                "admin",
-                "--server",
-                &first[0],
-            ]));
-            let path = c.dir.path().join("admin.kubeconfig");
-            std::fs::write(&path, text).unwrap();
-            path.to_string_lossy().into_owned()
-        },
+        &c.kubeconfig("admin", &first[0]),
     ]));
     for role in ["cluster-admin", "admin", "edit", "view"] {
         assert!(
