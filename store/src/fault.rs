@@ -5,6 +5,9 @@
 //!
 //! - `stale-reads`: a follower answers linearizable reads from its local state without
 //!   obtaining the read index from the leader.
+//! - `slow-append`: this member, leading, sends AppendEntries that carry entries 1 s late
+//!   (heartbeats go at once): its entries commit late while it still confirms its
+//!   leadership, so a read index that ignores entries it holds shows.
 //! - `panic-on-apply`, `fail-on-apply`: applying a put of the key `flotilla-test/fatal`
 //!   panics, or fails as a storage error does (to show that the member then stops).
 

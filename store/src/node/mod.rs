@@ -107,6 +107,9 @@ pub(crate) struct Inner {
     refused_peer_requests: AtomicU64,
     /// When this member last heard from a leader (see [`election`]).
     leader_contact: election::LeaderContact,
+    /// The leadership this member held when it stopped, if it restarted as leader in that
+    /// term (see [`read::ResumedLeadership`]).
+    resumed: Option<read::ResumedLeadership>,
     /// Where Raft runs (see [`runtime`]). Last, so it is dropped after everything above.
     raft_runtime: runtime::RaftRuntime,
 }
@@ -167,6 +170,8 @@ impl StoreNode {
         let appended = log.appended_bytes();
         let log_ids = log.log_ids();
         check_data(&log_ids, sm.applied())?;
+        let resumed = read::ResumedLeadership::of(&log_ids, identity.member_id)
+            .map_err(StartError::Storage)?;
         let raft_runtime = runtime::RaftRuntime::new()
             .map_err(|e| StartError::Io(format!("starting the Raft runtime: {e}")))?;
         let peers = Peers::new(
@@ -225,6 +230,7 @@ impl StoreNode {
             log_ids,
             refused_peer_requests: AtomicU64::new(0),
             leader_contact: Default::default(),
+            resumed,
             raft_runtime,
         });
         let node = StoreNode { inner };

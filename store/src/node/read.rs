@@ -4,6 +4,15 @@
 //! Obtaining a read index costs the leader a heartbeat round to a quorum, so concurrent reads
 //! share one: reads that arrive while a round is running wait for the next round, which
 //! starts after they arrived, so every read gets an index taken after it began.
+//!
+//! A leader that restarts (a crash, kill -9) resumes its leadership in the same term when
+//! its vote was committed and no one else was elected meanwhile. Its commit index is
+//! persisted lazily, so it may come back knowing less committed than it had acknowledged;
+//! and openraft's read index, `max(commit index, first entry of this leadership)`, then
+//! predates writes the leader acknowledged before the crash: a stale read (found by the
+//! chaos set; docs/findings/2026-12-07-stale-read-after-leader-restart.md). So a resumed
+//! leadership reads at no less than its log's end at restart: every entry it may have
+//! acknowledged is in its log, and a leader commits its own term's entries.
 
 use std::sync::Mutex;
 
@@ -14,7 +23,9 @@ use tokio::time::Instant;
 use super::write::Attempt;
 use super::{Inner, StoreNode};
 use crate::errors::StoreError;
+use crate::raft::log_store::LogIds;
 use crate::raft::peer::{LeaderCallError, LeaderRequest, LeaderResponse};
+use crate::types::NodeId;
 
 type Waiter = oneshot::Sender<Result<u64, StoreError>>;
 
@@ -27,6 +38,42 @@ pub(crate) struct ReadBatcher {
 struct BatchState {
     running: bool,
     waiting: Vec<Waiter>,
+}
+
+/// The leadership a member held when it stopped, found in its stored vote at start: its
+/// term, and the end of its log then. While it leads in that term, its read index is at
+/// least that end (see the module's doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ResumedLeadership {
+    term: u64,
+    last_index: u64,
+}
+
+impl ResumedLeadership {
+    /// The leadership stored in `log` for member `me`: `Some` when its stored vote is a
+    /// committed vote for itself (it led when it stopped).
+    pub(crate) fn of(log: &LogIds, me: NodeId) -> Result<Option<Self>, String> {
+        let Some(vote) = log.vote()? else {
+            return Ok(None);
+        };
+        if !vote.is_committed() || vote.leader_id().voted_for() != Some(me) {
+            return Ok(None);
+        }
+        let (last, _) = log.bounds()?;
+        Ok(Some(ResumedLeadership {
+            term: vote.leader_id().term,
+            last_index: last.map_or(0, |l| l.index),
+        }))
+    }
+
+    /// The read index for a leader whose openraft read index is `read`, confirmed in `term`
+    /// or later. (Confirmed later, the floor only makes the read wait longer.)
+    fn floor(resumed: Option<Self>, term: u64, read: u64) -> u64 {
+        match resumed {
+            Some(r) if r.term == term => read.max(r.last_index),
+            _ => read,
+        }
+    }
 }
 
 /// A range reading more records than this is a large read: it is admitted by
@@ -190,8 +237,16 @@ impl Inner {
 
     /// On the leader: confirms leadership with a quorum and returns the read index.
     pub(crate) async fn leader_read_index(&self) -> Result<u64, LeaderCallError> {
+        // The term before the call: the leadership confirmed below is of this term or a
+        // later one. Taken after, a resumed leadership's stale index confirmed just before
+        // the term moved on would escape the floor.
+        let term = self.raft.metrics().borrow().current_term;
         match self.raft.get_read_log_id().await {
-            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
+            Ok((read, _applied)) => Ok(ResumedLeadership::floor(
+                self.resumed,
+                term,
+                read.map_or(0, |l| l.index),
+            )),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(LeaderCallError::NotLeader {
                     leader: f.leader_id,
@@ -204,5 +259,25 @@ impl Inner {
             }
             Err(RaftError::Fatal(f)) => Err(LeaderCallError::Failed(f.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ResumedLeadership;
+
+    #[test]
+    fn a_resumed_leadership_reads_at_no_less_than_its_log_end_at_restart() {
+        let resumed = Some(ResumedLeadership {
+            term: 2,
+            last_index: 5385,
+        });
+        // Openraft's index is the stale commit index it restarted with.
+        assert_eq!(ResumedLeadership::floor(resumed, 2, 5383), 5385);
+        // Once it knows more committed, that is the index.
+        assert_eq!(ResumedLeadership::floor(resumed, 2, 5390), 5390);
+        // A later term's leadership starts with an entry of its own after the restart's end.
+        assert_eq!(ResumedLeadership::floor(resumed, 3, 5386), 5386);
+        assert_eq!(ResumedLeadership::floor(None, 2, 5383), 5383);
     }
 }

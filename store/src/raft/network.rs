@@ -976,6 +976,9 @@ impl PeerClient {
             let (peers, target, addr) = (self.peers.clone(), self.target, self.addr.clone());
             let (vote, prev) = (rpc.vote, rpc.prev_log_id);
             let call = tokio::spawn(async move {
+                if crate::fault::enabled("slow-append") {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 raft_call(
                     &peers,
                     target,
