@@ -1,12 +1,6 @@
 //! The gRPC services: one per kind, each a thin layer over [`Api`].
 
 use flotilla_proto::api::*;
-use flotilla_proto::flotilla_api_v1::{
-    access_reviews_server, cluster_role_bindings_server, cluster_roles_server, deployments_server,
-    endpoints_service_server, events_server, leases_server, namespaces_server, nodes_server,
-    pods_server, replica_sets_server, resource_quotas_server, role_bindings_server, roles_server,
-    services_server,
-};
 use std::time::SystemTime;
 
 use tonic::{Request, Response, Status};
@@ -166,77 +160,51 @@ macro_rules! service {
     };
 }
 
-service!(
-    namespaces_server::Namespaces,
-    Namespace,
-    NamespaceList,
-    status {}
-);
-service!(nodes_server::Nodes, Node, NodeList, status {});
-service!(pods_server::Pods, Pod, PodList, status {
-    async fn bind(&self, r: Request<Binding>) -> Reply<Pod> {
-        let ctx = Ctx::of(&r)?;
-        let b = r.into_inner();
-        let meta = b.metadata.clone().unwrap_or_default();
-        let ns = effective_namespace::<Pod>(&meta.namespace);
-        let attrs = Attributes::new::<Pod>("create", &ns, &meta.name).subresource("binding");
-        self.serve(ctx, attrs, Api::bind(self, b)).await
-    }
-    type LogsStream = crate::logs::LogStream;
-    async fn logs(&self, r: Request<PodLogsRequest>) -> Reply<Self::LogsStream> {
-        let ctx = Ctx::of(&r)?;
-        let r = r.into_inner();
-        let ns = effective_namespace::<Pod>(&r.namespace);
-        let attrs = Attributes::new::<Pod>("get", &ns, &r.name).subresource("log");
-        self.serve(ctx, attrs, Api::logs(self, r)).await
-    }
-});
-service!(
-    replica_sets_server::ReplicaSets,
-    ReplicaSet,
-    ReplicaSetList,
-    status {}
-);
-service!(
-    deployments_server::Deployments,
-    Deployment,
-    DeploymentList,
-    status {}
-);
-service!(services_server::Services, Service, ServiceList, status {});
-service!(
-    endpoints_service_server::EndpointsService,
-    Endpoints,
-    EndpointsList,
-    {}
-);
-service!(events_server::Events, Event, EventList, {});
-service!(leases_server::Leases, Lease, LeaseList, {});
-service!(
-    resource_quotas_server::ResourceQuotas,
-    ResourceQuota,
-    ResourceQuotaList,
-    status {}
-);
-service!(roles_server::Roles, Role, RoleList, {});
-service!(
-    cluster_roles_server::ClusterRoles,
-    ClusterRole,
-    ClusterRoleList,
-    {}
-);
-service!(
-    role_bindings_server::RoleBindings,
-    RoleBinding,
-    RoleBindingList,
-    {}
-);
-service!(
-    cluster_role_bindings_server::ClusterRoleBindings,
-    ClusterRoleBinding,
-    ClusterRoleBindingList,
-    {}
-);
+/// One kind's service: the verbs every kind has, UpdateStatus for a kind with a status,
+/// and the subresources of those that have more.
+macro_rules! service_of {
+    (Pod, $module:ident :: $trait:ident, $list:ident, yes) => {
+        service!($module::$trait, Pod, $list, status {
+            async fn bind(&self, r: Request<Binding>) -> Reply<Pod> {
+                let ctx = Ctx::of(&r)?;
+                let b = r.into_inner();
+                let meta = b.metadata.clone().unwrap_or_default();
+                let ns = effective_namespace::<Pod>(&meta.namespace);
+                let attrs = Attributes::new::<Pod>("create", &ns, &meta.name).subresource("binding");
+                self.serve(ctx, attrs, Api::bind(self, b)).await
+            }
+            type LogsStream = crate::logs::LogStream;
+            async fn logs(&self, r: Request<PodLogsRequest>) -> Reply<Self::LogsStream> {
+                let ctx = Ctx::of(&r)?;
+                let r = r.into_inner();
+                let ns = effective_namespace::<Pod>(&r.namespace);
+                let attrs = Attributes::new::<Pod>("get", &ns, &r.name).subresource("log");
+                self.serve(ctx, attrs, Api::logs(self, r)).await
+            }
+        });
+    };
+    ($ty:ident, $module:ident :: $trait:ident, $list:ident, yes) => {
+        service!($module::$trait, $ty, $list, status {});
+    };
+    ($ty:ident, $module:ident :: $trait:ident, $list:ident, no) => {
+        service!($module::$trait, $ty, $list, {});
+    };
+}
+
+/// Every kind's service, from [`flotilla_proto::for_each_kind!`].
+macro_rules! services {
+    ([] $(
+        $ty:ident {
+            list: $list:ident, event: $event:ident, grpc: $module:ident :: $trait:ident / $server:ident,
+            api_version: $api_version:literal, plural: $plural:literal, names: [$($alias:literal),* $(,)?],
+            namespaced: $ns:literal, status: $status:tt, $($rest:tt)*
+        }
+    ),* $(,)?) => {
+        $( service_of!($ty, $module::$trait, $list, $status); )*
+    };
+}
+
+for_each_kind!([services]);
 
 #[tonic::async_trait]
 impl access_reviews_server::AccessReviews for Api {
@@ -295,27 +263,14 @@ impl access_reviews_server::AccessReviews for Api {
 /// Adds every API service to `routes`.
 pub fn add_routes(routes: tonic::service::Routes, api: Api) -> tonic::service::Routes {
     let max = api.node().config().max_request_bytes + 64 * 1024;
-    macro_rules! add {
-        ($routes:ident, $($server:ident :: $ty:ident),*) => {
-            $routes$(.add_service($server::$ty::new(api.clone()).max_decoding_message_size(max)))*
+    macro_rules! add_kinds {
+        ([$routes:ident] $(
+            $ty:ident { list: $list:ident, event: $event:ident, grpc: $module:ident :: $trait:ident / $server:ident, $($rest:tt)* }
+        ),* $(,)?) => {
+            $routes$(.add_service($module::$server::new(api.clone()).max_decoding_message_size(max)))*
         };
     }
-    add!(
-        routes,
-        namespaces_server::NamespacesServer,
-        nodes_server::NodesServer,
-        pods_server::PodsServer,
-        replica_sets_server::ReplicaSetsServer,
-        deployments_server::DeploymentsServer,
-        services_server::ServicesServer,
-        endpoints_service_server::EndpointsServiceServer,
-        events_server::EventsServer,
-        leases_server::LeasesServer,
-        resource_quotas_server::ResourceQuotasServer,
-        roles_server::RolesServer,
-        cluster_roles_server::ClusterRolesServer,
-        role_bindings_server::RoleBindingsServer,
-        cluster_role_bindings_server::ClusterRoleBindingsServer,
-        access_reviews_server::AccessReviewsServer
+    for_each_kind!([add_kinds] routes).add_service(
+        access_reviews_server::AccessReviewsServer::new(api.clone()).max_decoding_message_size(max),
     )
 }

@@ -219,69 +219,29 @@ fn check(index: usize, value: Value) -> Result<Document, ManifestError> {
     Ok(doc)
 }
 
-/// Runs `$body` with `$k` bound to the Rust type of the kind named `$kind`.
+/// Runs `$body` with `$k` bound to the Rust type of the kind named `$kind` (one of
+/// [`flotilla_proto::api::KINDS`]); derived from [`flotilla_proto::for_each_kind!`].
 #[macro_export]
 macro_rules! with_kind {
-    ($kind:expr, $k:ident => $body:expr) => {{
-        use $crate::api as __api;
-        match $kind {
-            "Namespace" => {
-                type $k = __api::Namespace;
+    ($kind:expr, $k:ident => $body:expr) => {
+        $crate::api::for_each_kind!([$crate::__with_kind_dispatch] $kind, $k, $body)
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __with_kind_dispatch {
+    ([$kind:expr, $k:ident, $body:expr] $($ty:ident { $($rest:tt)* }),* $(,)?) => {{
+        let kind: &str = $kind;
+        $(
+            if kind == stringify!($ty) {
+                #[allow(dead_code)]
+                type $k = $crate::api::$ty;
                 $body
-            }
-            "Node" => {
-                type $k = __api::Node;
-                $body
-            }
-            "Pod" => {
-                type $k = __api::Pod;
-                $body
-            }
-            "ReplicaSet" => {
-                type $k = __api::ReplicaSet;
-                $body
-            }
-            "Deployment" => {
-                type $k = __api::Deployment;
-                $body
-            }
-            "Service" => {
-                type $k = __api::Service;
-                $body
-            }
-            "Endpoints" => {
-                type $k = __api::Endpoints;
-                $body
-            }
-            "Event" => {
-                type $k = __api::Event;
-                $body
-            }
-            "Lease" => {
-                type $k = __api::Lease;
-                $body
-            }
-            "ResourceQuota" => {
-                type $k = __api::ResourceQuota;
-                $body
-            }
-            "Role" => {
-                type $k = __api::Role;
-                $body
-            }
-            "ClusterRole" => {
-                type $k = __api::ClusterRole;
-                $body
-            }
-            "RoleBinding" => {
-                type $k = __api::RoleBinding;
-                $body
-            }
-            "ClusterRoleBinding" => {
-                type $k = __api::ClusterRoleBinding;
-                $body
-            }
-            other => unreachable!("kind {other} is in KINDS but not in with_kind!"),
+            } else
+        )*
+        {
+            unreachable!("kind {kind} is not in flotilla_proto::for_each_kind!")
         }
     }};
 }
@@ -289,6 +249,18 @@ pub use with_kind;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn with_kind_names_every_kind_by_its_type() {
+        use flotilla_proto::api::{KINDS, Resource};
+        for k in KINDS {
+            let (kind, plural, namespaced, service) = crate::with_kind!(k.kind, K => {
+                (K::KIND, K::PLURAL, K::NAMESPACED, K::SERVICE)
+            });
+            assert_eq!((kind, plural, namespaced), (k.kind, k.plural, k.namespaced));
+            assert!(service.starts_with("flotilla.api.v1."), "{service}");
+        }
+    }
+
     #[test]
     fn a_yaml_bomb_and_a_huge_manifest_are_refused_quickly() {
         // "Billion laughs": nine levels of nine aliases each, 9^9 strings once expanded.

@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use crate::flotilla_api_v1::*;
+pub use crate::for_each_kind;
 
 /// The namespace of the nodes' heartbeat Leases (Kubernetes' `kube-node-lease`), made by
 /// the control plane at start.
@@ -88,7 +89,7 @@ pub trait Resource:
 
 macro_rules! resource {
     (
-        $ty:ident, $list:ident, $event:ident, $service:literal, $api_version:literal, $plural:literal,
+        $ty:ident, $list:ident, $event:ident, $service:expr, $api_version:literal, $plural:literal,
         namespaced: $ns:literal, status: $status:tt,
         fields: { $($field:literal => |$o:ident| $value:expr),* $(,)? }
     ) => {
@@ -157,48 +158,101 @@ macro_rules! resource {
     (@copy_status no, $s:ident, $other:ident) => {};
 }
 
-resource!(Namespace, NamespaceList, NamespaceEvent, "Namespaces", "v1", "namespaces",
-    namespaced: false, status: yes,
-    fields: { "status.phase" => |o| Some(o.status.as_ref().map(|s| s.phase.clone()).unwrap_or_default()) });
-resource!(Node, NodeList, NodeEvent, "Nodes", "v1", "nodes",
-    namespaced: false, status: yes,
-    fields: { "spec.unschedulable" => |o| Some(o.spec.as_ref().is_some_and(|s| s.unschedulable).to_string()) });
-resource!(Pod, PodList, PodEvent, "Pods", "v1", "pods",
-namespaced: true, status: yes,
-fields: {
-    "spec.nodeName" => |o| Some(o.spec.as_ref().map(|s| s.node_name.clone()).unwrap_or_default()),
-    "status.phase" => |o| Some(o.status.as_ref().map(|s| s.phase.clone()).unwrap_or_default()),
-});
-resource!(ReplicaSet, ReplicaSetList, ReplicaSetEvent, "ReplicaSets", "apps/v1", "replicasets",
-    namespaced: true, status: yes, fields: {});
-resource!(Deployment, DeploymentList, DeploymentEvent, "Deployments", "apps/v1", "deployments",
-    namespaced: true, status: yes, fields: {});
-resource!(Service, ServiceList, ServiceEvent, "Services", "v1", "services",
-    namespaced: true, status: yes, fields: {});
-resource!(Endpoints, EndpointsList, EndpointsEvent, "EndpointsService", "v1", "endpoints",
-    namespaced: true, status: no, fields: {});
-resource!(Event, EventList, EventEvent, "Events", "v1", "events",
-namespaced: true, status: no,
-fields: {
-    "involvedObject.kind" => |o| Some(o.involved_object.as_ref().map(|r| r.kind.clone()).unwrap_or_default()),
-    "involvedObject.name" => |o| Some(o.involved_object.as_ref().map(|r| r.name.clone()).unwrap_or_default()),
-    "involvedObject.namespace" => |o| Some(o.involved_object.as_ref().map(|r| r.namespace.clone()).unwrap_or_default()),
-    "involvedObject.uid" => |o| Some(o.involved_object.as_ref().map(|r| r.uid.clone()).unwrap_or_default()),
-    "reason" => |o| Some(o.reason.clone()),
-    "type" => |o| Some(o.r#type.clone()),
-});
-resource!(Lease, LeaseList, LeaseEvent, "Leases", "coordination.k8s.io/v1", "leases",
-    namespaced: true, status: no, fields: {});
-resource!(ResourceQuota, ResourceQuotaList, ResourceQuotaEvent, "ResourceQuotas", "v1", "resourcequotas",
-    namespaced: true, status: yes, fields: {});
-resource!(Role, RoleList, RoleEvent, "Roles", "rbac.authorization.k8s.io/v1", "roles",
-    namespaced: true, status: no, fields: {});
-resource!(ClusterRole, ClusterRoleList, ClusterRoleEvent, "ClusterRoles", "rbac.authorization.k8s.io/v1", "clusterroles",
-    namespaced: false, status: no, fields: {});
-resource!(RoleBinding, RoleBindingList, RoleBindingEvent, "RoleBindings", "rbac.authorization.k8s.io/v1", "rolebindings",
-    namespaced: true, status: no, fields: {});
-resource!(ClusterRoleBinding, ClusterRoleBindingList, ClusterRoleBindingEvent, "ClusterRoleBindings", "rbac.authorization.k8s.io/v1", "clusterrolebindings",
-    namespaced: false, status: no, fields: {});
+/// Every kind the API serves, declared once: the single list the rest is derived from.
+///
+/// `for_each_kind!([path::to::callback] ARGS...)` calls `callback! { [ARGS...] ENTRIES }`,
+/// where each entry reads
+///
+/// ```text
+/// Kind { list: KindList, event: KindEvent, grpc: module::Trait / Server,
+///        api_version: "...", plural: "...", names: ["singular", "short", ...],
+///        namespaced: bool, status: yes|no, fields: { "path" => |o| value, ... } }
+/// ```
+///
+/// From it come this crate's [`Resource`] impls and [`KINDS`], the API server's gRPC
+/// services and routes, the client's `with_kind!` dispatch (manifests, the command line,
+/// the quota controller) and, through [`KINDS`], the namespace deleter and the command
+/// line's kind names. A callback that needs only the first fields matches the rest as
+/// `$($rest:tt)*`. Adding a kind is one entry here, its messages and service in
+/// `flotilla/api/v1/*.proto`, its rules (`apiserver/src/validate.rs`: `Kind`) and its
+/// table (`cli/src/table.rs`: `Columns`); the compiler asks for each.
+#[macro_export]
+macro_rules! for_each_kind {
+    ([$($callback:tt)+] $($args:tt)*) => {
+        $($callback)+! { [$($args)*]
+            Namespace { list: NamespaceList, event: NamespaceEvent,
+                grpc: namespaces_server::Namespaces / NamespacesServer,
+                api_version: "v1", plural: "namespaces", names: ["namespace", "ns"],
+                namespaced: false, status: yes,
+                fields: { "status.phase" => |o| Some(o.status.as_ref().map(|s| s.phase.clone()).unwrap_or_default()) } },
+            Node { list: NodeList, event: NodeEvent,
+                grpc: nodes_server::Nodes / NodesServer,
+                api_version: "v1", plural: "nodes", names: ["node", "no"],
+                namespaced: false, status: yes,
+                fields: { "spec.unschedulable" => |o| Some(o.spec.as_ref().is_some_and(|s| s.unschedulable).to_string()) } },
+            Pod { list: PodList, event: PodEvent,
+                grpc: pods_server::Pods / PodsServer,
+                api_version: "v1", plural: "pods", names: ["pod", "po"],
+                namespaced: true, status: yes,
+                fields: {
+                    "spec.nodeName" => |o| Some(o.spec.as_ref().map(|s| s.node_name.clone()).unwrap_or_default()),
+                    "status.phase" => |o| Some(o.status.as_ref().map(|s| s.phase.clone()).unwrap_or_default()),
+                } },
+            ReplicaSet { list: ReplicaSetList, event: ReplicaSetEvent,
+                grpc: replica_sets_server::ReplicaSets / ReplicaSetsServer,
+                api_version: "apps/v1", plural: "replicasets", names: ["replicaset", "rs"],
+                namespaced: true, status: yes, fields: {} },
+            Deployment { list: DeploymentList, event: DeploymentEvent,
+                grpc: deployments_server::Deployments / DeploymentsServer,
+                api_version: "apps/v1", plural: "deployments", names: ["deployment", "deploy"],
+                namespaced: true, status: yes, fields: {} },
+            Service { list: ServiceList, event: ServiceEvent,
+                grpc: services_server::Services / ServicesServer,
+                api_version: "v1", plural: "services", names: ["service", "svc"],
+                namespaced: true, status: yes, fields: {} },
+            Endpoints { list: EndpointsList, event: EndpointsEvent,
+                grpc: endpoints_service_server::EndpointsService / EndpointsServiceServer,
+                api_version: "v1", plural: "endpoints", names: ["endpoint", "ep"],
+                namespaced: true, status: no, fields: {} },
+            Event { list: EventList, event: EventEvent,
+                grpc: events_server::Events / EventsServer,
+                api_version: "v1", plural: "events", names: ["event", "ev"],
+                namespaced: true, status: no,
+                fields: {
+                    "involvedObject.kind" => |o| Some(o.involved_object.as_ref().map(|r| r.kind.clone()).unwrap_or_default()),
+                    "involvedObject.name" => |o| Some(o.involved_object.as_ref().map(|r| r.name.clone()).unwrap_or_default()),
+                    "involvedObject.namespace" => |o| Some(o.involved_object.as_ref().map(|r| r.namespace.clone()).unwrap_or_default()),
+                    "involvedObject.uid" => |o| Some(o.involved_object.as_ref().map(|r| r.uid.clone()).unwrap_or_default()),
+                    "reason" => |o| Some(o.reason.clone()),
+                    "type" => |o| Some(o.r#type.clone()),
+                } },
+            Lease { list: LeaseList, event: LeaseEvent,
+                grpc: leases_server::Leases / LeasesServer,
+                api_version: "coordination.k8s.io/v1", plural: "leases", names: ["lease"],
+                namespaced: true, status: no, fields: {} },
+            ResourceQuota { list: ResourceQuotaList, event: ResourceQuotaEvent,
+                grpc: resource_quotas_server::ResourceQuotas / ResourceQuotasServer,
+                api_version: "v1", plural: "resourcequotas", names: ["resourcequota", "quota"],
+                namespaced: true, status: yes, fields: {} },
+            Role { list: RoleList, event: RoleEvent,
+                grpc: roles_server::Roles / RolesServer,
+                api_version: "rbac.authorization.k8s.io/v1", plural: "roles", names: ["role"],
+                namespaced: true, status: no, fields: {} },
+            ClusterRole { list: ClusterRoleList, event: ClusterRoleEvent,
+                grpc: cluster_roles_server::ClusterRoles / ClusterRolesServer,
+                api_version: "rbac.authorization.k8s.io/v1", plural: "clusterroles", names: ["clusterrole"],
+                namespaced: false, status: no, fields: {} },
+            RoleBinding { list: RoleBindingList, event: RoleBindingEvent,
+                grpc: role_bindings_server::RoleBindings / RoleBindingsServer,
+                api_version: "rbac.authorization.k8s.io/v1", plural: "rolebindings", names: ["rolebinding"],
+                namespaced: true, status: no, fields: {} },
+            ClusterRoleBinding { list: ClusterRoleBindingList, event: ClusterRoleBindingEvent,
+                grpc: cluster_role_bindings_server::ClusterRoleBindings / ClusterRoleBindingsServer,
+                api_version: "rbac.authorization.k8s.io/v1", plural: "clusterrolebindings", names: ["clusterrolebinding"],
+                namespaced: false, status: no, fields: {} },
+        }
+    };
+}
 
 /// What the command line and manifests know about each kind, by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,35 +265,34 @@ pub struct KindInfo {
     pub aliases: &'static [&'static str],
 }
 
-macro_rules! kind_info {
-    ($ty:ident, [$($alias:literal),*]) => {
-        KindInfo {
-            kind: <$ty as Resource>::KIND,
-            api_version: <$ty as Resource>::API_VERSION,
-            plural: <$ty as Resource>::PLURAL,
-            namespaced: <$ty as Resource>::NAMESPACED,
-            aliases: &[$($alias),*],
+/// The [`Resource`] impls and [`KINDS`], from [`for_each_kind!`].
+macro_rules! declare_kinds {
+    ([] $(
+        $ty:ident {
+            list: $list:ident, event: $event:ident, grpc: $module:ident :: $service:ident / $server:ident,
+            api_version: $api_version:literal, plural: $plural:literal, names: [$($alias:literal),* $(,)?],
+            namespaced: $ns:literal, status: $status:tt, fields: { $($fields:tt)* } $(,)?
         }
+    ),* $(,)?) => {
+        $(
+            resource!($ty, $list, $event, stringify!($service), $api_version, $plural,
+                namespaced: $ns, status: $status, fields: { $($fields)* });
+        )*
+
+        /// Every kind the API serves.
+        pub const KINDS: &[KindInfo] = &[
+            $(KindInfo {
+                kind: stringify!($ty),
+                api_version: $api_version,
+                plural: $plural,
+                namespaced: $ns,
+                aliases: &[$($alias),*],
+            }),*
+        ];
     };
 }
 
-/// Every kind the API serves.
-pub const KINDS: &[KindInfo] = &[
-    kind_info!(Namespace, ["namespace", "ns"]),
-    kind_info!(Node, ["node", "no"]),
-    kind_info!(Pod, ["pod", "po"]),
-    kind_info!(ReplicaSet, ["replicaset", "rs"]),
-    kind_info!(Deployment, ["deployment", "deploy"]),
-    kind_info!(Service, ["service", "svc"]),
-    kind_info!(Endpoints, ["endpoint", "ep"]),
-    kind_info!(Event, ["event", "ev"]),
-    kind_info!(Lease, ["lease"]),
-    kind_info!(ResourceQuota, ["resourcequota", "quota"]),
-    kind_info!(Role, ["role"]),
-    kind_info!(ClusterRole, ["clusterrole"]),
-    kind_info!(RoleBinding, ["rolebinding"]),
-    kind_info!(ClusterRoleBinding, ["clusterrolebinding"]),
-];
+for_each_kind!([declare_kinds]);
 
 /// Finds a kind by its kind name (`Deployment`), plural (`deployments`) or alias (`deploy`),
 /// ignoring case.
@@ -256,6 +309,22 @@ pub fn find_kind(name: &str) -> Option<&'static KindInfo> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_kind_answers_to_its_names_and_no_name_is_taken_twice() {
+        let mut seen = std::collections::BTreeSet::new();
+        for k in KINDS {
+            for name in [k.kind.to_ascii_lowercase().as_str(), k.plural]
+                .into_iter()
+                .chain(k.aliases.iter().copied())
+                .collect::<std::collections::BTreeSet<_>>()
+            {
+                assert!(seen.insert(name.to_string()), "{name} names two kinds");
+                assert_eq!(find_kind(name), Some(k), "{name}");
+            }
+            assert_eq!(find_kind(k.kind), Some(k));
+        }
+    }
 
     #[test]
     fn kubernetes_field_names_round_trip() {
