@@ -21,11 +21,16 @@ pub fn free_port() -> u16 {
         .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .unwrap_or(32768);
     let (low, high) = (10_000u64, ephemeral_low.max(12_000));
-    let seed = u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+    // One seed per process: taken afresh on each call (as it once was), two walks could
+    // meet, and two members of one test were handed the same port (seen in a full run).
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+    });
     for _ in 0..10_000 {
         // A step coprime with the span walks every port before repeating one.
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
