@@ -43,6 +43,9 @@ const QUANTITY_MAPS: &[&str] = &[
     "ResourceQuotaStatus.used",
 ];
 
+/// Maps of bytes, base64 in JSON and YAML as Kubernetes writes them.
+const BASE64_MAPS: &[&str] = &["ConfigMap.binary_data", "Secret.data"];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
     for proto in PROTOS {
@@ -74,6 +77,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let mut attrs = vec![format!("rename = \"{}\"", field.json_name())];
                 if INT_OR_STRING.contains(&short.as_str()) {
                     attrs.push("with = \"crate::api::json::int_or_string\"".into());
+                } else if BASE64_MAPS.contains(&short.as_str()) {
+                    attrs.push("with = \"crate::api::json::base64_map\"".into());
                 } else if QUANTITY_MAPS.contains(&short.as_str()) {
                     attrs.push("deserialize_with = \"crate::api::json::quantity_map\"".into());
                 } else if field.r#type() == Type::Int64 && field.label() != Label::Repeated {

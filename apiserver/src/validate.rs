@@ -1073,6 +1073,187 @@ impl Kind for Lease {
     }
 }
 
+// --------------------------------------------------------------- ConfigMap and Secret
+
+/// The most a ConfigMap's or Secret's data may hold, keys and values together (Kubernetes'
+/// `MaxSecretSize`, also its ConfigMap limit).
+pub const MAX_DATA_BYTES: usize = 1024 * 1024;
+
+/// The type of a Secret that says nothing about its keys.
+pub const SECRET_OPAQUE: &str = "Opaque";
+pub const SECRET_DOCKER_CONFIG_JSON: &str = "kubernetes.io/dockerconfigjson";
+pub const SECRET_DOCKER_CFG: &str = "kubernetes.io/dockercfg";
+pub const SECRET_TLS: &str = "kubernetes.io/tls";
+pub const SECRET_BASIC_AUTH: &str = "kubernetes.io/basic-auth";
+pub const SECRET_SSH_AUTH: &str = "kubernetes.io/ssh-auth";
+
+/// A ConfigMap or Secret key: a file name in a mounted volume, as Kubernetes checks it.
+fn validate_config_key(key: &str, field: &str, errs: &mut FieldErrors) {
+    let at = format!("{field}[{key}]");
+    if key.is_empty() {
+        errs.add(at, "required: a key must not be empty");
+        return;
+    }
+    if key.len() > 253 {
+        errs.add(at, "Too long: must have at most 253 bytes");
+        return;
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        errs.add(
+            at,
+            format!(
+                "invalid value {key:?}: a valid config key must consist of alphanumeric \
+                 characters, '-', '_' or '.' (e.g. 'key.name', or 'KEY_NAME', or 'key-name', \
+                 regex used for validation is '[-._a-zA-Z0-9]+')"
+            ),
+        );
+    } else if key == "." || key == ".." {
+        errs.add(
+            at,
+            format!("invalid value {key:?}: must not be '.' or '..'"),
+        );
+    } else if key.starts_with("..") {
+        errs.add(
+            at,
+            format!("invalid value {key:?}: must not start with '..'"),
+        );
+    }
+}
+
+/// `immutable` set on `old`: neither the data nor the flag may change.
+fn check_immutable_data(
+    old_immutable: bool,
+    same_data: bool,
+    immutable: bool,
+    errs: &mut FieldErrors,
+) {
+    if !old_immutable {
+        return;
+    }
+    if !same_data {
+        errs.add(
+            "data",
+            "Forbidden: field is immutable when `immutable` is set",
+        );
+    }
+    if !immutable {
+        errs.add(
+            "immutable",
+            "Forbidden: field is immutable when `immutable` is set",
+        );
+    }
+}
+
+impl Kind for ConfigMap {
+    fn validate(&self, errs: &mut FieldErrors) {
+        let mut size = 0;
+        for (k, v) in &self.data {
+            validate_config_key(k, "data", errs);
+            size += k.len() + v.len();
+        }
+        for (k, v) in &self.binary_data {
+            validate_config_key(k, "binaryData", errs);
+            if self.data.contains_key(k) {
+                errs.add(
+                    format!("binaryData[{k}]"),
+                    format!("invalid value {k:?}: duplicate of key present in data"),
+                );
+            }
+            size += k.len() + v.len();
+        }
+        if size > MAX_DATA_BYTES {
+            errs.add(
+                "data",
+                format!("Too long: must have at most {MAX_DATA_BYTES} bytes"),
+            );
+        }
+    }
+
+    fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
+        let same = self.data == old.data && self.binary_data == old.binary_data;
+        check_immutable_data(old.immutable, same, self.immutable, errs);
+    }
+}
+
+impl Kind for Secret {
+    /// `stringData` is merged into `data` (winning over it) and never stored; the type
+    /// defaults to `Opaque`.
+    fn apply_defaults(&mut self) {
+        for (k, v) in std::mem::take(&mut self.string_data) {
+            self.data.insert(k, v.into_bytes());
+        }
+        if self.r#type.is_empty() {
+            self.r#type = SECRET_OPAQUE.to_string();
+        }
+    }
+
+    fn validate(&self, errs: &mut FieldErrors) {
+        let mut size = 0;
+        for (k, v) in &self.data {
+            validate_config_key(k, "data", errs);
+            size += k.len() + v.len();
+        }
+        if size > MAX_DATA_BYTES {
+            errs.add(
+                "data",
+                format!("Too long: must have at most {MAX_DATA_BYTES} bytes"),
+            );
+        }
+        let required = |key: &str, errs: &mut FieldErrors| {
+            if !self.data.contains_key(key) {
+                errs.add(format!("data[{key}]"), "Required value");
+            }
+        };
+        match self.r#type.as_str() {
+            SECRET_DOCKER_CONFIG_JSON | SECRET_DOCKER_CFG => {
+                let key = if self.r#type == SECRET_DOCKER_CFG {
+                    ".dockercfg"
+                } else {
+                    ".dockerconfigjson"
+                };
+                match self.data.get(key) {
+                    None => required(key, errs),
+                    Some(v) => {
+                        if let Err(e) = serde_json::from_slice::<serde_json::Value>(v) {
+                            errs.add(
+                                format!("data[{key}]"),
+                                format!("invalid value \"<secret contents redacted>\": {e}"),
+                            );
+                        }
+                    }
+                }
+            }
+            SECRET_TLS => {
+                required("tls.crt", errs);
+                required("tls.key", errs);
+            }
+            SECRET_BASIC_AUTH
+                if !self.data.contains_key("username") && !self.data.contains_key("password") =>
+            {
+                errs.add(
+                    "data[username]",
+                    "Required value: one of username or password must be set",
+                );
+            }
+            SECRET_SSH_AUTH => required("ssh-privatekey", errs),
+            _ => {}
+        }
+    }
+
+    fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
+        if self.r#type != old.r#type {
+            errs.add(
+                "type",
+                format!("invalid value {:?}: field is immutable", self.r#type),
+            );
+        }
+        check_immutable_data(old.immutable, self.data == old.data, self.immutable, errs);
+    }
+}
+
 // --------------------------------------------------------------------------------- RBAC
 
 /// The API group of roles and bindings, and of User and Group subjects.

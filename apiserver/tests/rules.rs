@@ -823,3 +823,170 @@ async fn objects_are_held_to_kubernetes_limits() {
         );
     }
 }
+
+#[tokio::test]
+async fn configmaps_and_secrets_follow_kubernetes_rules() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+
+    // Secret data is base64 in JSON, as Kubernetes writes it; stringData is merged into
+    // data (winning over it) and never stored; the type defaults to Opaque.
+    let s: Secret = from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "db"},
+        "data": {"user": "YWRtaW4=", "password": "b2xk"},
+        "stringData": {"password": "s3cr3t"},
+    }))
+    .unwrap();
+    let created = c.create(&s).await.unwrap();
+    assert_eq!(created.r#type, "Opaque");
+    assert!(created.string_data.is_empty());
+    assert_eq!(created.data["user"], b"admin");
+    assert_eq!(created.data["password"], b"s3cr3t");
+    let back = serde_json::to_value(c.get::<Secret>("default", "db").await.unwrap()).unwrap();
+    assert_eq!(back["data"]["user"], "YWRtaW4=");
+    assert_eq!(back["data"]["password"], "czNjcjN0");
+    assert!(
+        back.get("stringData").is_none_or(|v| v == &json!({})),
+        "{back}"
+    );
+
+    // Not base64: refused naming the key, by the decoder, before anything is sent.
+    let bad = from_value::<Secret>(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"},
+        "data": {"k": "not base64!"},
+    }))
+    .unwrap_err();
+    assert_eq!(bad.path, "data.k", "{bad}");
+
+    // Keys are file names; a type's required keys; the type cannot change.
+    let e = c
+        .create(&Secret {
+            metadata: Some(ObjectMeta {
+                name: "tls".into(),
+                ..Default::default()
+            }),
+            r#type: "kubernetes.io/tls".into(),
+            data: BTreeMap::from([("bad/key".to_string(), b"x".to_vec())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    for want in [
+        "data[bad/key]: invalid value \"bad/key\": a valid config key",
+        "data[tls.crt]: Required value",
+        "data[tls.key]: Required value",
+    ] {
+        assert!(e.status.message().contains(want), "{want} in {e}");
+    }
+    let e = c
+        .create(&Secret {
+            metadata: Some(ObjectMeta {
+                name: "pull".into(),
+                ..Default::default()
+            }),
+            r#type: "kubernetes.io/dockerconfigjson".into(),
+            data: BTreeMap::from([(".dockerconfigjson".to_string(), b"{not json".to_vec())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.status
+            .message()
+            .contains("data[.dockerconfigjson]: invalid value \"<secret contents redacted>\""),
+        "{e}"
+    );
+    assert!(!e.status.message().contains("not json"), "{e}");
+    let e = c
+        .patch::<Secret>("default", "db", &json!({"type": "kubernetes.io/tls"}))
+        .await
+        .unwrap_err();
+    assert!(
+        e.status
+            .message()
+            .contains("type: invalid value \"kubernetes.io/tls\": field is immutable"),
+        "{e}"
+    );
+
+    // A ConfigMap: a key in data or binaryData, not both; 1 MiB in all.
+    let cm: ConfigMap = from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "app"},
+        "data": {"app.properties": "color=blue\n"},
+        "binaryData": {"logo.png": "iVBORw0K"},
+    }))
+    .unwrap();
+    let created = c.create(&cm).await.unwrap();
+    assert_eq!(
+        created.binary_data["logo.png"],
+        [0x89, b'P', b'N', b'G', 0x0d, 0x0a]
+    );
+    let mut dup = cm.clone();
+    dup.metadata_mut().name = "dup".into();
+    dup.binary_data
+        .insert("app.properties".into(), b"x".to_vec());
+    let e = c.create(&dup).await.unwrap_err();
+    assert!(
+        e.status
+            .message()
+            .contains("binaryData[app.properties]: invalid value \"app.properties\": duplicate of key present in data"),
+        "{e}"
+    );
+    let mut big = cm.clone();
+    big.metadata_mut().name = "big".into();
+    big.data.insert("blob".into(), "x".repeat(1024 * 1024));
+    let e = c.create(&big).await.unwrap_err();
+    assert!(
+        e.status
+            .message()
+            .contains("data: Too long: must have at most 1048576 bytes"),
+        "{e}"
+    );
+    for name in ["dup", "big"] {
+        let e = c.get::<ConfigMap>("default", name).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    }
+
+    // Once immutable, neither the data nor the flag may change; metadata still may.
+    let frozen: ConfigMap = c
+        .patch("default", "app", &json!({"immutable": true}))
+        .await
+        .unwrap();
+    assert!(frozen.immutable);
+    let e = c
+        .patch::<ConfigMap>(
+            "default",
+            "app",
+            &json!({"data": {"app.properties": "color=red\n"}}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.status
+            .message()
+            .contains("data: Forbidden: field is immutable when `immutable` is set"),
+        "{e}"
+    );
+    let e = c
+        .patch::<ConfigMap>("default", "app", &json!({"immutable": false}))
+        .await
+        .unwrap_err();
+    assert!(
+        e.status
+            .message()
+            .contains("immutable: Forbidden: field is immutable when `immutable` is set"),
+        "{e}"
+    );
+    let labelled: ConfigMap = c
+        .patch(
+            "default",
+            "app",
+            &json!({"metadata": {"labels": {"tier": "web"}}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(labelled.data["app.properties"], "color=blue\n");
+    assert_eq!(labelled.metadata.unwrap().labels["tier"], "web");
+}

@@ -416,6 +416,33 @@ impl Columns for Lease {
     }
 }
 
+impl Columns for ConfigMap {
+    fn headers(_: bool) -> Vec<&'static str> {
+        vec!["NAME", "DATA", "AGE"]
+    }
+    fn row(&self, _: bool, now: SystemTime) -> Vec<String> {
+        vec![
+            self.name().to_string(),
+            (self.data.len() + self.binary_data.len()).to_string(),
+            created(self.metadata.as_ref(), now),
+        ]
+    }
+}
+
+impl Columns for Secret {
+    fn headers(_: bool) -> Vec<&'static str> {
+        vec!["NAME", "TYPE", "DATA", "AGE"]
+    }
+    fn row(&self, _: bool, now: SystemTime) -> Vec<String> {
+        vec![
+            self.name().to_string(),
+            self.r#type.clone(),
+            self.data.len().to_string(),
+            created(self.metadata.as_ref(), now),
+        ]
+    }
+}
+
 /// As kubectl: `NAME CREATED AT`.
 macro_rules! role_columns {
     ($($ty:ty),*) => {$(

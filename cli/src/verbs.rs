@@ -466,6 +466,14 @@ pub struct DescribeArgs {
     pub ns: NamespaceArgs,
 }
 
+/// How many bytes the base64 text `b64` stands for.
+fn base64_len(b64: &str) -> usize {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_or(0, |b| b.len())
+}
+
 pub async fn describe(server: &ServerArg, args: DescribeArgs) -> anyhow::Result<()> {
     let kind = kind_arg(&args.kind)?;
     let client = server.client()?;
@@ -517,6 +525,38 @@ pub async fn describe(server: &ServerArg, args: DescribeArgs) -> anyhow::Result<
                 o.get("kind").and_then(Value::as_str).unwrap_or(""),
                 o.get("name").and_then(Value::as_str).unwrap_or("")
             );
+        }
+    }
+    // A ConfigMap's data is shown; a Secret's only as sizes, as kubectl describes them.
+    if let Some(t) = value.get("type").and_then(Value::as_str) {
+        println!("{:<18} {t}", "Type:");
+    }
+    if kind.kind == "ConfigMap" {
+        println!("Data\n====");
+        for field in ["data", "binaryData"] {
+            for (k, v) in value
+                .get(field)
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                let text = v.as_str().unwrap_or("");
+                if field == "data" {
+                    println!("{k}:\n----\n{text}\n");
+                } else {
+                    println!("{k}: {} bytes (binary)\n", base64_len(text));
+                }
+            }
+        }
+    } else if kind.kind == "Secret" {
+        println!("Data\n====");
+        for (k, v) in value
+            .get("data")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            println!("{k}:  {} bytes", base64_len(v.as_str().unwrap_or("")));
         }
     }
     for section in ["spec", "status", "subsets"] {

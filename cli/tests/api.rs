@@ -374,3 +374,77 @@ fn assert_no_empty_writes(c: &Cluster, since: &str) {
         }
     });
 }
+
+#[test]
+fn configuration_and_secrets_apply_list_and_describe_without_showing_secret_values() {
+    let c = Cluster::start();
+    let server = c.endpoints();
+    let manifest = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: app}
+data:
+  app.properties: "color=blue"
+binaryData:
+  logo.png: iVBORw0K
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: db}
+type: kubernetes.io/basic-auth
+stringData:
+  username: admin
+  password: hunter2-not-shown
+"#;
+    assert_eq!(
+        success(flotilla(&server, &["apply", "-f", "-"], Some(manifest))),
+        "configmap/app created\nsecret/db created\n"
+    );
+    let cms = success(flotilla(&server, &["get", "cm"], None));
+    assert!(
+        cms.starts_with("NAME   DATA   AGE\napp    2      "),
+        "{cms}"
+    );
+    let secrets = success(flotilla(&server, &["get", "secrets"], None));
+    assert!(
+        secrets.starts_with("NAME   TYPE                       DATA   AGE\ndb     kubernetes.io/basic-auth   2      "),
+        "{secrets}"
+    );
+    // Stored as data, base64 in YAML as Kubernetes prints it.
+    let yaml = success(flotilla(
+        &server,
+        &["get", "secret", "db", "-o", "yaml"],
+        None,
+    ));
+    assert!(
+        yaml.contains("password: aHVudGVyMi1ub3Qtc2hvd24="),
+        "{yaml}"
+    );
+    // describe gives sizes, never values.
+    let described = success(flotilla(&server, &["describe", "secret", "db"], None));
+    assert!(described.contains("password:  17 bytes"), "{described}");
+    assert!(described.contains("username:  5 bytes"), "{described}");
+    assert!(!described.contains("hunter2"), "{described}");
+    assert!(!described.contains("aHVudGVy"), "{described}");
+    let described = success(flotilla(&server, &["describe", "configmap", "app"], None));
+    assert!(
+        described.contains("app.properties:\n----\ncolor=blue"),
+        "{described}"
+    );
+    assert!(
+        described.contains("logo.png: 6 bytes (binary)"),
+        "{described}"
+    );
+    // The type's rules hold through the CLI, by field.
+    let bad = flotilla(
+        &server,
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Secret\nmetadata: {name: t}\ntype: kubernetes.io/tls\n"),
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        stderr(&bad).contains("data[tls.crt]: Required value"),
+        "{}",
+        stderr(&bad)
+    );
+}

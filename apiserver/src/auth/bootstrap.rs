@@ -41,7 +41,8 @@ fn role(name: &str, rules: Vec<PolicyRule>) -> ClusterRole {
     }
 }
 
-/// `view`: read what a namespace holds (not its roles: they tell who may do what).
+/// `view`: read what a namespace holds (not its roles: they tell who may do what; not its
+/// Secrets: reading one can give more than view, as Kubernetes reasons).
 fn view() -> Vec<PolicyRule> {
     vec![
         rule(
@@ -58,6 +59,7 @@ fn view() -> Vec<PolicyRule> {
                 "namespaces/status",
                 "resourcequotas",
                 "resourcequotas/status",
+                "configmaps",
             ],
             READ,
         ),
@@ -76,10 +78,15 @@ fn view() -> Vec<PolicyRule> {
     ]
 }
 
-/// `edit`: `view`, and write the workloads and services.
+/// `edit`: `view`, read Secrets, and write the workloads, services and configuration.
 fn edit() -> Vec<PolicyRule> {
     let mut rules = view();
-    rules.push(rule(&[""], &["pods", "services", "endpoints"], WRITE));
+    rules.push(rule(&[""], &["secrets"], READ));
+    rules.push(rule(
+        &[""],
+        &["pods", "services", "endpoints", "configmaps", "secrets"],
+        WRITE,
+    ));
     rules.push(rule(
         &["apps"],
         &[

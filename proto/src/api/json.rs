@@ -106,6 +106,43 @@ pub mod int_or_string {
     }
 }
 
+/// serde for maps of bytes (a Secret's `data`, a ConfigMap's `binaryData`): each value is
+/// standard base64 in JSON and YAML, as Kubernetes writes it; a value that is not base64 is
+/// refused naming its key.
+pub mod base64_map {
+    use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Vec<u8>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_map(map.iter().map(|(k, v)| (k, STANDARD.encode(v))))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Vec<u8>>, D::Error> {
+        struct B(Vec<u8>);
+        impl<'de> Deserialize<'de> for B {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                STANDARD
+                    .decode(text.trim())
+                    .map(B)
+                    .map_err(|e| de::Error::custom(format!("illegal base64 data: {e}")))
+            }
+        }
+        let map: Option<BTreeMap<String, B>> = Option::deserialize(d)?;
+        Ok(map
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, B(v))| (k, v))
+            .collect())
+    }
+}
+
 /// A quantity map (`cpu: 1`, `memory: 128Mi`): numbers are accepted and kept as written.
 pub fn quantity_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
     #[derive(Deserialize)]

@@ -37,6 +37,8 @@ const COUNTED: &[(&str, &str)] = &[
     ("pods", "Pod"),
     ("services", "Service"),
     ("resourcequotas", "ResourceQuota"),
+    ("configmaps", "ConfigMap"),
+    ("secrets", "Secret"),
 ];
 
 /// `count/<plural>` or `count/<plural>.<group>`: the name Kubernetes gives the count of a kind.
