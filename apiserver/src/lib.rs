@@ -13,6 +13,7 @@
 //! proposal path, which carries them to the leader.
 
 pub mod auth;
+pub mod encryption;
 pub mod errors;
 pub mod fence;
 pub mod logs;

@@ -58,7 +58,7 @@ impl Api {
         };
         let mut charges = Vec::new();
         for kv in &quotas.kvs {
-            let mut quota: ResourceQuota = Api::decode(kv)?;
+            let mut quota: ResourceQuota = self.decode(kv)?;
             let qname = quota.name().to_string();
             let hard = quota.spec.clone().unwrap_or_default().hard;
             let capped: Vec<&String> = hard.keys().filter(|r| uses.contains_key(*r)).collect();
@@ -108,7 +108,7 @@ impl Api {
             charges.push(Charge {
                 key: kv.key.clone(),
                 mod_revision: kv.mod_revision,
-                value: Api::encode(&quota),
+                value: self.encode(&kv.key, &quota)?,
             });
         }
         Ok(charges)

@@ -3,6 +3,7 @@
 //! (the object's mod revision, the namespace's), so a concurrent change makes it fail and
 //! change nothing, never half-apply.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use flotilla_proto::api::json::{self, ShapeError};
@@ -20,6 +21,7 @@ use flotilla_store::node::StoreNode;
 use prost::Message;
 use rand::Rng;
 
+use crate::encryption::Encryption;
 use crate::errors::{ApiError, ApiResult};
 use crate::validate::{FieldErrors, Kind, validate_metadata};
 
@@ -40,6 +42,8 @@ pub struct Api {
     agents: flotilla_transport::Dialer,
     /// Where each request's audit event goes (`--audit-log-path`).
     audit: Option<crate::auth::audit::AuditLog>,
+    /// How objects are encrypted at rest (`--encryption-provider-config`).
+    encryption: Arc<Encryption>,
 }
 
 /// An object as read from the store, with the revision that wrote it.
@@ -47,6 +51,10 @@ pub struct Api {
 pub struct Stored<K> {
     pub object: K,
     pub mod_revision: i64,
+    /// Stored otherwise than it would be written now (encrypted with a key that is no
+    /// longer the first, or not at all): an update writes it even if nothing changed, so
+    /// that rewriting every object completes a key rotation.
+    pub stale: bool,
 }
 
 /// Every key of a kind lives under `/registry/<plural>/`.
@@ -208,7 +216,18 @@ impl Api {
             node,
             agents: flotilla_transport::Dialer::plain(),
             audit: None,
+            encryption: Default::default(),
         }
+    }
+
+    /// Encrypts objects at rest as `encryption` says.
+    pub fn with_encryption(mut self, encryption: Encryption) -> Self {
+        self.encryption = Arc::new(encryption);
+        self
+    }
+
+    pub(crate) fn encryption(&self) -> &Arc<Encryption> {
+        &self.encryption
     }
 
     /// Writes one audit event per request to `log`.
@@ -235,22 +254,14 @@ impl Api {
         &self.node
     }
 
-    pub(crate) fn decode<K: Resource>(kv: &KeyValue) -> ApiResult<K> {
-        let mut object = K::decode(kv.value.as_slice()).map_err(|e| {
-            ApiError::Internal(format!(
-                "stored object {} does not decode: {e}",
-                String::from_utf8_lossy(&kv.key)
-            ))
-        })?;
-        object.set_type_meta();
-        object.metadata_mut().resource_version = kv.mod_revision.to_string();
-        Ok(object)
+    /// The object a stored key-value holds (decrypted where configured).
+    pub(crate) fn decode<K: Resource>(&self, kv: &KeyValue) -> ApiResult<K> {
+        self.encryption.decode(kv, kv.mod_revision)
     }
 
-    pub(crate) fn encode<K: Resource>(object: &K) -> Vec<u8> {
-        let mut copy = object.clone();
-        copy.metadata_mut().resource_version.clear();
-        copy.encode_to_vec()
+    /// What the store holds for `object` under `key` (encrypted where configured).
+    pub(crate) fn encode<K: Resource>(&self, key: &[u8], object: &K) -> ApiResult<Vec<u8>> {
+        self.encryption.encode(key, object)
     }
 
     async fn txn(&self, txn: TxnRequest) -> ApiResult<TxnResponse> {
@@ -283,7 +294,7 @@ impl Api {
             Ok(r) => r
                 .kvs
                 .iter()
-                .filter_map(|kv| match Self::decode(kv) {
+                .filter_map(|kv| match self.decode(kv) {
                     Ok(o) => Some(o),
                     Err(e) => {
                         tracing::warn!("{e}");
@@ -304,7 +315,7 @@ impl Api {
             key: key_of::<K>(namespace, name),
             ..Default::default()
         });
-        Self::decode(result.ok()?.kvs.first()?).ok()
+        self.decode(result.ok()?.kvs.first()?).ok()
     }
 
     /// Reads one object; `fresh` makes it a linearizable read.
@@ -324,8 +335,9 @@ impl Api {
         match result.kvs.first() {
             None => Ok(None),
             Some(kv) => Ok(Some(Stored {
-                object: Self::decode(kv)?,
+                object: self.decode(kv)?,
                 mod_revision: kv.mod_revision,
+                stale: self.encryption.is_stale::<K>(&kv.value),
             })),
         }
     }
@@ -415,7 +427,7 @@ impl Api {
             compare.extend(charges.iter().map(|c| unchanged(&c.key, c.mod_revision)));
             let reserved = reserved_keys(&object);
             compare.extend(reserved.iter().map(|k| absent(k)));
-            let mut success = vec![put(key.clone(), Self::encode(&object))];
+            let mut success = vec![put(key.clone(), self.encode(&key, &object)?)];
             success.extend(charges.into_iter().map(|c| put(c.key, c.value)));
             success.extend(reserved.iter().map(|k| put(k.clone(), key.clone())));
             let mut failure = vec![get(key.clone())];
@@ -467,21 +479,21 @@ impl Api {
     // ------------------------------------------------------------------ update
 
     /// Writes `new` in place of `current` if nobody changed it since; a no-op when they are
-    /// equal (no new resourceVersion).
+    /// equal (no new resourceVersion), unless `current` is stored stale.
     async fn replace<K: Resource>(&self, current: &Stored<K>, mut new: K) -> ApiResult<K> {
         crate::auth::check_write(&current.object)?;
         crate::auth::escalation::check(&new)?;
         let mut old = current.object.clone();
         old.metadata_mut().resource_version.clear();
         new.metadata_mut().resource_version.clear();
-        if new == old {
+        if new == old && !current.stale {
             return Ok(current.object.clone());
         }
         let key = key_of::<K>(current.object.namespace(), current.object.name());
         let resp = self
             .txn(TxnRequest {
                 compare: vec![unchanged(&key, current.mod_revision)],
-                success: vec![put(key.clone(), Self::encode(&new))],
+                success: vec![put(key.clone(), self.encode(&key, &new)?)],
                 failure: vec![],
             })
             .await?;
@@ -832,7 +844,7 @@ impl Api {
                 ..Default::default()
             })?;
             for (i, kv) in chunk.kvs.iter().enumerate() {
-                let object: K = Self::decode(kv)?;
+                let object: K = self.decode(kv)?;
                 if query.matches(&object) {
                     items.push(object);
                     if limit > 0 && items.len() == limit {

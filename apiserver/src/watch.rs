@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::errors::{ApiError, ApiResult};
+use crate::encryption::Encryption;
+use crate::errors::ApiResult;
 use crate::registry::{Api, Query, prefix_end};
 use crate::validate::Kind;
 
@@ -57,6 +58,7 @@ impl Api {
             progress_notify: req.allow_bookmarks,
         };
         let node = self.node().clone();
+        let encryption = self.encryption().clone();
         tokio::spawn(async move {
             for object in initial {
                 if tx.send(Ok(K::make_event("ADDED", object))).await.is_err() {
@@ -84,7 +86,7 @@ impl Api {
                 match output {
                     WatchOutput::Events { events, .. } => {
                         for event in &events {
-                            match translate::<K>(&query, event) {
+                            match translate::<K>(&query, &encryption, event) {
                                 Ok(Some(e)) => {
                                     if tx.send(Ok(e)).await.is_err() {
                                         return;
@@ -139,17 +141,13 @@ impl Api {
 }
 
 /// One store event as the watch of `query` sees it, if at all.
-fn translate<K: Kind>(query: &Query<K>, event: &StoreEvent) -> ApiResult<Option<K::Event>> {
+fn translate<K: Kind>(
+    query: &Query<K>,
+    encryption: &Encryption,
+    event: &StoreEvent,
+) -> ApiResult<Option<K::Event>> {
     let decode = |kv: &flotilla_proto::mvccpb::KeyValue, revision: i64| -> ApiResult<K> {
-        let mut object = K::decode(kv.value.as_slice()).map_err(|e| {
-            ApiError::Internal(format!(
-                "stored object {} does not decode: {e}",
-                String::from_utf8_lossy(&kv.key)
-            ))
-        })?;
-        object.set_type_meta();
-        object.metadata_mut().resource_version = revision.to_string();
-        Ok(object)
+        encryption.decode(kv, revision)
     };
     let Some(kv) = &event.kv else {
         return Ok(None);

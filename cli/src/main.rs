@@ -60,6 +60,8 @@ enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Create or update the objects of a manifest (YAML or JSON; `-f -` reads stdin).
     Apply(Verb<verbs::ApplyArgs>),
+    /// Replace existing objects with a manifest's version (`-f -` reads stdin).
+    Replace(Verb<verbs::ApplyArgs>),
     /// List objects, or show some by name, as a table, YAML or JSON; `-w` watches.
     Get(Verb<verbs::GetArgs>),
     /// Show one object in detail, with its recent events.
@@ -127,6 +129,7 @@ fn main() -> std::process::ExitCode {
             Command::Certs(args) => certs::run(args).await,
             Command::Snapshot(args) => snapshot::run(args).await,
             Command::Apply(v) => verbs::apply(&v.server, v.args).await,
+            Command::Replace(v) => verbs::replace(&v.server, v.args).await,
             Command::Get(v) => verbs::get(&v.server, v.args).await,
             Command::Describe(v) => verbs::describe(&v.server, v.args).await,
             Command::Delete(v) => verbs::delete(&v.server, v.args).await,

@@ -131,6 +131,11 @@ pub struct ServerArgs {
     /// Binds the scheduler keeps in flight at once.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub scheduler_bind_parallelism: u64,
+    /// kube-apiserver's EncryptionConfiguration file: which resources are encrypted at rest,
+    /// with which keys (providers `aesgcm` and `identity`; docs/security.md). Every member
+    /// needs the same file.
+    #[arg(long, env = "FLOTILLA_ENCRYPTION_PROVIDER_CONFIG", value_name = "FILE")]
+    pub encryption_provider_config: Option<PathBuf>,
     #[command(flatten)]
     pub tls: TlsArgs,
 }
@@ -345,6 +350,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         args.max_mutating_requests_inflight,
     );
     let authn = std::sync::Arc::new(authn);
+    let encryption = match &args.encryption_provider_config {
+        Some(path) => flotilla_apiserver::encryption::Encryption::load(path)
+            .map_err(|e| anyhow::anyhow!("--encryption-provider-config: {e}"))?,
+        None => Default::default(),
+    };
     if client_tls.is_none() {
         eprintln!(
             "flotilla: warning: the client port {} serves plaintext without authentication: \
@@ -367,6 +377,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         client_server_tls,
         own_dialer.clone().unwrap_or_default(),
         authn,
+        encryption,
         leader_stats.clone(),
     ));
     let leader_config = crate::leader::LeaderConfig {
@@ -424,6 +435,7 @@ pub async fn serve_clients(
     tls: Option<flotilla_transport::ServerTls>,
     agents: flotilla_transport::Dialer,
     authn: std::sync::Arc<flotilla_apiserver::auth::layer::Authn>,
+    encryption: flotilla_apiserver::encryption::Encryption,
     leader_stats: std::sync::Arc<crate::leader::LeaderStats>,
 ) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -436,7 +448,9 @@ pub async fn serve_clients(
         .context("building the reflection service")?;
     let routes = tonic::service::Routes::new(health).add_service(reflection);
     let routes = flotilla_store::etcd::add_routes(routes, &node);
-    let mut api = flotilla_apiserver::Api::new(node.clone()).with_agent_dialer(agents);
+    let mut api = flotilla_apiserver::Api::new(node.clone())
+        .with_agent_dialer(agents)
+        .with_encryption(encryption);
     if let Some(log) = &authn.audit {
         api = api.with_audit(log.clone());
     }

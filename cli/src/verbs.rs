@@ -189,6 +189,48 @@ pub async fn apply(server: &ServerArg, args: ApplyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+// ----------------------------------------------------------------- replace
+
+/// Replaces each object of the manifests with the manifest's version, as kubectl replace
+/// does: the object must exist; a `resourceVersion` in the manifest must be current. The
+/// server writes the object even when nothing changed if it is stored otherwise than it
+/// would be written now, so `get -A -o yaml | replace -f -` completes a rotation of
+/// encryption keys (docs/security.md).
+pub async fn replace(server: &ServerArg, args: ApplyArgs) -> anyhow::Result<()> {
+    let mut docs = Vec::new();
+    for f in &args.files {
+        docs.extend(read_manifest(f)?);
+    }
+    let client = server.client()?;
+    let mut failed = 0;
+    for doc in docs {
+        let name = qualified(doc.kind, doc.name());
+        let outcome = with_kind!(doc.kind.kind, K => {
+            let namespace = args.ns.namespace.as_deref();
+            async {
+                let mut object: K = doc.decode()?;
+                if K::NAMESPACED && object.namespace().is_empty() {
+                    object.metadata_mut().namespace = namespace.unwrap_or("default").to_string();
+                }
+                client.update(&object).await.map_err(server_error)?;
+                anyhow::Ok(())
+            }
+            .await
+        });
+        match outcome {
+            Ok(()) => println!("{name} replaced"),
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {name}: {e:#}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} object(s) not replaced");
+    }
+    Ok(())
+}
+
 /// Creates the object, or patches the existing one with the manifest's fields; says which.
 async fn apply_one<K: Resource>(
     client: &Client,
