@@ -731,3 +731,37 @@ async fn a_member_cut_off_for_a_while_rejoins_without_deposing_the_leader() {
     }
     c.shutdown().await;
 }
+
+/// A member's publication of its attributes that races its removal never brings it back:
+/// changes are served one at a time, each checked against what the last one left. (A
+/// publication waiting behind the removal once re-added the removed member as a learner.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_is_not_brought_back_by_its_own_publication() {
+    use flotilla_store::types::Member;
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.node(c.leader().await).clone();
+    for round in 0..20 {
+        let addr = format!("127.0.0.1:{}", 1 + round);
+        let id = leader.add_member(addr.clone(), true).await.unwrap();
+        let member = Member {
+            name: format!("gone{round}"),
+            peer_addr: addr,
+            client_addr: "127.0.0.1:9".into(),
+        };
+        let (removed, published) = tokio::join!(
+            leader.remove_member(id),
+            leader.update_member(id, member)
+        );
+        removed.unwrap();
+        // Published before the removal, or refused after it: either way, it is gone.
+        if let Err(e) = published {
+            assert!(e.to_string().contains("member not found"), "{e}");
+        }
+        assert!(
+            leader.members().iter().all(|m| m.id != id),
+            "round {round}: the removed member is back: {:?}",
+            leader.members().iter().map(|m| &m.member.name).collect::<Vec<_>>()
+        );
+    }
+    c.shutdown().await;
+}

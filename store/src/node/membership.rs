@@ -132,6 +132,11 @@ impl StoreNode {
                 leader: self.leader(),
             });
         }
+        // One change at a time on this leader, each checked against the membership the last
+        // one left: a member's publication of its attributes (SetNodes) waiting behind the
+        // member's removal once put it back as a learner (the removal's check passed, then
+        // the publication re-added what the removal had taken out).
+        let _serial = self.inner.membership_serial.lock().await;
         let members = self.members();
         let find = |id: NodeId| members.iter().find(|m| m.id == id);
         let raft = &self.inner.raft;
@@ -167,9 +172,9 @@ impl StoreNode {
                     }
                     other => other,
                 };
-                return r
-                    .map(|_| LeaderResponse::Member { id })
-                    .map_err(membership_error);
+                let r = r.map_err(membership_error)?;
+                self.until_shown(&r).await;
+                return Ok(LeaderResponse::Member { id });
             }
             LeaderRequest::RemoveMember { id } => {
                 let Some(m) = find(id) else {
@@ -234,9 +239,24 @@ impl StoreNode {
             }
             _ => return Err(LeaderCallError::Refused("not a membership request".into())),
         };
-        result
-            .map(|_| LeaderResponse::Done)
-            .map_err(membership_error)
+        let r = result.map_err(membership_error)?;
+        self.until_shown(&r).await;
+        Ok(LeaderResponse::Done)
+    }
+
+    /// Waits (a request timeout at most) until this member's view of the membership, which
+    /// the next change's checks and peers' Hello are answered from, shows change `r`.
+    async fn until_shown(&self, r: &openraft::raft::ClientWriteResponse<crate::types::TypeConfig>) {
+        let log_id = r.log_id;
+        let _ = self
+            .inner
+            .raft
+            .wait(Some(self.inner.config.request_timeout))
+            .metrics(
+                |m| m.membership_config.log_id().is_some_and(|l| l >= log_id),
+                "the membership change shows",
+            )
+            .await;
     }
 }
 

@@ -110,6 +110,8 @@ pub(crate) struct Inner {
     /// The leadership this member held when it stopped, if it restarted as leader in that
     /// term (see [`read::ResumedLeadership`]).
     resumed: Option<read::ResumedLeadership>,
+    /// Serializes the membership changes this member serves as leader.
+    membership_serial: tokio::sync::Mutex<()>,
     /// Where Raft runs (see [`runtime`]). Last, so it is dropped after everything above.
     raft_runtime: runtime::RaftRuntime,
 }
@@ -231,6 +233,7 @@ impl StoreNode {
             refused_peer_requests: AtomicU64::new(0),
             leader_contact: Default::default(),
             resumed,
+            membership_serial: Default::default(),
             raft_runtime,
         });
         let node = StoreNode { inner };
