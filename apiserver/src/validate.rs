@@ -447,6 +447,115 @@ pub fn validate_pod_spec(spec: Option<&PodSpec>, at: &str, errs: &mut FieldError
     }
 }
 
+/// The fields `fieldRef` may name, as Kubernetes allows them in a pod's environment.
+pub const ENV_FIELD_PATHS: &[&str] = &[
+    "metadata.name",
+    "metadata.namespace",
+    "metadata.uid",
+    "spec.nodeName",
+    "status.podIP",
+    "status.podIPs",
+    "status.hostIP",
+    "status.hostIPs",
+];
+
+/// The resources `resourceFieldRef` may name.
+pub const ENV_RESOURCES: &[&str] = &[
+    "limits.cpu",
+    "limits.memory",
+    "requests.cpu",
+    "requests.memory",
+];
+
+/// The name of a ConfigMap or Secret a pod refers to.
+fn object_ref_name(name: &str, at: &str, errs: &mut FieldErrors) {
+    if name.is_empty() {
+        errs.add(at, "Required value");
+    } else if let Err(e) = validate_dns1123_subdomain(name) {
+        errs.add(at, format!("invalid value {name:?}: {e}"));
+    }
+}
+
+fn validate_env_source(from: &EnvVarSource, value: &str, at: &str, errs: &mut FieldErrors) {
+    if !value.is_empty() {
+        errs.add(at, "may not be specified when `value` is not empty");
+    }
+    let set = [
+        from.field_ref.is_some(),
+        from.config_map_key_ref.is_some(),
+        from.secret_key_ref.is_some(),
+        from.resource_field_ref.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if set == 0 {
+        errs.add(
+            at,
+            "must specify one of: `fieldRef`, `resourceFieldRef`, `configMapKeyRef` or `secretKeyRef`",
+        );
+    } else if set > 1 {
+        errs.add(at, "may not have more than one field specified at a time");
+    }
+    if let Some(f) = &from.field_ref {
+        let path = f.field_path.as_str();
+        let labelled = ["metadata.labels['", "metadata.annotations['"]
+            .iter()
+            .any(|p| {
+                path.strip_prefix(p)
+                    .is_some_and(|k| k.len() > 2 && k.ends_with("']"))
+            });
+        if !labelled && !ENV_FIELD_PATHS.contains(&path) {
+            errs.add(
+                format!("{at}.fieldRef.fieldPath"),
+                format!(
+                    "Unsupported value: {path:?}: supported values: {}, metadata.labels['KEY'], \
+                     metadata.annotations['KEY']",
+                    ENV_FIELD_PATHS.join(", ")
+                ),
+            );
+        }
+        if !f.api_version.is_empty() && f.api_version != "v1" {
+            errs.add(
+                format!("{at}.fieldRef.apiVersion"),
+                format!(
+                    "Unsupported value: {:?}: supported values: \"v1\"",
+                    f.api_version
+                ),
+            );
+        }
+    }
+    if let Some(r) = &from.config_map_key_ref {
+        object_ref_name(&r.name, &format!("{at}.configMapKeyRef.name"), errs);
+        validate_config_key(&r.key, &format!("{at}.configMapKeyRef.key"), errs);
+    }
+    if let Some(r) = &from.secret_key_ref {
+        object_ref_name(&r.name, &format!("{at}.secretKeyRef.name"), errs);
+        validate_config_key(&r.key, &format!("{at}.secretKeyRef.key"), errs);
+    }
+    if let Some(r) = &from.resource_field_ref {
+        if !ENV_RESOURCES.contains(&r.resource.as_str()) {
+            errs.add(
+                format!("{at}.resourceFieldRef.resource"),
+                format!(
+                    "Unsupported value: {:?}: supported values: {}",
+                    r.resource,
+                    ENV_RESOURCES.join(", ")
+                ),
+            );
+        }
+        if !r.divisor.is_empty() {
+            match Quantity::parse(&r.divisor) {
+                Ok(q) if q.millis() > 0 => {}
+                _ => errs.add(
+                    format!("{at}.resourceFieldRef.divisor"),
+                    format!("invalid value {:?}: must be a positive quantity", r.divisor),
+                ),
+            }
+        }
+    }
+}
+
 fn validate_container(c: &Container, at: &str, errs: &mut FieldErrors) {
     if c.name.is_empty() {
         errs.add(format!("{at}.name"), "required");
@@ -465,6 +574,23 @@ fn validate_container(c: &Container, at: &str, errs: &mut FieldErrors) {
                 format!("{at}.env[{i}].name"),
                 "required, and must not contain '='",
             );
+        }
+        if let Some(from) = &e.value_from {
+            validate_env_source(from, &e.value, &format!("{at}.env[{i}].valueFrom"), errs);
+        }
+    }
+    for (i, f) in c.env_from.iter().enumerate() {
+        let fat = format!("{at}.envFrom[{i}]");
+        if f.prefix.contains('=') {
+            errs.add(format!("{fat}.prefix"), "must not contain '='");
+        }
+        match (&f.config_map_ref, &f.secret_ref) {
+            (Some(_), Some(_)) => {
+                errs.add(fat, "may not have more than one field specified at a time")
+            }
+            (None, None) => errs.add(fat, "must specify one of: `configMapRef` or `secretRef`"),
+            (Some(r), None) => object_ref_name(&r.name, &format!("{fat}.configMapRef.name"), errs),
+            (None, Some(r)) => object_ref_name(&r.name, &format!("{fat}.secretRef.name"), errs),
         }
     }
     let mut port_names = BTreeSet::new();

@@ -990,3 +990,41 @@ async fn configmaps_and_secrets_follow_kubernetes_rules() {
     assert_eq!(labelled.data["app.properties"], "color=blue\n");
     assert_eq!(labelled.metadata.unwrap().labels["tier"], "web");
 }
+
+#[tokio::test]
+async fn environment_sources_are_checked_by_field() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let bad = pod_with(
+        "env",
+        json!({
+            "name": "main", "command": ["true"],
+            "env": [
+                {"name": "A", "value": "x", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "B", "valueFrom": {"fieldRef": {"fieldPath": "spec.nope"}}},
+                {"name": "C", "valueFrom": {}},
+                {"name": "D", "valueFrom": {"secretKeyRef": {"name": "s", "key": "a/b"}}},
+                {"name": "E", "valueFrom": {"resourceFieldRef": {"resource": "limits.gpu"}}},
+            ],
+            "envFrom": [{"configMapRef": {"name": "a"}, "secretRef": {"name": "b"}}, {}],
+        }),
+    );
+    let e = c.create(&bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let at = "spec.containers[0]";
+    for want in [
+        format!("{at}.env[0].valueFrom: may not be specified when `value` is not empty"),
+        format!("{at}.env[1].valueFrom.fieldRef.fieldPath: Unsupported value: \"spec.nope\""),
+        format!("{at}.env[2].valueFrom: must specify one of: `fieldRef`"),
+        format!("{at}.env[3].valueFrom.secretKeyRef.key[a/b]: invalid value \"a/b\""),
+        format!(
+            "{at}.env[4].valueFrom.resourceFieldRef.resource: Unsupported value: \"limits.gpu\""
+        ),
+        format!("{at}.envFrom[0]: may not have more than one field specified at a time"),
+        format!("{at}.envFrom[1]: must specify one of: `configMapRef` or `secretRef`"),
+    ] {
+        assert!(e.status.message().contains(&want), "{want} in {e}");
+    }
+    let e = c.get::<Pod>("default", "env").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}

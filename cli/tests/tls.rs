@@ -917,3 +917,124 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn pods_take_their_environment_from_configmaps_and_secrets_their_node_may_read() {
+    use flotilla_client::api::json::from_value;
+    use flotilla_proto::api::{ConfigMap, Pod, Secret};
+    use serde_json::json;
+    use tonic::Code;
+
+    let c = TlsCluster::start();
+    let servers: Vec<String> = c.members.iter().map(|m| m.client.clone()).collect();
+    let w1_config = c.kubeconfig("w1", &servers.join(","));
+    let admin_config = c.kubeconfig("admin", &servers.join(","));
+    let log = std::fs::File::create(c.dir.path().join("w1.log")).unwrap();
+    let agent = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args([
+            "agent",
+            "--runtime",
+            "process",
+            "--node-name",
+            "w1",
+            "--kubeconfig",
+        ])
+        .arg(&w1_config)
+        .args(["--logs-addr", &format!("127.0.0.1:{}", common::free_port())])
+        .arg("--data-dir")
+        .arg(c.dir.path().join("w1"))
+        .env_remove("KUBECONFIG")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _agent = KillOnDrop(agent);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = rt.enter();
+    let (admin, w1) = (c.client("admin"), c.client("w1"));
+    let cm: ConfigMap = from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app", "namespace": "default"},
+        "data": {"greeting": "hello", "color": "blue"},
+    }))
+    .unwrap();
+    rt.block_on(admin.create(&cm)).unwrap();
+    for (name, password) in [("db", "hunter2"), ("other", "not-yours")] {
+        let s: Secret = from_value(json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "default"},
+            "stringData": {"password": password},
+        }))
+        .unwrap();
+        rt.block_on(admin.create(&s)).unwrap();
+    }
+    let pod = |name: &str, secret: &str| -> Pod {
+        from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"tier": "web"}},
+            "spec": {"nodeName": "w1", "containers": [{
+                "name": "main",
+                "command": ["sh", "-c", "echo \"$GREETING|$DB_PASSWORD|$APP_color|$ME|$TIER|$MSG\"; sleep 3600"],
+                "envFrom": [{"prefix": "APP_", "configMapRef": {"name": "app"}}],
+                "env": [
+                    {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "app", "key": "greeting"}}},
+                    {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": "password"}}},
+                    {"name": "ME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "TIER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['tier']"}}},
+                    {"name": "MSG", "value": "$(GREETING) from $(ME)"},
+                ],
+            }]},
+        }))
+        .unwrap()
+    };
+    rt.block_on(admin.create(&pod("web", "db"))).unwrap();
+    let mut logs = String::new();
+    eventually("the pod runs with its environment", || {
+        let out = flotilla(&["logs", "web", "--kubeconfig", &admin_config]);
+        logs = String::from_utf8_lossy(&out.stdout).into_owned();
+        !logs.is_empty()
+    });
+    assert_eq!(logs, "hello|hunter2|blue|web|web|hello from web\n");
+
+    // The node reads what its pods name, by name only; nothing else.
+    let s: Secret = rt.block_on(w1.get("default", "db")).unwrap();
+    assert_eq!(s.data["password"], b"hunter2");
+    let e = rt
+        .block_on(w1.get::<Secret>("default", "other"))
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let e = rt
+        .block_on(w1.list::<Secret>(&flotilla_proto::api::ListRequest {
+            namespace: "default".into(),
+            ..Default::default()
+        }))
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+
+    // A Secret that does not exist keeps the container from starting, saying which; once
+    // it exists, the container starts.
+    rt.block_on(admin.create(&pod("late", "late-secret")))
+        .unwrap();
+    let waiting = || -> Option<(String, String)> {
+        let p: Pod = rt.block_on(admin.get("default", "late")).ok()?;
+        let w = p
+            .status?
+            .container_statuses
+            .first()?
+            .state
+            .clone()?
+            .waiting?;
+        Some((w.reason, w.message))
+    };
+    eventually("the pod waits for its Secret", || {
+        waiting().is_some_and(|(r, _)| r == "CreateContainerConfigError")
+    });
+    assert_eq!(waiting().unwrap().1, "secret \"late-secret\" not found");
+    let s: Secret = from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late-secret", "namespace": "default"},
+        "stringData": {"password": "at-last"},
+    }))
+    .unwrap();
+    rt.block_on(admin.create(&s)).unwrap();
+    eventually("the pod starts once its Secret exists", || {
+        let out = flotilla(&["logs", "late", "--kubeconfig", &admin_config]);
+        String::from_utf8_lossy(&out.stdout) == "hello|at-last|blue|late|web|hello from late\n"
+    });
+}

@@ -11,6 +11,7 @@
 //! With `--simulate-nodes N` (fake runtime) one agent registers and keeps N nodes.
 
 pub mod docker;
+pub mod env;
 pub mod logs;
 pub mod metrics;
 pub mod probe;

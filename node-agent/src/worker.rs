@@ -287,7 +287,15 @@ impl<R: Runtime> Worker<R> {
             ("POD_IP".into(), self.ip().to_string()),
             ("NODE_NAME".into(), self.node.name.clone()),
         ];
-        env.extend(slot.c.env.iter().map(|e| (e.name.clone(), e.value.clone())));
+        // The containers' own variables, `valueFrom` and `envFrom` among them, are resolved
+        // when it starts (see [`crate::env`]); probes run with the plain values.
+        env.extend(
+            slot.c
+                .env
+                .iter()
+                .filter(|e| e.value_from.is_none())
+                .map(|e| (e.name.clone(), e.value.clone())),
+        );
         ContainerSpec {
             pod_uid: meta.uid,
             pod_namespace: meta.namespace,
@@ -352,6 +360,24 @@ impl<R: Runtime> Worker<R> {
             spec.restart_count += 1;
         }
         let now = Instant::now();
+        let cx = crate::env::Context {
+            client: &self.client,
+            pod: &self.pod,
+            pod_ip: self.ip(),
+            node_name: &self.node.name,
+            host_ip: &self.node.ip,
+        };
+        match crate::env::resolve(&cx, &self.slots[i].c, std::mem::take(&mut spec.env)).await {
+            Ok(env) => spec.env = env,
+            Err(message) => {
+                tracing::warn!(pod = self.pod.name(), container = spec.name, "{message}");
+                let s = &mut self.slots[i];
+                s.waiting = Some(("CreateContainerConfigError".into(), message));
+                let wait = next_backoff(&mut s.backoff);
+                s.next_start = Some(now + wait);
+                return;
+            }
+        }
         match self.rt.start(&spec).await {
             Ok(id) => {
                 count(&STATS.container_starts);

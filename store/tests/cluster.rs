@@ -748,10 +748,8 @@ async fn a_removed_member_is_not_brought_back_by_its_own_publication() {
             peer_addr: addr,
             client_addr: "127.0.0.1:9".into(),
         };
-        let (removed, published) = tokio::join!(
-            leader.remove_member(id),
-            leader.update_member(id, member)
-        );
+        let (removed, published) =
+            tokio::join!(leader.remove_member(id), leader.update_member(id, member));
         removed.unwrap();
         // Published before the removal, or refused after it: either way, it is gone.
         if let Err(e) = published {
@@ -760,7 +758,11 @@ async fn a_removed_member_is_not_brought_back_by_its_own_publication() {
         assert!(
             leader.members().iter().all(|m| m.id != id),
             "round {round}: the removed member is back: {:?}",
-            leader.members().iter().map(|m| &m.member.name).collect::<Vec<_>>()
+            leader
+                .members()
+                .iter()
+                .map(|m| &m.member.name)
+                .collect::<Vec<_>>()
         );
     }
     c.shutdown().await;

@@ -200,6 +200,12 @@ pub fn authorize(caller: &Caller, attrs: &Attributes, rules: &dyn rbac::Rules) -
             node::Verdict::AllowOwnPods => {
                 return Decision::Allow(Some(Restriction::PodsOfNode(node.to_string())));
             }
+            node::Verdict::AllowReferenced
+                if rules.node_refers(node, &attrs.namespace, &attrs.resource, &attrs.name) =>
+            {
+                return Decision::Allow(None);
+            }
+            node::Verdict::AllowReferenced => {}
             node::Verdict::Deny => {}
         }
     }

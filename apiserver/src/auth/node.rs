@@ -1,5 +1,6 @@
 //! The Node authorizer and NodeRestriction, as Kubernetes defines them, for what an agent
-//! does: `system:node:N` reads what its pods need, and writes only Node N (and its
+//! does: `system:node:N` reads what its pods need (a ConfigMap or Secret only by name, and
+//! only while a pod bound to N refers to it), and writes only Node N (and its
 //! status), its own Lease, the status of pods bound to N (and their deletion, which ends
 //! a pod's graceful termination), and events. Nothing else: no other node, no other
 //! node's pods, no Deployments, no etcd face.
@@ -14,6 +15,9 @@ pub enum Verdict {
     Allow,
     /// Allowed for pods whose stored `spec.nodeName` is the node (checked at the write).
     AllowOwnPods,
+    /// Allowed if a pod bound to the node refers to the object (a ConfigMap or Secret its
+    /// environment names), as Kubernetes' graph-based Node authorizer decides.
+    AllowReferenced,
     Deny,
 }
 
@@ -30,6 +34,10 @@ pub fn authorize(node: &str, attrs: &Attributes) -> Verdict {
         // What the agent reads: the pods (its informer lists the pods bound to it), nodes,
         // the Services and Endpoints its pods' environment names, namespaces.
         ("", "pods" | "nodes" | "services" | "endpoints" | "namespaces", "") if read => true,
+        // The ConfigMaps and Secrets its pods use, one by name: never a list.
+        ("", "configmaps" | "secrets", "") if verb == "get" => {
+            return Verdict::AllowReferenced;
+        }
         // Its own Node: registered, updated, its status written; never another's.
         ("", "nodes", "" | "status") => {
             own && matches!(verb, "get" | "create" | "update" | "patch" | "delete")
@@ -55,4 +63,35 @@ pub fn authorize(node: &str, attrs: &Attributes) -> Verdict {
     } else {
         Verdict::Deny
     }
+}
+
+/// Whether `pod` refers to `resource` (`configmaps`, `secrets`) `name`: in a container's
+/// `env` (`configMapKeyRef`, `secretKeyRef`) or `envFrom`.
+pub fn pod_refers(pod: &flotilla_proto::api::Pod, resource: &str, name: &str) -> bool {
+    let Some(spec) = &pod.spec else {
+        return false;
+    };
+    spec.containers
+        .iter()
+        .chain(&spec.init_containers)
+        .any(|c| {
+            let env = c
+                .env
+                .iter()
+                .filter_map(|e| e.value_from.as_ref())
+                .any(|f| match resource {
+                    "configmaps" => f
+                        .config_map_key_ref
+                        .as_ref()
+                        .is_some_and(|r| r.name == name),
+                    "secrets" => f.secret_key_ref.as_ref().is_some_and(|r| r.name == name),
+                    _ => false,
+                });
+            let from = c.env_from.iter().any(|f| match resource {
+                "configmaps" => f.config_map_ref.as_ref().is_some_and(|r| r.name == name),
+                "secrets" => f.secret_ref.as_ref().is_some_and(|r| r.name == name),
+                _ => false,
+            });
+            env || from
+        })
 }

@@ -19,6 +19,11 @@ use super::{Attributes, UserInfo};
 pub trait Rules {
     /// The rules of every role bound to `user`, cluster-wide and in `namespace`.
     fn rules_for(&self, user: &UserInfo, namespace: &str) -> Vec<PolicyRule>;
+    /// Whether a pod bound to `node` in `namespace` refers to `resource` `name` (the Node
+    /// authorizer's graph: what an agent may read for its pods).
+    fn node_refers(&self, _node: &str, _namespace: &str, _resource: &str, _name: &str) -> bool {
+        false
+    }
 }
 
 /// No bindings at all.
@@ -131,6 +136,13 @@ impl Rules for crate::Api {
             &|name| self.local_get::<ClusterRole>("", name),
             &|ns, name| self.local_get::<Role>(ns, name),
         )
+    }
+
+    fn node_refers(&self, node: &str, namespace: &str, resource: &str, name: &str) -> bool {
+        self.local_list::<flotilla_proto::api::Pod>(Some(namespace))
+            .iter()
+            .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name == node))
+            .any(|p| super::node::pod_refers(p, resource, name))
     }
 }
 
