@@ -166,17 +166,33 @@ pub struct ApplyArgs {
 }
 
 pub async fn apply(server: &ServerArg, args: ApplyArgs) -> anyhow::Result<()> {
+    let docs = read_manifests(&args.files)?;
+    let client = server.client()?;
+    let mut outcomes = Vec::new();
+    for doc in &docs {
+        let outcome = with_kind!(doc.kind.kind, K => apply_one::<K>(&client, doc, args.ns.namespace.as_deref()).await);
+        outcomes.push((doc, outcome));
+    }
+    report(outcomes, "applied")
+}
+
+/// Every document of `files`, in order.
+fn read_manifests(files: &[String]) -> anyhow::Result<Vec<Document>> {
     let mut docs = Vec::new();
-    for f in &args.files {
+    for f in files {
         docs.extend(read_manifest(f)?);
     }
-    let client = server.client()?;
+    Ok(docs)
+}
+
+/// Prints what happened to each document (`deployment.apps/web created`, or the error),
+/// as kubectl does; fails if any failed.
+fn report(outcomes: Vec<(&Document, anyhow::Result<&str>)>, verb: &str) -> anyhow::Result<()> {
     let mut failed = 0;
-    for doc in docs {
+    for (doc, outcome) in outcomes {
         let name = qualified(doc.kind, doc.name());
-        let outcome = with_kind!(doc.kind.kind, K => apply_one::<K>(&client, &doc, args.ns.namespace.as_deref()).await);
         match outcome {
-            Ok(verb) => println!("{name} {verb}"),
+            Ok(what) => println!("{name} {what}"),
             Err(e) => {
                 failed += 1;
                 eprintln!("error: {name}: {e:#}");
@@ -184,7 +200,7 @@ pub async fn apply(server: &ServerArg, args: ApplyArgs) -> anyhow::Result<()> {
         }
     }
     if failed > 0 {
-        bail!("{failed} object(s) not applied");
+        bail!("{failed} object(s) not {verb}");
     }
     Ok(())
 }
@@ -197,38 +213,25 @@ pub async fn apply(server: &ServerArg, args: ApplyArgs) -> anyhow::Result<()> {
 /// would be written now, so `get -A -o yaml | replace -f -` completes a rotation of
 /// encryption keys (docs/security.md).
 pub async fn replace(server: &ServerArg, args: ApplyArgs) -> anyhow::Result<()> {
-    let mut docs = Vec::new();
-    for f in &args.files {
-        docs.extend(read_manifest(f)?);
-    }
+    let docs = read_manifests(&args.files)?;
     let client = server.client()?;
-    let mut failed = 0;
-    for doc in docs {
-        let name = qualified(doc.kind, doc.name());
+    let namespace = args.ns.namespace.as_deref();
+    let mut outcomes = Vec::new();
+    for doc in &docs {
         let outcome = with_kind!(doc.kind.kind, K => {
-            let namespace = args.ns.namespace.as_deref();
             async {
                 let mut object: K = doc.decode()?;
                 if K::NAMESPACED && object.namespace().is_empty() {
                     object.metadata_mut().namespace = namespace.unwrap_or("default").to_string();
                 }
                 client.update(&object).await.map_err(server_error)?;
-                anyhow::Ok(())
+                anyhow::Ok("replaced")
             }
             .await
         });
-        match outcome {
-            Ok(()) => println!("{name} replaced"),
-            Err(e) => {
-                failed += 1;
-                eprintln!("error: {name}: {e:#}");
-            }
-        }
+        outcomes.push((doc, outcome));
     }
-    if failed > 0 {
-        bail!("{failed} object(s) not replaced");
-    }
-    Ok(())
+    report(outcomes, "replaced")
 }
 
 /// Creates the object, or patches the existing one with the manifest's fields; says which.

@@ -161,6 +161,22 @@ impl TlsCluster {
         flotilla_client::Client::with_dialer(&[&self.members[0].client], &dialer).unwrap()
     }
 
+    /// Starts the agent of node `node` with `runtime`, dialing with `kubeconfig`, serving
+    /// its port on `logs_addr`; its log is `DIR/NODE.log`. Killed when dropped.
+    fn agent(&self, node: &str, runtime: &str, kubeconfig: &str, logs_addr: &str) -> KillOnDrop {
+        let log = std::fs::File::create(self.dir.path().join(format!("{node}.log"))).unwrap();
+        let agent = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["agent", "--runtime", runtime, "--node-name", node])
+            .args(["--kubeconfig", kubeconfig, "--logs-addr", logs_addr])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(node))
+            .env_remove("KUBECONFIG")
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        KillOnDrop(agent)
+    }
+
     fn admin(&self) -> Vec<String> {
         self.user("admin")
     }
@@ -363,26 +379,8 @@ fn an_agent_serves_its_port_with_its_nodes_certificate() {
     let kubeconfig = |user: &str| std::path::PathBuf::from(c.kubeconfig(user, &servers.join(",")));
     let (w1, admin) = (kubeconfig("w1"), kubeconfig("admin"));
     certs(&c.pki, &["issue", "--name", "alice", "--kind", "user"]);
-    let log = std::fs::File::create(c.dir.path().join("w1.log")).unwrap();
     let logs_addr = format!("127.0.0.1:{}", common::free_port());
-    let agent = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args([
-            "agent",
-            "--runtime",
-            "fake",
-            "--node-name",
-            "w1",
-            "--kubeconfig",
-        ])
-        .arg(&w1)
-        .args(["--logs-addr", &logs_addr])
-        .arg("--data-dir")
-        .arg(c.dir.path().join("w1"))
-        .env_remove("KUBECONFIG")
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let _agent = KillOnDrop(agent);
+    let _agent = c.agent("w1", "fake", &w1.to_string_lossy(), &logs_addr);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _in_runtime = rt.enter();
     let admin = flotilla_client::kubeconfig::load(&admin).unwrap();
@@ -929,25 +927,8 @@ fn pods_take_their_environment_from_configmaps_and_secrets_their_node_may_read()
     let servers: Vec<String> = c.members.iter().map(|m| m.client.clone()).collect();
     let w1_config = c.kubeconfig("w1", &servers.join(","));
     let admin_config = c.kubeconfig("admin", &servers.join(","));
-    let log = std::fs::File::create(c.dir.path().join("w1.log")).unwrap();
-    let agent = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args([
-            "agent",
-            "--runtime",
-            "process",
-            "--node-name",
-            "w1",
-            "--kubeconfig",
-        ])
-        .arg(&w1_config)
-        .args(["--logs-addr", &format!("127.0.0.1:{}", common::free_port())])
-        .arg("--data-dir")
-        .arg(c.dir.path().join("w1"))
-        .env_remove("KUBECONFIG")
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let _agent = KillOnDrop(agent);
+    let logs_addr = format!("127.0.0.1:{}", common::free_port());
+    let _agent = c.agent("w1", "process", &w1_config, &logs_addr);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _in_runtime = rt.enter();
     let (admin, w1) = (c.client("admin"), c.client("w1"));
