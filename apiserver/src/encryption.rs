@@ -142,6 +142,20 @@ impl Encryption {
                 .enumerate()
                 .map(|(j, p)| provider(p).map_err(|e| format!("{at}.providers[{j}]{e}")))
                 .collect::<Result<Vec<_>, _>>()?;
+            // A stored value names its key: two keys of one name could not be told apart.
+            let mut names = BTreeSet::new();
+            for p in &providers {
+                if let Provider::AesGcm(keys) = p {
+                    for k in keys {
+                        if !names.insert(k.name.as_str()) {
+                            return Err(format!(
+                                "{at}.providers: key name {:?} is used twice",
+                                k.name
+                            ));
+                        }
+                    }
+                }
+            }
             rules.push(Rule {
                 resources: rule.resources,
                 providers,
@@ -520,6 +534,10 @@ mod tests {
             (
                 "resources:\n- resources: [secrets]\n  providerz: []\n",
                 "unknown field",
+            ),
+            (
+                "resources:\n- resources: [secrets]\n  providers:\n  - aesgcm:\n      keys:\n      - {name: k, secret: MTYgYnl0ZSBrZXkhISEhIQ==}\n  - aesgcm:\n      keys:\n      - {name: k, secret: MTYgYnl0ZSBrZXkhISEhIQ==}\n",
+                "resources[0].providers: key name \"k\" is used twice",
             ),
         ] {
             let e = Encryption::parse(&format!("{head}{body}")).err().unwrap();

@@ -1201,7 +1201,7 @@ impl Kind for Lease {
 
 // --------------------------------------------------------------- ConfigMap and Secret
 
-/// The most a ConfigMap's or Secret's data may hold, keys and values together (Kubernetes'
+/// The most a ConfigMap's or Secret's data may hold, its values together (Kubernetes'
 /// `MaxSecretSize`, also its ConfigMap limit).
 pub const MAX_DATA_BYTES: usize = 1024 * 1024;
 
@@ -1278,7 +1278,7 @@ impl Kind for ConfigMap {
         let mut size = 0;
         for (k, v) in &self.data {
             validate_config_key(k, "data", errs);
-            size += k.len() + v.len();
+            size += v.len();
         }
         for (k, v) in &self.binary_data {
             validate_config_key(k, "binaryData", errs);
@@ -1288,7 +1288,7 @@ impl Kind for ConfigMap {
                     format!("invalid value {k:?}: duplicate of key present in data"),
                 );
             }
-            size += k.len() + v.len();
+            size += v.len();
         }
         if size > MAX_DATA_BYTES {
             errs.add(
@@ -1320,7 +1320,7 @@ impl Kind for Secret {
         let mut size = 0;
         for (k, v) in &self.data {
             validate_config_key(k, "data", errs);
-            size += k.len() + v.len();
+            size += v.len();
         }
         if size > MAX_DATA_BYTES {
             errs.add(

@@ -1,5 +1,6 @@
 //! A container's environment as the kubelet makes it: `envFrom` (every key of a ConfigMap
-//! or Secret, after a prefix), then `env` in order, each `value` with `$(VAR)` expanded
+//! or Secret, after a prefix; values that are not UTF-8 are taken lossily), then `env` in
+//! order, each `value` with `$(VAR)` expanded
 //! against the variables before it (`$$` escapes) or `valueFrom` one source: a field of the
 //! pod, a container's resource, a key of a ConfigMap or Secret. A later variable of a name
 //! replaces an earlier one. What a container needs and cannot have (a ConfigMap, Secret or
@@ -187,6 +188,12 @@ pub async fn resolve(
     Ok(vars.0)
 }
 
+/// `values` (a command, its arguments) with `$(NAME)` replaced from `env` (see [`expand`]).
+pub fn expand_all(values: &[String], env: &[(String, String)]) -> Vec<String> {
+    let vars = Vars(env.to_vec());
+    values.iter().map(|v| expand(v, &vars)).collect()
+}
+
 /// `$(NAME)` replaced by the value of a variable defined before; an unknown one is left as
 /// written; `$$` is a `$`.
 fn expand(value: &str, vars: &Vars) -> String {
@@ -321,6 +328,22 @@ mod tests {
             "$(HOST) $(NOPE) $ $("
         );
         assert_eq!(expand("cost: 5$", &vars), "cost: 5$");
+    }
+
+    #[test]
+    fn a_reference_to_a_later_variable_or_to_itself_stays_as_written() {
+        // As Kubernetes: only variables defined before expand.
+        let mut vars = Vars::default();
+        vars.set("A".into(), expand("$(B)", &vars));
+        vars.set("B".into(), "x".into());
+        vars.set("PATH".into(), expand("/opt/bin:$(PATH)", &vars));
+        assert_eq!(vars.get("A"), Some("$(B)"));
+        assert_eq!(vars.get("PATH"), Some("/opt/bin:$(PATH)"));
+        let env = vec![("PASSWORD".to_string(), "s3cr3t".to_string())];
+        assert_eq!(
+            expand_all(&["--password=$(PASSWORD)".to_string()], &env),
+            ["--password=s3cr3t"]
+        );
     }
 
     #[test]

@@ -273,6 +273,17 @@ impl<R: Runtime> Worker<R> {
         self.pod_ip.as_deref().unwrap_or(&self.node.ip)
     }
 
+    /// The variables every container gets before its own.
+    fn base_env(&self) -> Vec<(String, String)> {
+        let meta = self.pod.metadata.clone().unwrap_or_default();
+        vec![
+            ("POD_NAME".into(), meta.name),
+            ("POD_NAMESPACE".into(), meta.namespace),
+            ("POD_IP".into(), self.ip().to_string()),
+            ("NODE_NAME".into(), self.node.name.clone()),
+        ]
+    }
+
     fn container_spec(&self, slot: &Slot) -> ContainerSpec {
         let meta = self.pod.metadata.clone().unwrap_or_default();
         let limits = slot
@@ -281,12 +292,7 @@ impl<R: Runtime> Worker<R> {
             .as_ref()
             .map(|r| r.limits.clone())
             .unwrap_or_default();
-        let mut env: Vec<(String, String)> = vec![
-            ("POD_NAME".into(), meta.name.clone()),
-            ("POD_NAMESPACE".into(), meta.namespace.clone()),
-            ("POD_IP".into(), self.ip().to_string()),
-            ("NODE_NAME".into(), self.node.name.clone()),
-        ];
+        let mut env = self.base_env();
         // The containers' own variables, `valueFrom` and `envFrom` among them, are resolved
         // when it starts (see [`crate::env`]); probes run with the plain values.
         env.extend(
@@ -367,8 +373,13 @@ impl<R: Runtime> Worker<R> {
             node_name: &self.node.name,
             host_ip: &self.node.ip,
         };
-        match crate::env::resolve(&cx, &self.slots[i].c, std::mem::take(&mut spec.env)).await {
-            Ok(env) => spec.env = env,
+        match crate::env::resolve(&cx, &self.slots[i].c, self.base_env()).await {
+            Ok(env) => {
+                // `$(VAR)` in the command and its arguments, as the kubelet expands them.
+                spec.command = crate::env::expand_all(&spec.command, &env);
+                spec.args = crate::env::expand_all(&spec.args, &env);
+                spec.env = env;
+            }
             Err(message) => {
                 tracing::warn!(pod = self.pod.name(), container = spec.name, "{message}");
                 let s = &mut self.slots[i];

@@ -136,7 +136,16 @@ impl StoreNode {
         // one left: a member's publication of its attributes (SetNodes) waiting behind the
         // member's removal once put it back as a learner (the removal's check passed, then
         // the publication re-added what the removal had taken out).
-        let _serial = self.inner.membership_serial.lock().await;
+        let _serial = tokio::time::timeout(
+            self.inner.config.request_timeout,
+            self.inner.membership_serial.lock(),
+        )
+        .await
+        .map_err(|_| {
+            LeaderCallError::Failed(
+                "another membership change is still in progress on the leader; try again".into(),
+            )
+        })?;
         let members = self.members();
         let find = |id: NodeId| members.iter().find(|m| m.id == id);
         let raft = &self.inner.raft;
