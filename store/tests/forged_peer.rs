@@ -69,6 +69,50 @@ fn last_log_id(node: &StoreNode, term: u64, leader: NodeId) -> LogId {
     log_id(term, leader, node.metrics().last_log_index.unwrap())
 }
 
+/// No member stopped; every member has `leader` as leader at `term`; the cluster takes a
+/// write, every member applies it and their key spaces are equal; `acked/0..acked` are all
+/// there on every member.
+async fn assert_nothing_moved(c: &Cluster, leader: &StoreNode, term: u64, acked: usize) {
+    for i in c.running() {
+        let node = c.node(i);
+        assert!(
+            node.fatal_signal().borrow().is_none(),
+            "{} stopped",
+            node.name()
+        );
+        assert_eq!(
+            (node.leader(), node.term()),
+            (Some(leader.id()), term),
+            "{}",
+            node.name()
+        );
+    }
+    common::put(leader, "after", "v").await;
+    let rev = leader.kv().revision();
+    common::eventually("every member applied the last write", || {
+        c.running()
+            .iter()
+            .all(|i| c.node(*i).kv().revision() == rev)
+    })
+    .await;
+    let hashes: Vec<u32> = c
+        .running()
+        .iter()
+        .map(|i| c.node(*i).kv().hash(rev).unwrap().0)
+        .collect();
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+    for i in c.running() {
+        for k in 0..acked {
+            assert_eq!(
+                common::local_get(c.node(i), &format!("acked/{k}"))
+                    .unwrap()
+                    .as_deref(),
+                Some("v")
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_raft_messages_are_refused_and_change_nothing() {
     let c = Cluster::start(3, |_| {}).await;
@@ -239,39 +283,7 @@ async fn forged_raft_messages_are_refused_and_change_nothing() {
     // Nothing moved: the same leader at the same term everywhere, every write still there and
     // the key spaces equal; the cluster takes writes.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for i in c.running() {
-        let node = c.node(i);
-        assert_eq!(
-            (node.leader(), node.term()),
-            (Some(leader_id), term),
-            "{}",
-            node.name()
-        );
-    }
-    common::put(&leader, "after", "forgery").await;
-    let rev = leader.kv().revision();
-    common::eventually("every member applied the last write", || {
-        c.running()
-            .iter()
-            .all(|i| c.node(*i).kv().revision() == rev)
-    })
-    .await;
-    let hashes: Vec<u32> = c
-        .running()
-        .iter()
-        .map(|i| c.node(*i).kv().hash(rev).unwrap().0)
-        .collect();
-    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
-    for i in c.running() {
-        for k in 0..20 {
-            assert_eq!(
-                common::local_get(c.node(i), &format!("acked/{k}"))
-                    .unwrap()
-                    .as_deref(),
-                Some("v")
-            );
-        }
-    }
+    assert_nothing_moved(&c, &leader, term, 20).await;
     c.shutdown().await;
 }
 
@@ -557,43 +569,6 @@ async fn random_peer_messages_change_nothing() {
             _ => to.hello(msg).await,
         };
     }
-    for i in c.running() {
-        let node = c.node(i);
-        assert!(
-            node.fatal_signal().borrow().is_none(),
-            "{} stopped",
-            node.name()
-        );
-        assert_eq!(
-            (node.leader(), node.term()),
-            (Some(leader_id), term),
-            "{}",
-            node.name()
-        );
-    }
-    common::put(&leader, "after", "fuzz").await;
-    let rev = leader.kv().revision();
-    common::eventually("every member applied the last write", || {
-        c.running()
-            .iter()
-            .all(|i| c.node(*i).kv().revision() == rev)
-    })
-    .await;
-    let hashes: Vec<u32> = c
-        .running()
-        .iter()
-        .map(|i| c.node(*i).kv().hash(rev).unwrap().0)
-        .collect();
-    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
-    for i in c.running() {
-        for k in 0..10 {
-            assert_eq!(
-                common::local_get(c.node(i), &format!("acked/{k}"))
-                    .unwrap()
-                    .as_deref(),
-                Some("v")
-            );
-        }
-    }
+    assert_nothing_moved(&c, &leader, term, 10).await;
     c.shutdown().await;
 }
