@@ -16,6 +16,7 @@ const PROTOS: &[&str] = &[
     "flotilla/api/v1/core.proto",
     "flotilla/api/v1/apps.proto",
     "flotilla/api/v1/rbac.proto",
+    "flotilla/api/v1/batch.proto",
     "flotilla/api/v1/services.proto",
     "flotilla/agent/v1/agent.proto",
 ];

@@ -349,12 +349,15 @@ pub fn validate_pod_spec(spec: Option<&PodSpec>, at: &str, errs: &mut FieldError
             }
         }
     }
-    one_of(
-        &spec.restart_policy,
-        &["Always", "OnFailure", "Never"],
-        &format!("{at}.restartPolicy"),
-        errs,
-    );
+    // Empty only in a Job's template (pods are defaulted), which says so itself.
+    if !spec.restart_policy.is_empty() {
+        one_of(
+            &spec.restart_policy,
+            &["Always", "OnFailure", "Never"],
+            &format!("{at}.restartPolicy"),
+            errs,
+        );
+    }
     if let Some(g) = spec.termination_grace_period_seconds {
         non_negative(g, &format!("{at}.terminationGracePeriodSeconds"), errs);
     }
@@ -980,6 +983,169 @@ impl Kind for Deployment {
         let sel = |o: &Self| o.spec.as_ref().and_then(|s| s.selector.clone());
         if sel(self) != sel(old) {
             errs.add("spec.selector", "field is immutable");
+        }
+    }
+}
+
+// ------------------------------------------------------------------- jobs
+
+impl Kind for Job {
+    fn apply_defaults(&mut self) {
+        use flotilla_proto::api::batch::*;
+        let meta = self.metadata.clone().unwrap_or_default();
+        let spec = self.spec.get_or_insert_default();
+        if spec.completions.is_none() && spec.parallelism.is_none() {
+            spec.completions = Some(1);
+        }
+        spec.parallelism.get_or_insert(1);
+        spec.backoff_limit.get_or_insert(6);
+        spec.suspend.get_or_insert(false);
+        if spec.completion_mode.is_empty() {
+            spec.completion_mode = "NonIndexed".into();
+        }
+        let manual = spec.manual_selector == Some(true);
+        // A Job's pods must say Never or OnFailure themselves: the pod default (Always)
+        // would make a finished container run again.
+        let template = spec.template.get_or_insert_default();
+        let pod = template.spec.get_or_insert_default();
+        let policy = std::mem::take(&mut pod.restart_policy);
+        default_pod_spec(pod);
+        pod.restart_policy = policy;
+        // The selector is generated from the uid (set before defaults on create), and the
+        // template's labels follow it, unless the user chose their own.
+        if !manual && spec.selector.is_none() && !meta.uid.is_empty() {
+            let labels = &mut template.metadata.get_or_insert_default().labels;
+            for (k, v) in [
+                (CONTROLLER_UID_LABEL, &meta.uid),
+                (LEGACY_CONTROLLER_UID_LABEL, &meta.uid),
+                (JOB_NAME_LABEL, &meta.name),
+                (LEGACY_JOB_NAME_LABEL, &meta.name),
+            ] {
+                labels.entry(k.into()).or_insert_with(|| v.clone());
+            }
+            spec.selector = Some(LabelSelector {
+                match_labels: [(CONTROLLER_UID_LABEL.to_string(), meta.uid.clone())].into(),
+                ..Default::default()
+            });
+        }
+    }
+    fn validate(&self, errs: &mut FieldErrors) {
+        use flotilla_proto::api::batch::MAX_INDEXED_COMPLETIONS;
+        if let Some(status) = &self.status {
+            validate_conditions(
+                status
+                    .conditions
+                    .iter()
+                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
+                "status.conditions",
+                errs,
+            );
+            for (v, at) in [
+                (status.active, "status.active"),
+                (status.succeeded, "status.succeeded"),
+                (status.failed, "status.failed"),
+            ] {
+                non_negative(v.into(), at, errs);
+            }
+        }
+        let Some(spec) = &self.spec else {
+            errs.add("spec", "required");
+            return;
+        };
+        for (v, at) in [
+            (spec.parallelism, "spec.parallelism"),
+            (spec.completions, "spec.completions"),
+            (spec.backoff_limit, "spec.backoffLimit"),
+            (
+                spec.ttl_seconds_after_finished,
+                "spec.ttlSecondsAfterFinished",
+            ),
+        ] {
+            if let Some(v) = v {
+                non_negative(v.into(), at, errs);
+            }
+        }
+        if let Some(d) = spec.active_deadline_seconds
+            && d <= 0
+        {
+            errs.add(
+                "spec.activeDeadlineSeconds",
+                format!("must be greater than 0, got {d}"),
+            );
+        }
+        one_of(
+            &spec.completion_mode,
+            &["NonIndexed", "Indexed"],
+            "spec.completionMode",
+            errs,
+        );
+        if spec.completion_mode == "Indexed" {
+            match spec.completions {
+                None => errs.add(
+                    "spec.completions",
+                    "Required value: when completion mode is Indexed",
+                ),
+                Some(c) if c > MAX_INDEXED_COMPLETIONS => errs.add(
+                    "spec.completions",
+                    format!("must be less than or equal to {MAX_INDEXED_COMPLETIONS} when completion mode is Indexed"),
+                ),
+                _ => {}
+            }
+            if spec
+                .parallelism
+                .is_some_and(|p| p > MAX_INDEXED_COMPLETIONS)
+            {
+                errs.add(
+                    "spec.parallelism",
+                    format!("must be less than or equal to {MAX_INDEXED_COMPLETIONS} when completion mode is Indexed"),
+                );
+            }
+        }
+        if spec.manual_selector != Some(true)
+            && let (Some(sel), Some(uid)) = (
+                &spec.selector,
+                self.metadata.as_ref().map(|m| m.uid.as_str()),
+            )
+            && !uid.is_empty()
+            && sel
+                .match_labels
+                .get(flotilla_proto::api::batch::CONTROLLER_UID_LABEL)
+                != Some(&uid.to_string())
+        {
+            errs.add(
+                "spec.selector",
+                "`selector` will be auto-generated: leave it out, or set manualSelector: true",
+            );
+        }
+        match spec.template.as_ref().and_then(|t| t.spec.as_ref()) {
+            Some(pod) if pod.restart_policy.is_empty() => errs.add(
+                "spec.template.spec.restartPolicy",
+                "Required value: supported values: \"OnFailure\", \"Never\"",
+            ),
+            Some(pod) => one_of(
+                &pod.restart_policy,
+                &["OnFailure", "Never"],
+                "spec.template.spec.restartPolicy",
+                errs,
+            ),
+            None => {}
+        }
+        validate_selector_and_template(spec.selector.as_ref(), spec.template.as_ref(), errs);
+    }
+    fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
+        let spec = |o: &Self| o.spec.clone().unwrap_or_default();
+        let (new, old) = (spec(self), spec(old));
+        if new.selector != old.selector {
+            errs.add("spec.selector", "field is immutable");
+        }
+        if new.template != old.template {
+            errs.add("spec.template", "field is immutable");
+        }
+        if new.completions != old.completions {
+            errs.add("spec.completions", "field is immutable");
+        }
+        if new.completion_mode != old.completion_mode {
+            errs.add("spec.completionMode", "field is immutable");
         }
     }
 }

@@ -1028,3 +1028,151 @@ async fn environment_sources_are_checked_by_field() {
     let e = c.get::<Pod>("default", "env").await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 }
+
+fn job(name: &str, spec: serde_json::Value) -> Job {
+    let mut spec = spec;
+    if spec.get("template").is_none() {
+        spec["template"] = json!({
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}
+        });
+    }
+    from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn jobs_are_defaulted_and_checked_as_kubernetes_does() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+
+    // Defaults, and a selector generated from the uid that the template's labels follow.
+    let created = c.create(&job("pi", json!({}))).await.unwrap();
+    let uid = created.metadata.as_ref().unwrap().uid.clone();
+    let spec = created.spec.clone().unwrap();
+    assert_eq!(
+        (
+            spec.completions,
+            spec.parallelism,
+            spec.backoff_limit,
+            spec.suspend
+        ),
+        (Some(1), Some(1), Some(6), Some(false))
+    );
+    assert_eq!(spec.completion_mode, "NonIndexed");
+    assert_eq!(
+        spec.selector.unwrap().match_labels,
+        BTreeMap::from([(batch::CONTROLLER_UID_LABEL.to_string(), uid.clone())])
+    );
+    let labels = spec.template.unwrap().metadata.unwrap().labels;
+    for (k, v) in [
+        (batch::CONTROLLER_UID_LABEL, uid.as_str()),
+        (batch::LEGACY_CONTROLLER_UID_LABEL, uid.as_str()),
+        (batch::JOB_NAME_LABEL, "pi"),
+        (batch::LEGACY_JOB_NAME_LABEL, "pi"),
+    ] {
+        assert_eq!(labels.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    // A work queue: parallelism alone leaves completions unset.
+    let queue = c
+        .create(&job("queue", json!({"parallelism": 3})))
+        .await
+        .unwrap();
+    assert_eq!(queue.spec.unwrap().completions, None);
+
+    // Refused, naming the field, and nothing is stored.
+    for (name, spec, want) in [
+        (
+            "always",
+            json!({"template": {"spec": {"restartPolicy": "Always", "containers": [{"name": "c", "image": "i"}]}}}),
+            "spec.template.spec.restartPolicy: unsupported value \"Always\"",
+        ),
+        (
+            "unset",
+            json!({"template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}}),
+            "spec.template.spec.restartPolicy: Required value",
+        ),
+        (
+            "indexed",
+            json!({"completionMode": "Indexed", "parallelism": 2}),
+            "spec.completions: Required value: when completion mode is Indexed",
+        ),
+        (
+            "negative",
+            json!({"parallelism": -1, "backoffLimit": -2}),
+            "spec.parallelism: must be >= 0",
+        ),
+        (
+            "deadline",
+            json!({"activeDeadlineSeconds": 0}),
+            "spec.activeDeadlineSeconds: must be greater than 0",
+        ),
+        (
+            "mode",
+            json!({"completionMode": "Sometimes"}),
+            "spec.completionMode: unsupported value \"Sometimes\"",
+        ),
+        (
+            "chosen",
+            json!({"selector": {"matchLabels": {"app": "x"}},
+                   "template": {"metadata": {"labels": {"app": "x"}},
+                                "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "i"}]}}}),
+            "spec.selector: `selector` will be auto-generated",
+        ),
+    ] {
+        let e = c.create(&job(name, spec)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}: {e}");
+        assert!(e.status.message().contains(want), "{name}: {want} in {e}");
+        let gone = c.get::<Job>("default", name).await.unwrap_err();
+        assert_eq!(gone.code(), Code::NotFound);
+    }
+
+    // A selector of one's own needs manualSelector.
+    let manual = c
+        .create(&job(
+            "manual",
+            json!({"manualSelector": true, "selector": {"matchLabels": {"app": "x"}},
+                   "template": {"metadata": {"labels": {"app": "x"}},
+                                "spec": {"restartPolicy": "OnFailure", "containers": [{"name": "c", "image": "i"}]}}}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        manual.spec.unwrap().selector.unwrap().match_labels["app"],
+        "x"
+    );
+
+    // The template, completions and mode are immutable; parallelism is not.
+    let e = c
+        .patch::<Job>("default", "pi", &json!({"spec": {"completions": 4}}))
+        .await
+        .unwrap_err();
+    assert!(
+        e.status
+            .message()
+            .contains("spec.completions: field is immutable"),
+        "{e}"
+    );
+    let e = c
+        .patch::<Job>(
+            "default",
+            "pi",
+            &json!({"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "other"}]}}}}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.status
+            .message()
+            .contains("spec.template: field is immutable"),
+        "{e}"
+    );
+    let scaled = c
+        .patch::<Job>("default", "pi", &json!({"spec": {"parallelism": 5}}))
+        .await
+        .unwrap();
+    assert_eq!(scaled.spec.unwrap().parallelism, Some(5));
+}

@@ -3,7 +3,7 @@
 use std::time::SystemTime;
 
 use flotilla_proto::api::quantity::Quantity;
-use flotilla_proto::api::time::age;
+use flotilla_proto::api::time::{self, age};
 use flotilla_proto::api::*;
 
 /// What `get` prints for one kind.
@@ -175,6 +175,55 @@ impl Columns for ReplicaSet {
             spec.replicas.unwrap_or(1).to_string(),
             status.replicas.to_string(),
             status.ready_replicas.to_string(),
+            created(self.metadata.as_ref(), now),
+        ];
+        if wide {
+            let (c, i) = containers_and_images(spec.template.as_ref());
+            r.extend([c, i, selector(spec.selector.as_ref())]);
+        }
+        r
+    }
+}
+
+impl Columns for Job {
+    fn headers(wide: bool) -> Vec<&'static str> {
+        let mut h = vec!["NAME", "STATUS", "COMPLETIONS", "DURATION", "AGE"];
+        if wide {
+            h.extend(["CONTAINERS", "IMAGES", "SELECTOR"]);
+        }
+        h
+    }
+    fn row(&self, wide: bool, now: SystemTime) -> Vec<String> {
+        let spec = self.spec.clone().unwrap_or_default();
+        let status = self.status.clone().unwrap_or_default();
+        let holds = |t: &str| {
+            status
+                .conditions
+                .iter()
+                .any(|c| c.r#type == t && c.status == "True")
+        };
+        let shown = ["Complete", "Failed", "Suspended"]
+            .into_iter()
+            .find(|t| holds(t))
+            .unwrap_or("Running");
+        // kubectl's COMPLETIONS: "2/3"; a work queue (no completions) shows "0/1 of 4".
+        let completions = match (spec.completions, spec.parallelism.unwrap_or(1)) {
+            (Some(c), _) => format!("{}/{c}", status.succeeded),
+            (None, p) if p > 1 => format!("{}/1 of {p}", status.succeeded),
+            (None, _) => format!("{}/1", status.succeeded),
+        };
+        let duration = match time::parse(&status.start_time) {
+            None => String::new(),
+            Some(start) => {
+                let end = time::parse(&status.completion_time).unwrap_or(now);
+                time::human_duration(end.duration_since(start).unwrap_or_default())
+            }
+        };
+        let mut r = vec![
+            self.name().to_string(),
+            shown.to_string(),
+            completions,
+            duration,
             created(self.metadata.as_ref(), now),
         ];
         if wide {
@@ -529,6 +578,46 @@ mod tests {
             out,
             "NAME          READY\na             1/1\nlonger-name   0/2\n"
         );
+    }
+
+    #[test]
+    fn job_rows_read_as_kubectl_prints_them() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let at =
+            |secs: u64| time::format(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+        let mut job = Job {
+            metadata: Some(ObjectMeta {
+                name: "pi".into(),
+                creation_timestamp: at(999_000),
+                ..Default::default()
+            }),
+            spec: Some(JobSpec {
+                completions: Some(3),
+                parallelism: Some(2),
+                ..Default::default()
+            }),
+            status: Some(JobStatus {
+                succeeded: 2,
+                start_time: at(999_100),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(job.row(false, now)[..4], ["pi", "Running", "2/3", "15m"]);
+        let status = job.status.as_mut().unwrap();
+        status.succeeded = 3;
+        status.completion_time = at(999_130);
+        status.conditions.push(JobCondition {
+            r#type: "Complete".into(),
+            status: "True".into(),
+            ..Default::default()
+        });
+        assert_eq!(job.row(false, now)[..4], ["pi", "Complete", "3/3", "30s"]);
+        // A work queue of four.
+        let spec = job.spec.as_mut().unwrap();
+        spec.completions = None;
+        spec.parallelism = Some(4);
+        assert_eq!(job.row(false, now)[2], "3/1 of 4");
     }
 
     #[test]

@@ -980,3 +980,133 @@ fn process_limits_are_enforced_through_cgroups() {
         assert!(used < 0.35 * wall, "{used:.2} s of cpu in {wall:.2} s");
     });
 }
+
+/// A Job through the command line, on the process runtime: an Indexed Job runs three pods,
+/// two at a time, each seeing its own index; `get jobs` shows it complete; a Job with a
+/// TTL is deleted with its pods once finished.
+#[test]
+fn a_job_runs_its_pods_to_completion_process() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = Agent::start(&cluster, &dir.path().join("a1"), Rt::Process);
+    let manifest = dir.path().join("jobs.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: batch/v1
+kind: Job
+metadata:
+  name: pi
+spec:
+  completions: 3
+  parallelism: 2
+  completionMode: Indexed
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - name: main
+        image: {TEST_IMAGE}
+        command: [sh, -c, 'echo index=$JOB_COMPLETION_INDEX']
+---
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: short
+spec:
+  ttlSecondsAfterFinished: 1
+  template:
+    spec:
+      restartPolicy: OnFailure
+      containers:
+      - name: main
+        image: {TEST_IMAGE}
+        command: [sh, -c, 'exit 0']
+"
+        ),
+    )
+    .unwrap();
+    let out = flotilla(&cluster, &["apply", "-f", &manifest.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "job.batch/pi created\njob.batch/short created\n"
+    );
+    runtime().block_on(async {
+        let c = client(&cluster);
+        let job = until("the Job complete", || async {
+            let j = c.get::<Job>("default", "pi").await.ok()?;
+            let done = j
+                .status
+                .as_ref()?
+                .conditions
+                .iter()
+                .any(|c| c.r#type == "Complete" && c.status == "True");
+            done.then_some(j)
+        })
+        .await;
+        let st = job.status.unwrap();
+        assert_eq!((st.succeeded, st.active, st.failed), (3, 0, 0));
+        assert_eq!(st.completed_indexes, "0-2");
+        assert!(!st.completion_time.is_empty());
+
+        // Each pod ran once with its own index, and said so in its log.
+        let (pods, _) = c
+            .list::<Pod>(&ListRequest {
+                namespace: "default".into(),
+                label_selector: "batch.kubernetes.io/job-name=pi".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(pods.len(), 3, "one pod per index, none extra");
+        let mut seen = Vec::new();
+        for p in &pods {
+            let out = flotilla(&cluster, &["logs", p.name()]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            seen.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+        seen.sort();
+        assert_eq!(seen, ["index=0", "index=1", "index=2"]);
+
+        // The table, as kubectl prints it.
+        let out = flotilla(&cluster, &["get", "jobs"]);
+        let table = String::from_utf8_lossy(&out.stdout).to_string();
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("pi "))
+            .unwrap_or_default();
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols.get(1..3), Some(&["Complete", "3/3"][..]), "{table}");
+
+        // The TTL: the finished Job goes, and the garbage collector takes its pod.
+        until("the short Job deleted", || async {
+            c.get::<Job>("default", "short")
+                .await
+                .err()?
+                .is_not_found()
+                .then_some(())
+        })
+        .await;
+        until("its pod collected", || async {
+            let (left, _) = c
+                .list::<Pod>(&ListRequest {
+                    namespace: "default".into(),
+                    label_selector: "job-name=short".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            left.is_empty().then_some(())
+        })
+        .await;
+    });
+}

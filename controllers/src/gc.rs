@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use flotilla_client::ClientError;
 use flotilla_client::informer::Change;
-use flotilla_proto::api::{DeleteRequest, Deployment, Pod, ReplicaSet, Resource};
+use flotilla_proto::api::{DeleteRequest, Deployment, Job, Pod, ReplicaSet, Resource};
 
 use crate::queue::Requeue;
 use crate::util::{is_deleting, key_of, split_key, uid_of};
@@ -26,6 +26,32 @@ pub const ORPHAN: &str = "orphan";
 /// The queue key of an object: `Kind|namespace/name`.
 pub fn key(kind: &str, object_key: &str) -> String {
     format!("{kind}|{object_key}")
+}
+
+/// Runs `$body` with `$k` the type of the collected kind named `$kind`, or `$other` for a
+/// kind the collector does not follow: the one list of those kinds, with [`Collected`].
+macro_rules! with_collected {
+    ($kind:expr, $k:ident => $body:expr, _ => $other:expr) => {
+        match $kind {
+            "Pod" => {
+                type $k = Pod;
+                $body
+            }
+            "ReplicaSet" => {
+                type $k = ReplicaSet;
+                $body
+            }
+            "Deployment" => {
+                type $k = Deployment;
+                $body
+            }
+            "Job" => {
+                type $k = Job;
+                $body
+            }
+            _ => $other,
+        }
+    };
 }
 
 /// Kinds the collector follows, as owners and as dependents.
@@ -46,6 +72,11 @@ impl Collected for ReplicaSet {
 impl Collected for Deployment {
     fn informer(i: &Informers) -> &flotilla_client::informer::Informer<Self> {
         &i.deployments
+    }
+}
+impl Collected for Job {
+    fn informer(i: &Informers) -> &flotilla_client::informer::Informer<Self> {
+        &i.jobs
     }
 }
 
@@ -124,12 +155,7 @@ pub async fn reconcile(ctx: &Ctx, queue_key: &str) -> Result<Requeue, ClientErro
         return Ok(None);
     };
     let (ns, name) = split_key(object_key);
-    match kind {
-        "Pod" => collect::<Pod>(ctx, ns, name).await,
-        "ReplicaSet" => collect::<ReplicaSet>(ctx, ns, name).await,
-        "Deployment" => collect::<Deployment>(ctx, ns, name).await,
-        _ => Ok(None),
-    }
+    with_collected!(kind, K => collect::<K>(ctx, ns, name).await, _ => Ok(None))
 }
 
 async fn collect<K: Collected>(ctx: &Ctx, ns: &str, name: &str) -> Result<Requeue, ClientError> {
@@ -192,13 +218,8 @@ async fn owner_gone(
             Err(e) => Err(e),
         }
     }
-    match r.kind.as_str() {
-        "Pod" => check::<Pod>(ctx, ns, r).await,
-        "ReplicaSet" => check::<ReplicaSet>(ctx, ns, r).await,
-        "Deployment" => check::<Deployment>(ctx, ns, r).await,
-        // A kind we don't follow: never collect on its account.
-        _ => Ok(false),
-    }
+    // A kind we don't follow: never collect on its account.
+    with_collected!(r.kind.as_str(), K => check::<K>(ctx, ns, r).await, _ => Ok(false))
 }
 
 /// Dependents of `uid` in `ns`, as the API has them now.

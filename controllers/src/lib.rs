@@ -14,16 +14,25 @@
 //! - [`gc`]: owner references drive background, foreground and orphan deletion;
 //! - [`endpoints`]: a Service's selector → its ready pods' addresses and ports;
 //! - [`namespace`]: a terminating namespace is emptied, then removed.
-//! - [`quota`]: ResourceQuotas' usage recounted, so deletions give their share back.
+//! - [`quota`]: ResourceQuotas' usage recounted, so deletions give their share back;
+//! - [`job`]: a Job's pods run to `completions`, within `parallelism`, `backoffLimit` and
+//!   `activeDeadlineSeconds`; finished Jobs go after `ttlSecondsAfterFinished`.
+//!
+//! [`runtime`] is the shape new controllers take (a [`runtime::Controller`] registered in
+//! [`controllers`] with the kinds it owns, reading and writing through [`runtime::Api`], unit
+//! tested on [`fake::FakeApi`]); the controllers above it in this list predate it.
 
 pub mod deployment;
 pub mod endpoints;
+pub mod fake;
 pub mod gc;
+pub mod job;
 pub mod namespace;
 pub mod nodelifecycle;
 pub mod queue;
 pub mod quota;
 pub mod replicaset;
+pub mod runtime;
 pub mod util;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,11 +42,22 @@ use std::time::Duration;
 use flotilla_client::Client;
 use flotilla_client::informer::{Change, Filter, Informer};
 use flotilla_proto::api::{
-    Deployment, Endpoints, Lease, Namespace, Node, Pod, ReplicaSet, ResourceQuota, Service,
+    Deployment, Endpoints, Job, Lease, Namespace, Node, Pod, ReplicaSet, Resource, ResourceQuota,
+    Service,
 };
 use tokio::sync::watch;
 
 use crate::queue::WorkQueue;
+use crate::runtime::{For, Live, Running, Subscribers};
+
+/// Every controller of the [`runtime`] shape, with the kinds it owns.
+pub fn controllers(subs: &mut Subscribers) -> Vec<Box<dyn Running>> {
+    vec![
+        For::new(job::JobController::default())
+            .owns::<Pod>()
+            .register(subs),
+    ]
+}
 
 /// Where node agents keep their Leases (one per node, named after it).
 pub const NODE_LEASE_NAMESPACE: &str = flotilla_proto::api::NODE_LEASE_NAMESPACE;
@@ -82,6 +102,43 @@ pub struct Informers {
     pub endpoints: Informer<Endpoints>,
     pub namespaces: Informer<Namespace>,
     pub quotas: Informer<ResourceQuota>,
+    pub jobs: Informer<Job>,
+}
+
+impl Informers {
+    /// The informer of kind `K`, if one runs.
+    pub fn of<K: Resource>(&self) -> Option<&Informer<K>> {
+        use std::any::Any;
+        macro_rules! find {
+            ($($field:ident),*) => {
+                $(if let Some(i) = (&self.$field as &dyn Any).downcast_ref::<Informer<K>>() {
+                    return Some(i);
+                })*
+            };
+        }
+        find!(
+            pods,
+            replica_sets,
+            deployments,
+            nodes,
+            leases,
+            services,
+            endpoints,
+            namespaces,
+            quotas,
+            jobs
+        );
+        None
+    }
+
+    fn has(&self, kind: &str) -> bool {
+        macro_rules! any {
+            ($($field:ident: $ty:ty),*) => { false $(|| kind == <$ty>::KIND)* };
+        }
+        any!(pods: Pod, replica_sets: ReplicaSet, deployments: Deployment, nodes: Node,
+            leases: Lease, services: Service, endpoints: Endpoints, namespaces: Namespace,
+            quotas: ResourceQuota, jobs: Job)
+    }
 }
 
 /// What the controllers share: the client, the informers, their queues.
@@ -97,6 +154,9 @@ pub struct Ctx {
     pub quota: Arc<WorkQueue>,
     pub nodelifecycle: nodelifecycle::Controller,
     pub stats: Arc<Stats>,
+    /// Handlers of the [`runtime`] controllers, per kind.
+    subscribers: Subscribers,
+    registered: Vec<Box<dyn Running>>,
 }
 
 impl Ctx {
@@ -114,6 +174,8 @@ impl Ctx {
 
 /// Runs every controller until `stop` turns true.
 pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch::Receiver<bool>) {
+    let mut subscribers = Subscribers::default();
+    let registered = controllers(&mut subscribers);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         config,
@@ -126,6 +188,8 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
         quota: WorkQueue::new("resourcequota"),
         nodelifecycle: nodelifecycle::Controller::new(),
         stats,
+        subscribers,
+        registered,
     });
     let all = Filter::default;
     let informers = Informers {
@@ -189,7 +253,20 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
                 quota::on_counted(ctx, c);
             },
         ),
+        jobs: start(&ctx, client.clone(), all(), |ctx, c: &Change<Job>| {
+            gc::on_owner(ctx, c);
+            quota::on_counted(ctx, c);
+        }),
     };
+    for r in &ctx.registered {
+        for kind in r.kinds() {
+            assert!(
+                informers.has(kind),
+                "controller {} reads {kind}, which has no informer in Informers",
+                r.queue().name()
+            );
+        }
+    }
     if ctx.informers.set(informers).is_err() {
         return;
     }
@@ -205,13 +282,15 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
         i.endpoints.wait_synced().await;
         i.namespaces.wait_synced().await;
         i.quotas.wait_synced().await;
+        i.jobs.wait_synced().await;
     };
     tokio::select! {
         _ = synced => {}
         _ = async { stopped.wait_for(|s| *s).await.map(|_| ()) } => return,
     }
     tracing::info!("controllers started");
-    resync(&ctx);
+    let live = Arc::new(Live { ctx: ctx.clone() });
+    resync(&ctx, &live);
 
     let workers = ctx.config.workers;
     let mut tasks = tokio::task::JoinSet::new();
@@ -311,13 +390,22 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
         let stop = stop.clone();
         tasks.spawn(async move { nodelifecycle::monitor(c, stop).await });
     }
+    for r in &ctx.registered {
+        r.spawn(
+            live.clone(),
+            workers,
+            ctx.stats.clone(),
+            stop.clone(),
+            &mut tasks,
+        );
+    }
     // Every so often everything is looked at again, in case a change was missed.
     let mut stop = stop;
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     tick.tick().await;
     loop {
         tokio::select! {
-            _ = tick.tick() => resync(&ctx),
+            _ = tick.tick() => resync(&ctx, &live),
             _ = stop.wait_for(|s| *s) => break,
         }
         let depth = ctx.replicaset.queue.len()
@@ -326,15 +414,26 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
             + ctx.endpoints.len()
             + ctx.namespace.len()
             + ctx.quota.len()
-            + ctx.nodelifecycle.queue.len();
+            + ctx.nodelifecycle.queue.len()
+            + ctx
+                .registered
+                .iter()
+                .map(|r| r.queue().len())
+                .sum::<usize>();
         ctx.stats.queue_depth.store(depth as u64, Ordering::Relaxed);
     }
     tasks.abort_all();
 }
 
 /// Queues every object each controller looks after.
-fn resync(ctx: &Ctx) {
+fn resync(ctx: &Ctx, live: &Live) {
+    for r in &ctx.registered {
+        r.resync(live);
+    }
     let i = ctx.informers();
+    for j in i.jobs.list() {
+        ctx.gc.add(gc::key(Job::KIND, &util::key_of(&j)));
+    }
     for rs in i.replica_sets.list() {
         ctx.replicaset.queue.add(util::key_of(&rs));
         ctx.gc.add(gc::key("ReplicaSet", &util::key_of(&rs)));
@@ -376,5 +475,8 @@ fn start<K: flotilla_proto::api::Resource>(
     handler: fn(&Ctx, &Change<K>),
 ) -> Informer<K> {
     let ctx = ctx.clone();
-    Informer::start(client, filter, move |c| handler(&ctx, &c))
+    Informer::start(client, filter, move |c| {
+        handler(&ctx, &c);
+        ctx.subscribers.notify(&c);
+    })
 }

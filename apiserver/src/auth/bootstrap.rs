@@ -75,6 +75,7 @@ fn view() -> Vec<PolicyRule> {
             ],
             READ,
         ),
+        rule(&["batch"], &["jobs", "jobs/status"], READ),
     ]
 }
 
@@ -97,6 +98,7 @@ fn edit() -> Vec<PolicyRule> {
         ],
         WRITE,
     ));
+    rules.push(rule(&["batch"], &["jobs"], WRITE));
     rules
 }
 

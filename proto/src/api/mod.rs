@@ -6,8 +6,10 @@
 //! - [`selector`]: label and field selectors, name validation;
 //! - [`quantity`]: resource quantities (`250m`, `128Mi`);
 //! - [`quota`]: what an object counts against a ResourceQuota;
-//! - [`time`]: timestamps and ages.
+//! - [`time`]: timestamps and ages;
+//! - [`batch`]: the labels of a Job's pods, completed-index ranges.
 
+pub mod batch;
 pub mod json;
 pub mod quantity;
 pub mod quota;
@@ -205,6 +207,10 @@ macro_rules! for_each_kind {
             Deployment { list: DeploymentList, event: DeploymentEvent,
                 grpc: deployments_server::Deployments / DeploymentsServer,
                 api_version: "apps/v1", plural: "deployments", names: ["deployment", "deploy"],
+                namespaced: true, status: yes, fields: {} },
+            Job { list: JobList, event: JobEvent,
+                grpc: jobs_server::Jobs / JobsServer,
+                api_version: "batch/v1", plural: "jobs", names: ["job"],
                 namespaced: true, status: yes, fields: {} },
             Service { list: ServiceList, event: ServiceEvent,
                 grpc: services_server::Services / ServicesServer,
