@@ -778,13 +778,15 @@ impl Kind for Pod {
 fn validate_selector_and_template(
     selector: Option<&LabelSelector>,
     template: Option<&PodTemplateSpec>,
+    selector_required: bool,
     errs: &mut FieldErrors,
 ) {
     let parsed = match selector {
-        None => {
+        None if selector_required => {
             errs.add("spec.selector", "required");
             None
         }
+        None => None,
         Some(s) => {
             let exprs: Vec<(String, String, Vec<String>)> = s
                 .match_expressions
@@ -866,7 +868,7 @@ impl Kind for ReplicaSet {
             non_negative(r.into(), "spec.replicas", errs);
         }
         non_negative(spec.min_ready_seconds.into(), "spec.minReadySeconds", errs);
-        validate_selector_and_template(spec.selector.as_ref(), spec.template.as_ref(), errs);
+        validate_selector_and_template(spec.selector.as_ref(), spec.template.as_ref(), true, errs);
     }
     fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
         let sel = |o: &Self| o.spec.as_ref().and_then(|s| s.selector.clone());
@@ -977,7 +979,7 @@ impl Kind for Deployment {
                 _ => {}
             }
         }
-        validate_selector_and_template(spec.selector.as_ref(), spec.template.as_ref(), errs);
+        validate_selector_and_template(spec.selector.as_ref(), spec.template.as_ref(), true, errs);
     }
     fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
         let sel = |o: &Self| o.spec.as_ref().and_then(|s| s.selector.clone());
@@ -1130,7 +1132,15 @@ impl Kind for Job {
             ),
             None => {}
         }
-        validate_selector_and_template(spec.selector.as_ref(), spec.template.as_ref(), errs);
+        // A CronJob's template has no selector yet: its Jobs get theirs when made.
+        let selector_required = spec.manual_selector == Some(true)
+            || self.metadata.as_ref().is_some_and(|m| !m.uid.is_empty());
+        validate_selector_and_template(
+            spec.selector.as_ref(),
+            spec.template.as_ref(),
+            selector_required,
+            errs,
+        );
     }
     fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
         let spec = |o: &Self| o.spec.clone().unwrap_or_default();
@@ -1146,6 +1156,102 @@ impl Kind for Job {
         }
         if new.completion_mode != old.completion_mode {
             errs.add("spec.completionMode", "field is immutable");
+        }
+    }
+}
+
+/// A CronJob's Job template as a Job (no uid: no selector is generated), to default and
+/// check it by the Job's own rules.
+fn template_job(t: &JobTemplateSpec) -> Job {
+    Job {
+        metadata: t.metadata.clone(),
+        spec: t.spec.clone(),
+        ..Default::default()
+    }
+}
+
+/// Longest CronJob name: its Jobs are named NAME-<11 digits>, within 63 characters.
+const MAX_CRONJOB_NAME: usize = 52;
+
+impl Kind for CronJob {
+    fn apply_defaults(&mut self) {
+        let spec = self.spec.get_or_insert_default();
+        if spec.concurrency_policy.is_empty() {
+            spec.concurrency_policy = "Allow".into();
+        }
+        spec.suspend.get_or_insert(false);
+        spec.successful_jobs_history_limit.get_or_insert(3);
+        spec.failed_jobs_history_limit.get_or_insert(1);
+        let template = spec.job_template.get_or_insert_default();
+        let mut job = template_job(template);
+        job.apply_defaults();
+        template.spec = job.spec;
+    }
+    fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(m) = &self.metadata
+            && m.name.len() > MAX_CRONJOB_NAME
+        {
+            errs.add(
+                "metadata.name",
+                format!("must be no more than {MAX_CRONJOB_NAME} characters"),
+            );
+        }
+        let Some(spec) = &self.spec else {
+            errs.add("spec", "required");
+            return;
+        };
+        let zone_ok = match &spec.time_zone {
+            Some(z) => match flotilla_proto::api::batch::Schedule::parse("* * * * *", Some(z)) {
+                Ok(_) => true,
+                Err(e) => {
+                    errs.add("spec.timeZone", e);
+                    false
+                }
+            },
+            None => true,
+        };
+        if let Err(e) = flotilla_proto::api::batch::Schedule::parse(
+            &spec.schedule,
+            spec.time_zone.as_deref().filter(|_| zone_ok),
+        ) {
+            errs.add("spec.schedule", e);
+        }
+        one_of(
+            &spec.concurrency_policy,
+            &["Allow", "Forbid", "Replace"],
+            "spec.concurrencyPolicy",
+            errs,
+        );
+        if let Some(d) = spec.starting_deadline_seconds {
+            non_negative(d, "spec.startingDeadlineSeconds", errs);
+        }
+        for (v, at) in [
+            (
+                spec.successful_jobs_history_limit,
+                "spec.successfulJobsHistoryLimit",
+            ),
+            (
+                spec.failed_jobs_history_limit,
+                "spec.failedJobsHistoryLimit",
+            ),
+        ] {
+            if let Some(v) = v {
+                non_negative(v.into(), at, errs);
+            }
+        }
+        match &spec.job_template {
+            None => errs.add("spec.jobTemplate", "required"),
+            Some(t) => {
+                let mut inner = FieldErrors::default();
+                template_job(t).validate(&mut inner);
+                for (path, message) in inner.0 {
+                    let path = match path.strip_prefix("spec") {
+                        Some(rest) => format!("spec.jobTemplate.spec{rest}"),
+                        None => format!("spec.jobTemplate.{path}"),
+                    };
+                    errs.add(path, message);
+                }
+            }
         }
     }
 }

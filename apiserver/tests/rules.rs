@@ -1176,3 +1176,137 @@ async fn jobs_are_defaulted_and_checked_as_kubernetes_does() {
         .unwrap();
     assert_eq!(scaled.spec.unwrap().parallelism, Some(5));
 }
+
+#[tokio::test]
+async fn cronjobs_are_defaulted_and_their_schedules_checked() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let cron = |name: &str, spec: serde_json::Value| -> CronJob {
+        let mut spec = spec;
+        if spec.get("jobTemplate").is_none() {
+            spec["jobTemplate"] = json!({"spec": {"template": {"spec": {
+                "restartPolicy": "OnFailure", "containers": [{"name": "c", "image": "i"}]
+            }}}});
+        }
+        from_value(json!({
+            "apiVersion": "batch/v1", "kind": "CronJob",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap()
+    };
+
+    let made = c
+        .create(&cron(
+            "nightly",
+            json!({"schedule": "0 3 * * *", "timeZone": "Europe/Berlin"}),
+        ))
+        .await
+        .unwrap();
+    let spec = made.spec.unwrap();
+    assert_eq!(spec.concurrency_policy, "Allow");
+    assert_eq!(
+        (
+            spec.suspend,
+            spec.successful_jobs_history_limit,
+            spec.failed_jobs_history_limit
+        ),
+        (Some(false), Some(3), Some(1))
+    );
+    // The Job template gets the Job's defaults, but no selector until a Job is made.
+    let job = spec.job_template.unwrap().spec.unwrap();
+    assert_eq!((job.backoff_limit, job.completions), (Some(6), Some(1)));
+    assert!(job.selector.is_none());
+    c.create(&cron("weekly", json!({"schedule": "@weekly"})))
+        .await
+        .unwrap();
+
+    for (name, spec, want) in [
+        (
+            "four",
+            json!({"schedule": "* * * *"}),
+            "spec.schedule: expected exactly 5 fields",
+        ),
+        (
+            "secs",
+            json!({"schedule": "*/5 * * * * *"}),
+            "spec.schedule: expected exactly 5 fields",
+        ),
+        (
+            "range",
+            json!({"schedule": "61 * * * *"}),
+            "spec.schedule: ",
+        ),
+        (
+            "tz",
+            json!({"schedule": "TZ=UTC 0 * * * *"}),
+            "use timeZone field instead",
+        ),
+        (
+            "zone",
+            json!({"schedule": "0 * * * *", "timeZone": "Moon/Base"}),
+            "spec.timeZone: unknown time zone \"Moon/Base\"",
+        ),
+        (
+            "policy",
+            json!({"schedule": "0 * * * *", "concurrencyPolicy": "Sometimes"}),
+            "spec.concurrencyPolicy: unsupported value \"Sometimes\"",
+        ),
+        (
+            "limits",
+            json!({"schedule": "0 * * * *", "failedJobsHistoryLimit": -1}),
+            "spec.failedJobsHistoryLimit: must be >= 0",
+        ),
+        (
+            "always",
+            json!({"schedule": "0 * * * *", "jobTemplate": {"spec": {"template": {"spec": {
+            "restartPolicy": "Always", "containers": [{"name": "c", "image": "i"}]}}}}}),
+            "spec.jobTemplate.spec.template.spec.restartPolicy: unsupported value \"Always\"",
+        ),
+        (
+            "a-name-much-too-long-for-a-cronjob-whose-jobs-add-eleven",
+            json!({"schedule": "0 * * * *"}),
+            "metadata.name: must be no more than 52 characters",
+        ),
+    ] {
+        let e = c.create(&cron(name, spec)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}: {e}");
+        assert!(e.status.message().contains(want), "{name}: {want} in {e}");
+        assert_eq!(
+            c.get::<CronJob>("default", name).await.unwrap_err().code(),
+            Code::NotFound
+        );
+    }
+}
+
+/// The manifests in `examples/` are what a new user applies first: each is accepted as
+/// written.
+#[tokio::test]
+async fn every_example_manifest_is_accepted() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 6, "{files:?}");
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let docs = flotilla_client::manifest::parse(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for doc in docs {
+            let made = flotilla_client::with_kind!(doc.kind.kind, K => {
+                let mut o: K = doc
+                    .decode()
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                if K::NAMESPACED && o.namespace().is_empty() {
+                    o.metadata_mut().namespace = "default".into();
+                }
+                c.create(&o).await.map(|_| ())
+            });
+            made.unwrap_or_else(|e| panic!("{}: {} refused: {e}", path.display(), doc.name()));
+        }
+    }
+}

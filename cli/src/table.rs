@@ -234,6 +234,53 @@ impl Columns for Job {
     }
 }
 
+impl Columns for CronJob {
+    fn headers(wide: bool) -> Vec<&'static str> {
+        let mut h = vec![
+            "NAME",
+            "SCHEDULE",
+            "TIMEZONE",
+            "SUSPEND",
+            "ACTIVE",
+            "LAST SCHEDULE",
+            "AGE",
+        ];
+        if wide {
+            h.extend(["CONTAINERS", "IMAGES", "SELECTOR"]);
+        }
+        h
+    }
+    fn row(&self, wide: bool, now: SystemTime) -> Vec<String> {
+        let spec = self.spec.clone().unwrap_or_default();
+        let status = self.status.clone().unwrap_or_default();
+        let last = if status.last_schedule_time.is_empty() {
+            "<none>".to_string()
+        } else {
+            age(&status.last_schedule_time, now)
+        };
+        let mut r = vec![
+            self.name().to_string(),
+            spec.schedule.clone(),
+            or_none(spec.time_zone.as_deref().unwrap_or("")),
+            if spec.suspend == Some(true) {
+                "True"
+            } else {
+                "False"
+            }
+            .to_string(),
+            status.active.len().to_string(),
+            last,
+            created(self.metadata.as_ref(), now),
+        ];
+        if wide {
+            let job = spec.job_template.and_then(|t| t.spec).unwrap_or_default();
+            let (c, i) = containers_and_images(job.template.as_ref());
+            r.extend([c, i, selector(job.selector.as_ref())]);
+        }
+        r
+    }
+}
+
 impl Columns for Service {
     fn headers(wide: bool) -> Vec<&'static str> {
         let mut h = vec![

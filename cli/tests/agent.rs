@@ -1110,3 +1110,142 @@ spec:
         .await;
     });
 }
+
+/// A CronJob through the command line, on the process runtime: at the next minute it
+/// starts a Job, whose pod runs and completes; `get cronjobs` shows the last schedule;
+/// deleting the CronJob takes its Jobs and their pods with it.
+#[test]
+fn a_cronjob_starts_a_job_on_its_schedule_process() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = Agent::start(&cluster, &dir.path().join("a1"), Rt::Process);
+    let manifest = dir.path().join("cron.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: batch/v1
+kind: CronJob
+metadata:
+  name: tick
+spec:
+  schedule: '* * * * *'
+  concurrencyPolicy: Forbid
+  jobTemplate:
+    metadata:
+      labels: {{app: tick}}
+    spec:
+      template:
+        metadata:
+          labels: {{app: tick}}
+        spec:
+          restartPolicy: Never
+          containers:
+          - name: main
+            image: {TEST_IMAGE}
+            command: [sh, -c, 'echo ran']
+"
+        ),
+    )
+    .unwrap();
+    let out = flotilla(&cluster, &["apply", "-f", &manifest.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "cronjob.batch/tick created\n"
+    );
+    runtime().block_on(async {
+        let c = client(&cluster);
+        let start = std::time::SystemTime::now();
+        // Within a minute and a bit: the next whole minute, then the Job's one pod.
+        let end = Instant::now() + Duration::from_secs(90);
+        let cj = loop {
+            let cj = c.get::<CronJob>("default", "tick").await.unwrap();
+            if cj
+                .status
+                .as_ref()
+                .is_some_and(|s| !s.last_successful_time.is_empty())
+            {
+                break cj;
+            }
+            assert!(
+                Instant::now() < end,
+                "no successful run within 90 s: {cj:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let st = cj.status.unwrap();
+        let scheduled = time::parse(&st.last_schedule_time).unwrap();
+        let secs = scheduled
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(
+            secs % 60,
+            0,
+            "runs start on the minute: {}",
+            st.last_schedule_time
+        );
+        assert!(scheduled + Duration::from_secs(60) > start);
+        let (jobs, _) = c
+            .list::<Job>(&ListRequest {
+                namespace: "default".into(),
+                label_selector: "app=tick".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let job = jobs
+            .iter()
+            .find(|j| j.name() == format!("tick-{}", secs / 60))
+            .unwrap_or_else(|| panic!("the run's Job among {jobs:?}"));
+        assert_eq!(job.status.as_ref().unwrap().succeeded, 1);
+
+        let out = flotilla(&cluster, &["get", "cronjobs"]);
+        let table = String::from_utf8_lossy(&out.stdout).to_string();
+        let header: Vec<&str> = table
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split("  ")
+            .filter(|s| !s.is_empty())
+            .map(str::trim)
+            .collect();
+        assert_eq!(
+            header,
+            [
+                "NAME",
+                "SCHEDULE",
+                "TIMEZONE",
+                "SUSPEND",
+                "ACTIVE",
+                "LAST SCHEDULE",
+                "AGE"
+            ],
+            "{table}"
+        );
+        assert!(table.contains("* * * * *"), "{table}");
+
+        // Deleting the CronJob takes its Jobs and their pods.
+        let out = flotilla(&cluster, &["delete", "cronjob", "tick"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        until("its Jobs and pods collected", || async {
+            let req = ListRequest {
+                namespace: "default".into(),
+                label_selector: "app=tick".into(),
+                ..Default::default()
+            };
+            let (jobs, _) = c.list::<Job>(&req).await.ok()?;
+            let (pods, _) = c.list::<Pod>(&req).await.ok()?;
+            (jobs.is_empty() && pods.is_empty()).then_some(())
+        })
+        .await;
+    });
+}

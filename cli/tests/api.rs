@@ -18,10 +18,16 @@ fn a_generated_python_client_creates_lists_and_watches() {
     let c = Cluster::start();
     let out_dir = tempfile::tempdir().unwrap();
     let protos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/proto");
-    let files: Vec<String> = ["meta", "core", "apps", "rbac", "services"]
-        .iter()
-        .map(|f| format!("flotilla/api/v1/{f}.proto"))
+    // Every published file of the API package, as a user would compile them.
+    let mut files: Vec<String> = std::fs::read_dir(protos.join("flotilla/api/v1"))
+        .unwrap()
+        .map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().to_string();
+            format!("flotilla/api/v1/{name}")
+        })
+        .filter(|f| f.ends_with(".proto"))
         .collect();
+    files.sort();
     let gen_out = Command::new(python())
         .args(["-m", "grpc_tools.protoc", "-I"])
         .arg(&protos)

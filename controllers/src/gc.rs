@@ -8,13 +8,16 @@
 //! - *orphan*: the owner's reference is removed from every dependent, then the owner goes
 //!   (the `orphan` finalizer).
 //!
+//! Owners followed: Deployments, ReplicaSets, Jobs, CronJobs, Pods (`with_collected!`);
+//! dependents: Pods, ReplicaSets, Jobs (`for_each_dependent_kind!`).
+//!
 //! An owner is judged gone only after the API (not the cache, which may lag) says so.
 
 use std::time::Duration;
 
 use flotilla_client::ClientError;
 use flotilla_client::informer::Change;
-use flotilla_proto::api::{DeleteRequest, Deployment, Job, Pod, ReplicaSet, Resource};
+use flotilla_proto::api::{CronJob, DeleteRequest, Deployment, Job, Pod, ReplicaSet, Resource};
 
 use crate::queue::Requeue;
 use crate::util::{is_deleting, key_of, split_key, uid_of};
@@ -49,6 +52,10 @@ macro_rules! with_collected {
                 type $k = Job;
                 $body
             }
+            "CronJob" => {
+                type $k = CronJob;
+                $body
+            }
             _ => $other,
         }
     };
@@ -77,6 +84,11 @@ impl Collected for Deployment {
 impl Collected for Job {
     fn informer(i: &Informers) -> &flotilla_client::informer::Informer<Self> {
         &i.jobs
+    }
+}
+impl Collected for CronJob {
+    fn informer(i: &Informers) -> &flotilla_client::informer::Informer<Self> {
+        &i.cron_jobs
     }
 }
 
@@ -133,20 +145,36 @@ fn refers_to<K: Resource>(o: &K, uid: &str) -> bool {
     owner_refs(o).iter().any(|r| r.uid == uid)
 }
 
+/// Runs `$body` once per kind that is a dependent of others (owned through owner
+/// references), with `$k` that kind's type: the one list of them.
+macro_rules! for_each_dependent_kind {
+    ($k:ident => $body:expr) => {{
+        {
+            type $k = Pod;
+            $body;
+        }
+        {
+            type $k = ReplicaSet;
+            $body;
+        }
+        {
+            type $k = Job;
+            $body;
+        }
+    }};
+}
+
 /// Queue keys of every object that names `uid` as an owner.
 fn dependents_keys(i: &Informers, namespace: &str, uid: &str) -> Vec<String> {
-    let mut keys: Vec<String> = i
-        .pods
-        .list_namespace(namespace, |p| refers_to(p, uid))
-        .iter()
-        .map(|p| key(Pod::KIND, &key_of(p)))
-        .collect();
-    keys.extend(
-        i.replica_sets
-            .list_namespace(namespace, |r| refers_to(r, uid))
+    fn of<K: Collected>(i: &Informers, namespace: &str, uid: &str) -> Vec<String> {
+        K::informer(i)
+            .list_namespace(namespace, |o| refers_to(o, uid))
             .iter()
-            .map(|r| key(ReplicaSet::KIND, &key_of(r))),
-    );
+            .map(|o| key(K::KIND, &key_of(o)))
+            .collect()
+    }
+    let mut keys = Vec::new();
+    for_each_dependent_kind!(D => keys.extend(of::<D>(i, namespace, uid)));
     keys
 }
 
@@ -222,22 +250,18 @@ async fn owner_gone(
     with_collected!(r.kind.as_str(), K => check::<K>(ctx, ns, r).await, _ => Ok(false))
 }
 
-/// Dependents of `uid` in `ns`, as the API has them now.
-async fn live_dependents(
+/// Dependents of kind `K` of `uid` in `ns`, as the API has them now.
+async fn live_dependents<K: Collected>(
     ctx: &Ctx,
     ns: &str,
     uid: &str,
-) -> Result<(Vec<Pod>, Vec<ReplicaSet>), ClientError> {
+) -> Result<Vec<K>, ClientError> {
     let req = flotilla_proto::api::ListRequest {
         namespace: ns.to_string(),
         ..Default::default()
     };
-    let (pods, _) = ctx.client.list::<Pod>(&req).await?;
-    let (sets, _) = ctx.client.list::<ReplicaSet>(&req).await?;
-    Ok((
-        pods.into_iter().filter(|p| refers_to(p, uid)).collect(),
-        sets.into_iter().filter(|r| refers_to(r, uid)).collect(),
-    ))
+    let (items, _) = ctx.client.list::<K>(&req).await?;
+    Ok(items.into_iter().filter(|o| refers_to(o, uid)).collect())
 }
 
 async fn remove_finalizer<K: Collected>(ctx: &Ctx, o: &K, f: &str) -> Result<(), ClientError> {
@@ -251,16 +275,17 @@ async fn remove_finalizer<K: Collected>(ctx: &Ctx, o: &K, f: &str) -> Result<(),
 }
 
 async fn orphan_dependents<K: Collected>(ctx: &Ctx, owner: &K) -> Result<Requeue, ClientError> {
+    async fn release<D: Collected>(ctx: &Ctx, ns: &str, uid: &str) -> Result<(), ClientError> {
+        let dependents = live_dependents::<D>(ctx, ns, uid).await?;
+        for mut d in dependents {
+            d.metadata_mut().owner_references.retain(|r| r.uid != uid);
+            ctx.client.update(&d).await?;
+        }
+        Ok(())
+    }
     let uid = uid_of(owner).to_string();
-    let (pods, sets) = live_dependents(ctx, owner.namespace(), &uid).await?;
-    for mut p in pods {
-        p.metadata_mut().owner_references.retain(|r| r.uid != uid);
-        ctx.client.update(&p).await?;
-    }
-    for mut r in sets {
-        r.metadata_mut().owner_references.retain(|r| r.uid != uid);
-        ctx.client.update(&r).await?;
-    }
+    let ns = owner.namespace();
+    for_each_dependent_kind!(D => release::<D>(ctx, ns, &uid).await?);
     remove_finalizer(ctx, owner, ORPHAN).await?;
     Ok(None)
 }
@@ -269,35 +294,36 @@ async fn delete_dependents_first<K: Collected>(
     ctx: &Ctx,
     owner: &K,
 ) -> Result<Requeue, ClientError> {
+    /// Deletes the dependents of kind `D` (pods plainly: they own nothing; others in the
+    /// foreground too); returns how many are left.
+    async fn delete<D: Collected>(ctx: &Ctx, ns: &str, uid: &str) -> Result<usize, ClientError> {
+        let dependents = live_dependents::<D>(ctx, ns, uid).await?;
+        for d in dependents.iter().filter(|d| !is_deleting(*d)) {
+            let req = DeleteRequest {
+                namespace: ns.to_string(),
+                name: d.name().to_string(),
+                propagation_policy: if D::KIND == Pod::KIND {
+                    String::new()
+                } else {
+                    "Foreground".into()
+                },
+                ..Default::default()
+            };
+            match ctx.client.delete::<D>(&req).await {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(dependents.len())
+    }
     let uid = uid_of(owner).to_string();
     let ns = owner.namespace().to_string();
-    let (pods, sets) = live_dependents(ctx, &ns, &uid).await?;
-    if pods.is_empty() && sets.is_empty() {
+    let mut left = 0;
+    for_each_dependent_kind!(D => left += delete::<D>(ctx, &ns, &uid).await?);
+    if left == 0 {
         remove_finalizer(ctx, owner, FOREGROUND).await?;
         return Ok(None);
-    }
-    let foreground = |name: &str| DeleteRequest {
-        namespace: ns.clone(),
-        name: name.to_string(),
-        propagation_policy: "Foreground".into(),
-        ..Default::default()
-    };
-    for p in pods.iter().filter(|p| !is_deleting(*p)) {
-        // Pods own nothing: no need to hold them for dependents.
-        let mut req = foreground(p.name());
-        req.propagation_policy.clear();
-        match ctx.client.delete::<Pod>(&req).await {
-            Ok(_) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e),
-        }
-    }
-    for r in sets.iter().filter(|r| !is_deleting(*r)) {
-        match ctx.client.delete::<ReplicaSet>(&foreground(r.name())).await {
-            Ok(_) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e),
-        }
     }
     // Each dependent's deletion queues the owner again; look again anyway in a while.
     Ok(Some(Duration::from_secs(2)))

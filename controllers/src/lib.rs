@@ -16,12 +16,15 @@
 //! - [`namespace`]: a terminating namespace is emptied, then removed.
 //! - [`quota`]: ResourceQuotas' usage recounted, so deletions give their share back;
 //! - [`job`]: a Job's pods run to `completions`, within `parallelism`, `backoffLimit` and
-//!   `activeDeadlineSeconds`; finished Jobs go after `ttlSecondsAfterFinished`.
+//!   `activeDeadlineSeconds`; finished Jobs go after `ttlSecondsAfterFinished`;
+//! - [`cronjob`]: a CronJob's Jobs start on its schedule, within its concurrency policy
+//!   and starting deadline; finished ones past the history limits are deleted.
 //!
 //! [`runtime`] is the shape new controllers take (a [`runtime::Controller`] registered in
 //! [`controllers`] with the kinds it owns, reading and writing through [`runtime::Api`], unit
 //! tested on [`fake::FakeApi`]); the controllers above it in this list predate it.
 
+pub mod cronjob;
 pub mod deployment;
 pub mod endpoints;
 pub mod fake;
@@ -42,8 +45,8 @@ use std::time::Duration;
 use flotilla_client::Client;
 use flotilla_client::informer::{Change, Filter, Informer};
 use flotilla_proto::api::{
-    Deployment, Endpoints, Job, Lease, Namespace, Node, Pod, ReplicaSet, Resource, ResourceQuota,
-    Service,
+    CronJob, Deployment, Endpoints, Job, Lease, Namespace, Node, Pod, ReplicaSet, Resource,
+    ResourceQuota, Service,
 };
 use tokio::sync::watch;
 
@@ -55,6 +58,9 @@ pub fn controllers(subs: &mut Subscribers) -> Vec<Box<dyn Running>> {
     vec![
         For::new(job::JobController::default())
             .owns::<Pod>()
+            .register(subs),
+        For::new(cronjob::CronJobController)
+            .owns::<Job>()
             .register(subs),
     ]
 }
@@ -91,54 +97,47 @@ pub struct Stats {
     pub queue_depth: AtomicU64,
 }
 
-/// The informers every controller reads from.
-pub struct Informers {
-    pub pods: Informer<Pod>,
-    pub replica_sets: Informer<ReplicaSet>,
-    pub deployments: Informer<Deployment>,
-    pub nodes: Informer<Node>,
-    pub leases: Informer<Lease>,
-    pub services: Informer<Service>,
-    pub endpoints: Informer<Endpoints>,
-    pub namespaces: Informer<Namespace>,
-    pub quotas: Informer<ResourceQuota>,
-    pub jobs: Informer<Job>,
-}
+/// Declares [`Informers`] from one list of its fields and their kinds.
+macro_rules! informers {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        /// The informers every controller reads from.
+        pub struct Informers {
+            $(pub $field: Informer<$ty>,)*
+        }
 
-impl Informers {
-    /// The informer of kind `K`, if one runs.
-    pub fn of<K: Resource>(&self) -> Option<&Informer<K>> {
-        use std::any::Any;
-        macro_rules! find {
-            ($($field:ident),*) => {
+        impl Informers {
+            /// The informer of kind `K`, if one runs.
+            pub fn of<K: Resource>(&self) -> Option<&Informer<K>> {
+                use std::any::Any;
                 $(if let Some(i) = (&self.$field as &dyn Any).downcast_ref::<Informer<K>>() {
                     return Some(i);
                 })*
-            };
-        }
-        find!(
-            pods,
-            replica_sets,
-            deployments,
-            nodes,
-            leases,
-            services,
-            endpoints,
-            namespaces,
-            quotas,
-            jobs
-        );
-        None
-    }
+                None
+            }
 
-    fn has(&self, kind: &str) -> bool {
-        macro_rules! any {
-            ($($field:ident: $ty:ty),*) => { false $(|| kind == <$ty>::KIND)* };
+            fn has(&self, kind: &str) -> bool {
+                false $(|| kind == <$ty>::KIND)*
+            }
+
+            async fn wait_synced(&self) {
+                $(self.$field.wait_synced().await;)*
+            }
         }
-        any!(pods: Pod, replica_sets: ReplicaSet, deployments: Deployment, nodes: Node,
-            leases: Lease, services: Service, endpoints: Endpoints, namespaces: Namespace,
-            quotas: ResourceQuota, jobs: Job)
-    }
+    };
+}
+
+informers! {
+    pods: Pod,
+    replica_sets: ReplicaSet,
+    deployments: Deployment,
+    nodes: Node,
+    leases: Lease,
+    services: Service,
+    endpoints: Endpoints,
+    namespaces: Namespace,
+    quotas: ResourceQuota,
+    jobs: Job,
+    cron_jobs: CronJob,
 }
 
 /// What the controllers share: the client, the informers, their queues.
@@ -255,6 +254,11 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
         ),
         jobs: start(&ctx, client.clone(), all(), |ctx, c: &Change<Job>| {
             gc::on_owner(ctx, c);
+            gc::on_dependent(ctx, c);
+            quota::on_counted(ctx, c);
+        }),
+        cron_jobs: start(&ctx, client.clone(), all(), |ctx, c: &Change<CronJob>| {
+            gc::on_owner(ctx, c);
             quota::on_counted(ctx, c);
         }),
     };
@@ -271,19 +275,7 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
         return;
     }
     let mut stopped = stop.clone();
-    let synced = async {
-        let i = ctx.informers();
-        i.pods.wait_synced().await;
-        i.replica_sets.wait_synced().await;
-        i.deployments.wait_synced().await;
-        i.nodes.wait_synced().await;
-        i.leases.wait_synced().await;
-        i.services.wait_synced().await;
-        i.endpoints.wait_synced().await;
-        i.namespaces.wait_synced().await;
-        i.quotas.wait_synced().await;
-        i.jobs.wait_synced().await;
-    };
+    let synced = ctx.informers().wait_synced();
     tokio::select! {
         _ = synced => {}
         _ = async { stopped.wait_for(|s| *s).await.map(|_| ()) } => return,
@@ -433,6 +425,9 @@ fn resync(ctx: &Ctx, live: &Live) {
     let i = ctx.informers();
     for j in i.jobs.list() {
         ctx.gc.add(gc::key(Job::KIND, &util::key_of(&j)));
+    }
+    for j in i.cron_jobs.list() {
+        ctx.gc.add(gc::key(CronJob::KIND, &util::key_of(&j)));
     }
     for rs in i.replica_sets.list() {
         ctx.replicaset.queue.add(util::key_of(&rs));

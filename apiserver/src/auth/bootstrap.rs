@@ -75,7 +75,11 @@ fn view() -> Vec<PolicyRule> {
             ],
             READ,
         ),
-        rule(&["batch"], &["jobs", "jobs/status"], READ),
+        rule(
+            &["batch"],
+            &["jobs", "jobs/status", "cronjobs", "cronjobs/status"],
+            READ,
+        ),
     ]
 }
 
@@ -98,7 +102,7 @@ fn edit() -> Vec<PolicyRule> {
         ],
         WRITE,
     ));
-    rules.push(rule(&["batch"], &["jobs"], WRITE));
+    rules.push(rule(&["batch"], &["jobs", "cronjobs"], WRITE));
     rules
 }
 
