@@ -31,6 +31,8 @@ const INT_OR_STRING: &[&str] = &[
     "ServicePort.target_port",
     "RollingUpdateDeployment.max_surge",
     "RollingUpdateDeployment.max_unavailable",
+    "RollingUpdateDaemonSet.max_surge",
+    "RollingUpdateDaemonSet.max_unavailable",
 ];
 
 /// Maps of quantities, where Kubernetes accepts `cpu: 1` as well as `cpu: "1"`.

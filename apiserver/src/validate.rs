@@ -989,6 +989,89 @@ impl Kind for Deployment {
     }
 }
 
+impl Kind for DaemonSet {
+    fn apply_defaults(&mut self) {
+        let spec = self.spec.get_or_insert_default();
+        spec.revision_history_limit.get_or_insert(10);
+        let strategy = spec.update_strategy.get_or_insert_default();
+        if strategy.r#type.is_empty() {
+            strategy.r#type = "RollingUpdate".into();
+        }
+        if strategy.r#type == "RollingUpdate" {
+            let ru = strategy.rolling_update.get_or_insert_default();
+            if ru.max_unavailable.is_empty() {
+                ru.max_unavailable = "1".into();
+            }
+            if ru.max_surge.is_empty() {
+                ru.max_surge = "0".into();
+            }
+        }
+        default_template(&mut spec.template);
+    }
+    fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(status) = &self.status {
+            validate_conditions(
+                status
+                    .conditions
+                    .iter()
+                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
+                "status.conditions",
+                errs,
+            );
+        }
+        let Some(spec) = &self.spec else {
+            errs.add("spec", "required");
+            return;
+        };
+        non_negative(spec.min_ready_seconds.into(), "spec.minReadySeconds", errs);
+        if let Some(r) = spec.revision_history_limit {
+            non_negative(r.into(), "spec.revisionHistoryLimit", errs);
+        }
+        if let Some(strategy) = &spec.update_strategy {
+            one_of(
+                &strategy.r#type,
+                &["RollingUpdate", "OnDelete"],
+                "spec.updateStrategy.type",
+                errs,
+            );
+            if let Some(ru) = &strategy.rolling_update {
+                let at = "spec.updateStrategy.rollingUpdate";
+                if strategy.r#type == "OnDelete" {
+                    errs.add(at, "may not be specified when strategy type is OnDelete");
+                }
+                validate_int_or_percent(&ru.max_unavailable, &format!("{at}.maxUnavailable"), errs);
+                if ru.max_unavailable == "0" || ru.max_unavailable == "0%" {
+                    errs.add(
+                        format!("{at}.maxUnavailable"),
+                        "may not be 0 when maxSurge is 0",
+                    );
+                }
+                if !ru.max_surge.is_empty() && ru.max_surge != "0" && ru.max_surge != "0%" {
+                    errs.add(
+                        format!("{at}.maxSurge"),
+                        format!("unsupported value {:?}: only 0 is served (a node's old pod goes before its new one starts)", ru.max_surge),
+                    );
+                }
+            }
+        }
+        if let Some(pod) = spec.template.as_ref().and_then(|t| t.spec.as_ref()) {
+            one_of(
+                &pod.restart_policy,
+                &["Always"],
+                "spec.template.spec.restartPolicy",
+                errs,
+            );
+        }
+        validate_selector_and_template(spec.selector.as_ref(), spec.template.as_ref(), true, errs);
+    }
+    fn validate_update(&self, old: &Self, errs: &mut FieldErrors) {
+        let sel = |o: &Self| o.spec.as_ref().and_then(|s| s.selector.clone());
+        if sel(self) != sel(old) {
+            errs.add("spec.selector", "field is immutable");
+        }
+    }
+}
+
 // ------------------------------------------------------------------- jobs
 
 impl Kind for Job {

@@ -1310,3 +1310,85 @@ async fn every_example_manifest_is_accepted() {
         }
     }
 }
+
+#[tokio::test]
+async fn daemonsets_are_defaulted_and_checked_as_kubernetes_does() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let ds = |name: &str, spec: serde_json::Value| -> DaemonSet {
+        let mut full = json!({
+            "selector": {"matchLabels": {"app": "d"}},
+            "template": {"metadata": {"labels": {"app": "d"}},
+                         "spec": {"containers": [{"name": "c", "image": "i"}]}}
+        });
+        if let (Some(f), Some(extra)) = (full.as_object_mut(), spec.as_object()) {
+            f.extend(extra.clone());
+        }
+        from_value(json!({
+            "apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": name}, "spec": full,
+        }))
+        .unwrap()
+    };
+    let made = c.create(&ds("logs", json!({}))).await.unwrap();
+    let strategy = made.spec.unwrap().update_strategy.unwrap();
+    assert_eq!(strategy.r#type, "RollingUpdate");
+    let ru = strategy.rolling_update.unwrap();
+    assert_eq!(
+        (ru.max_unavailable.as_str(), ru.max_surge.as_str()),
+        ("1", "0")
+    );
+
+    for (name, spec, want) in [
+        (
+            "never",
+            json!({"template": {"metadata": {"labels": {"app": "d"}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "i"}]}}}),
+            "spec.template.spec.restartPolicy: unsupported value \"Never\"",
+        ),
+        (
+            "surge",
+            json!({"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1}}}),
+            "spec.updateStrategy.rollingUpdate.maxSurge: unsupported value \"1\"",
+        ),
+        (
+            "zero",
+            json!({"updateStrategy": {"rollingUpdate": {"maxUnavailable": "0%"}}}),
+            "spec.updateStrategy.rollingUpdate.maxUnavailable: may not be 0",
+        ),
+        (
+            "ondelete",
+            json!({"updateStrategy": {"type": "OnDelete", "rollingUpdate": {"maxUnavailable": 2}}}),
+            "spec.updateStrategy.rollingUpdate: may not be specified when strategy type is OnDelete",
+        ),
+        (
+            "strategy",
+            json!({"updateStrategy": {"type": "Sometimes"}}),
+            "spec.updateStrategy.type: unsupported value \"Sometimes\"",
+        ),
+        (
+            "unselected",
+            json!({"selector": {"matchLabels": {"app": "other"}}}),
+            "does not match the selector",
+        ),
+    ] {
+        let e = c.create(&ds(name, spec)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}: {e}");
+        assert!(e.status.message().contains(want), "{name}: {want} in {e}");
+    }
+    let e = c
+        .patch::<DaemonSet>(
+            "default",
+            "logs",
+            &json!({"spec": {"selector": {"matchLabels": {"app": "x"}},
+                "template": {"metadata": {"labels": {"app": "x"}}}}}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.status
+            .message()
+            .contains("spec.selector: field is immutable"),
+        "{e}"
+    );
+}

@@ -185,6 +185,50 @@ impl Columns for ReplicaSet {
     }
 }
 
+impl Columns for DaemonSet {
+    fn headers(wide: bool) -> Vec<&'static str> {
+        let mut h = vec![
+            "NAME",
+            "DESIRED",
+            "CURRENT",
+            "READY",
+            "UP-TO-DATE",
+            "AVAILABLE",
+            "NODE SELECTOR",
+            "AGE",
+        ];
+        if wide {
+            h.extend(["CONTAINERS", "IMAGES", "SELECTOR"]);
+        }
+        h
+    }
+    fn row(&self, wide: bool, now: SystemTime) -> Vec<String> {
+        let spec = self.spec.clone().unwrap_or_default();
+        let status = self.status.clone().unwrap_or_default();
+        let node_selector = spec
+            .template
+            .as_ref()
+            .and_then(|t| t.spec.as_ref())
+            .map(|s| labels(&s.node_selector))
+            .unwrap_or_else(|| "<none>".into());
+        let mut r = vec![
+            self.name().to_string(),
+            status.desired_number_scheduled.to_string(),
+            status.current_number_scheduled.to_string(),
+            status.number_ready.to_string(),
+            status.updated_number_scheduled.to_string(),
+            status.number_available.to_string(),
+            node_selector,
+            created(self.metadata.as_ref(), now),
+        ];
+        if wide {
+            let (c, i) = containers_and_images(spec.template.as_ref());
+            r.extend([c, i, selector(spec.selector.as_ref())]);
+        }
+        r
+    }
+}
+
 impl Columns for Job {
     fn headers(wide: bool) -> Vec<&'static str> {
         let mut h = vec!["NAME", "STATUS", "COMPLETIONS", "DURATION", "AGE"];

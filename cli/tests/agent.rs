@@ -1249,3 +1249,150 @@ spec:
         .await;
     });
 }
+
+/// A fake-runtime agent keeping `nodes` nodes (`NAME-0000`, …; 0: one node, `NAME`);
+/// killed when dropped.
+struct FakeAgent(Child);
+
+impl FakeAgent {
+    fn start(cluster: &Cluster, dir: &Path, name: &str, nodes: usize) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args([
+                "agent",
+                "--servers",
+                &cluster.endpoints(),
+                "--node-name",
+                name,
+            ])
+            .args(["--runtime", "fake", "--lease-interval", "1s"])
+            .args(["--simulate-nodes", &nodes.to_string()])
+            .arg("--data-dir")
+            .arg(dir.join(name))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("flotilla agent starts");
+        Self(child)
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A DaemonSet through the command line: a pod on every node, on a node that joins later
+/// too, and a rolling update that replaces every pod.
+#[test]
+fn a_daemonset_runs_on_every_node_including_one_that_joins_later() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _two = FakeAgent::start(&cluster, dir.path(), "sim", 2);
+    let manifest = |image: &str| {
+        let path = dir.path().join("ds.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: logger
+spec:
+  selector:
+    matchLabels: {{app: logger}}
+  template:
+    metadata:
+      labels: {{app: logger}}
+    spec:
+      containers:
+      - name: main
+        image: {image}
+"
+            ),
+        )
+        .unwrap();
+        let out = flotilla(&cluster, &["apply", "-f", &path.to_string_lossy()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(manifest("logger:1"), "daemonset.apps/logger created\n");
+    runtime().block_on(async {
+        let c = client(&cluster);
+        // Node → image of its running pods.
+        let placement = || async {
+            let (pods, _) = c
+                .list::<Pod>(&ListRequest {
+                    namespace: "default".into(),
+                    label_selector: "app=logger".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            let mut out = std::collections::BTreeMap::<String, Vec<String>>::new();
+            for p in pods {
+                let spec = p.spec.clone().unwrap_or_default();
+                let running = p.status.as_ref().is_some_and(|s| s.phase == "Running");
+                if running
+                    && p.metadata
+                        .as_ref()
+                        .is_some_and(|m| m.deletion_timestamp.is_empty())
+                {
+                    out.entry(spec.node_name.clone())
+                        .or_default()
+                        .push(spec.containers[0].image.clone());
+                }
+            }
+            Some(out)
+        };
+        let want = |nodes: &[&str], image: &str| {
+            nodes
+                .iter()
+                .map(|n| (n.to_string(), vec![image.to_string()]))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        until("a pod on each node", || async {
+            (placement().await? == want(&["sim-0000", "sim-0001"], "logger:1")).then_some(())
+        })
+        .await;
+
+        let _late = FakeAgent::start(&cluster, dir.path(), "late", 0);
+        until("a pod on the node that joined", || async {
+            (placement().await? == want(&["late", "sim-0000", "sim-0001"], "logger:1"))
+                .then_some(())
+        })
+        .await;
+        until("the status counting three", || async {
+            let ds = c.get::<DaemonSet>("default", "logger").await.ok()?;
+            let s = ds.status?;
+            (s.desired_number_scheduled == 3 && s.number_available == 3).then_some(())
+        })
+        .await;
+        let out = flotilla(&cluster, &["get", "daemonsets"]);
+        let table = String::from_utf8_lossy(&out.stdout).to_string();
+        let row: Vec<&str> = table
+            .lines()
+            .find(|l| l.starts_with("logger"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            row.get(..6),
+            Some(&["logger", "3", "3", "3", "3", "3"][..]),
+            "{table}"
+        );
+
+        // A new template replaces every pod, one node at a time.
+        assert_eq!(manifest("logger:2"), "daemonset.apps/logger configured\n");
+        until("every pod replaced", || async {
+            (placement().await? == want(&["late", "sim-0000", "sim-0001"], "logger:2"))
+                .then_some(())
+        })
+        .await;
+    });
+}

@@ -8,7 +8,7 @@
 //! - *orphan*: the owner's reference is removed from every dependent, then the owner goes
 //!   (the `orphan` finalizer).
 //!
-//! Owners followed: Deployments, ReplicaSets, Jobs, CronJobs, Pods (`with_collected!`);
+//! Owners followed: Deployments, ReplicaSets, DaemonSets, Jobs, CronJobs, Pods (`with_collected!`);
 //! dependents: Pods, ReplicaSets, Jobs (`for_each_dependent_kind!`).
 //!
 //! An owner is judged gone only after the API (not the cache, which may lag) says so.
@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use flotilla_client::ClientError;
 use flotilla_client::informer::Change;
-use flotilla_proto::api::{CronJob, DeleteRequest, Deployment, Job, Pod, ReplicaSet, Resource};
+use flotilla_proto::api::{
+    CronJob, DaemonSet, DeleteRequest, Deployment, Job, Pod, ReplicaSet, Resource,
+};
 
 use crate::queue::Requeue;
 use crate::util::{is_deleting, key_of, split_key, uid_of};
@@ -56,6 +58,10 @@ macro_rules! with_collected {
                 type $k = CronJob;
                 $body
             }
+            "DaemonSet" => {
+                type $k = DaemonSet;
+                $body
+            }
             _ => $other,
         }
     };
@@ -84,6 +90,11 @@ impl Collected for Deployment {
 impl Collected for Job {
     fn informer(i: &Informers) -> &flotilla_client::informer::Informer<Self> {
         &i.jobs
+    }
+}
+impl Collected for DaemonSet {
+    fn informer(i: &Informers) -> &flotilla_client::informer::Informer<Self> {
+        &i.daemon_sets
     }
 }
 impl Collected for CronJob {

@@ -18,13 +18,16 @@
 //! - [`job`]: a Job's pods run to `completions`, within `parallelism`, `backoffLimit` and
 //!   `activeDeadlineSeconds`; finished Jobs go after `ttlSecondsAfterFinished`;
 //! - [`cronjob`]: a CronJob's Jobs start on its schedule, within its concurrency policy
-//!   and starting deadline; finished ones past the history limits are deleted.
+//!   and starting deadline; finished ones past the history limits are deleted;
+//! - [`daemonset`]: one pod per eligible node, following nodes that join and leave, with
+//!   rolling updates.
 //!
 //! [`runtime`] is the shape new controllers take (a [`runtime::Controller`] registered in
 //! [`controllers`] with the kinds it owns, reading and writing through [`runtime::Api`], unit
 //! tested on [`fake::FakeApi`]); the controllers above it in this list predate it.
 
 pub mod cronjob;
+pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod fake;
@@ -45,8 +48,8 @@ use std::time::Duration;
 use flotilla_client::Client;
 use flotilla_client::informer::{Change, Filter, Informer};
 use flotilla_proto::api::{
-    CronJob, Deployment, Endpoints, Job, Lease, Namespace, Node, Pod, ReplicaSet, Resource,
-    ResourceQuota, Service,
+    CronJob, DaemonSet, Deployment, Endpoints, Job, Lease, Namespace, Node, Pod, ReplicaSet,
+    Resource, ResourceQuota, Service,
 };
 use tokio::sync::watch;
 
@@ -61,6 +64,10 @@ pub fn controllers(subs: &mut Subscribers) -> Vec<Box<dyn Running>> {
             .register(subs),
         For::new(cronjob::CronJobController)
             .owns::<Job>()
+            .register(subs),
+        For::new(daemonset::DaemonSetController::default())
+            .owns::<Pod>()
+            .watches_all::<Node>(daemonset::node_changed)
             .register(subs),
     ]
 }
@@ -138,6 +145,7 @@ informers! {
     quotas: ResourceQuota,
     jobs: Job,
     cron_jobs: CronJob,
+    daemon_sets: DaemonSet,
 }
 
 /// What the controllers share: the client, the informers, their queues.
@@ -258,6 +266,10 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
             quota::on_counted(ctx, c);
         }),
         cron_jobs: start(&ctx, client.clone(), all(), |ctx, c: &Change<CronJob>| {
+            gc::on_owner(ctx, c);
+            quota::on_counted(ctx, c);
+        }),
+        daemon_sets: start(&ctx, client.clone(), all(), |ctx, c: &Change<DaemonSet>| {
             gc::on_owner(ctx, c);
             quota::on_counted(ctx, c);
         }),
@@ -429,6 +441,9 @@ fn resync(ctx: &Ctx, live: &Live) {
     for j in i.cron_jobs.list() {
         ctx.gc.add(gc::key(CronJob::KIND, &util::key_of(&j)));
     }
+    for d in i.daemon_sets.list() {
+        ctx.gc.add(gc::key(DaemonSet::KIND, &util::key_of(&d)));
+    }
     for rs in i.replica_sets.list() {
         ctx.replicaset.queue.add(util::key_of(&rs));
         ctx.gc.add(gc::key("ReplicaSet", &util::key_of(&rs)));
@@ -472,6 +487,6 @@ fn start<K: flotilla_proto::api::Resource>(
     let ctx = ctx.clone();
     Informer::start(client, filter, move |c| {
         handler(&ctx, &c);
-        ctx.subscribers.notify(&c);
+        ctx.subscribers.notify(&c, ctx.try_informers());
     })
 }

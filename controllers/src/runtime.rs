@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::queue::{self, Requeue, WorkQueue};
 use crate::util::{controller_of, key_of, record_event};
-use crate::{Ctx, Stats};
+use crate::{Ctx, Informers, Stats};
 
 /// What a reconciler reads (from a cache that may lag the store a little) and writes.
 pub trait Api: Send + Sync + 'static {
@@ -75,7 +75,8 @@ pub trait Controller: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Requeue, ClientError>> + Send;
 }
 
-type Handler<K> = Arc<dyn Fn(&Change<K>) + Send + Sync>;
+/// A subscriber of one kind's changes; it also sees the informers, once they run.
+type Handler<K> = Arc<dyn Fn(&Change<K>, Option<&Informers>) + Send + Sync>;
 
 /// Who hears each kind's changes, besides the fixed handlers in `lib.rs`: filled while
 /// controllers register, read by the informers.
@@ -94,7 +95,7 @@ impl Subscribers {
             .push(handler);
     }
 
-    pub fn notify<K: Resource>(&self, change: &Change<K>) {
+    pub fn notify<K: Resource>(&self, change: &Change<K>, informers: Option<&Informers>) {
         let Some(handlers) = self
             .by_kind
             .get(&TypeId::of::<K>())
@@ -103,7 +104,7 @@ impl Subscribers {
             return;
         };
         for h in handlers {
-            h(change);
+            h(change, informers);
         }
     }
 }
@@ -124,11 +125,13 @@ impl<C: Controller> For<C> {
     pub fn new(controller: C) -> Self {
         let watch = |subs: &mut Subscribers, queue: &Arc<WorkQueue>| {
             let queue = queue.clone();
-            subs.add::<C::Kind>(Arc::new(move |change: &Change<C::Kind>| {
-                let (Change::Added(o) | Change::Updated { new: o, .. } | Change::Deleted(o)) =
-                    change;
-                queue.add(key_of(o));
-            }));
+            subs.add::<C::Kind>(Arc::new(
+                move |change: &Change<C::Kind>, _: Option<&Informers>| {
+                    let (Change::Added(o) | Change::Updated { new: o, .. } | Change::Deleted(o)) =
+                        change;
+                    queue.add(key_of(o));
+                },
+            ));
         };
         Self {
             controller,
@@ -142,26 +145,49 @@ impl<C: Controller> For<C> {
     pub fn owns<O: Resource>(mut self) -> Self {
         let watch = |subs: &mut Subscribers, queue: &Arc<WorkQueue>| {
             let queue = queue.clone();
-            subs.add::<O>(Arc::new(move |change: &Change<O>| {
-                let owner = |o: &O| {
-                    controller_of(o.metadata())
-                        .filter(|r| r.kind == C::Kind::KIND)
-                        .map(|r| format!("{}/{}", o.namespace(), r.name))
-                };
-                match change {
-                    Change::Updated { old, new } => {
-                        // A changed controller reference queues the old owner too.
-                        for k in [owner(old), owner(new)].into_iter().flatten() {
-                            queue.add(k);
+            subs.add::<O>(Arc::new(
+                move |change: &Change<O>, _: Option<&Informers>| {
+                    let owner = |o: &O| {
+                        controller_of(o.metadata())
+                            .filter(|r| r.kind == C::Kind::KIND)
+                            .map(|r| format!("{}/{}", o.namespace(), r.name))
+                    };
+                    match change {
+                        Change::Updated { old, new } => {
+                            // A changed controller reference queues the old owner too.
+                            for k in [owner(old), owner(new)].into_iter().flatten() {
+                                queue.add(k);
+                            }
+                        }
+                        Change::Added(o) | Change::Deleted(o) => {
+                            if let Some(k) = owner(o) {
+                                queue.add(k);
+                            }
                         }
                     }
-                    Change::Added(o) | Change::Deleted(o) => {
-                        if let Some(k) = owner(o) {
-                            queue.add(k);
-                        }
+                },
+            ));
+        };
+        self.watches.push(Box::new(watch));
+        self.kinds.push(O::KIND);
+        self
+    }
+
+    /// Also queued, every object of its kind, by the changes of `O`s that `relevant` picks
+    /// (a DaemonSet looks at every node that joins, leaves or changes its labels).
+    pub fn watches_all<O: Resource>(mut self, relevant: fn(&Change<O>) -> bool) -> Self {
+        let watch = move |subs: &mut Subscribers, queue: &Arc<WorkQueue>| {
+            let queue = queue.clone();
+            subs.add::<O>(Arc::new(
+                move |change: &Change<O>, informers: Option<&Informers>| {
+                    if !relevant(change) {
+                        return;
                     }
-                }
-            }));
+                    if let Some(i) = informers.and_then(|i| i.of::<C::Kind>()) {
+                        i.with_cache(|c| c.values().for_each(|o| queue.add(key_of(o))));
+                    }
+                },
+            ));
         };
         self.watches.push(Box::new(watch));
         self.kinds.push(O::KIND);

@@ -57,6 +57,24 @@ pub fn filter(pod: &PodInfo, node: &NodeInfo, reasons: &mut Vec<Reason>) -> bool
     reasons.is_empty()
 }
 
+/// Whether a DaemonSet's pod belongs on `node` (Kubernetes' `NodeShouldRunDaemonPod`): its
+/// nodeSelector and required node affinity match, and it tolerates the node's NoSchedule
+/// and NoExecute taints. Readiness, cordoning and free resources do not count.
+pub fn node_should_run(pod: &flotilla_proto::api::Pod, node: &flotilla_proto::api::Node) -> bool {
+    let info = PodInfo::new(pod);
+    let labels = node
+        .metadata
+        .as_ref()
+        .map(|m| m.labels.clone())
+        .unwrap_or_default();
+    let taints = node
+        .spec
+        .as_ref()
+        .map(|s| s.taints.as_slice())
+        .unwrap_or_default();
+    matches_node_selector(&info, &labels) && tolerates_taints(&info.tolerations, taints)
+}
+
 /// Kubernetes lets a pod that tolerates the `unschedulable` taint onto a cordoned node.
 fn tolerates_unschedulable(tolerations: &[Toleration]) -> bool {
     let taint = Taint {

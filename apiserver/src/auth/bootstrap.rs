@@ -72,6 +72,8 @@ fn view() -> Vec<PolicyRule> {
                 "replicasets",
                 "replicasets/status",
                 "replicasets/scale",
+                "daemonsets",
+                "daemonsets/status",
             ],
             READ,
         ),
@@ -99,6 +101,7 @@ fn edit() -> Vec<PolicyRule> {
             "deployments/scale",
             "replicasets",
             "replicasets/scale",
+            "daemonsets",
         ],
         WRITE,
     ));
