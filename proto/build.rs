@@ -17,6 +17,7 @@ const PROTOS: &[&str] = &[
     "flotilla/api/v1/apps.proto",
     "flotilla/api/v1/rbac.proto",
     "flotilla/api/v1/batch.proto",
+    "flotilla/api/v1/policy.proto",
     "flotilla/api/v1/services.proto",
     "flotilla/agent/v1/agent.proto",
 ];
@@ -33,6 +34,8 @@ const INT_OR_STRING: &[&str] = &[
     "RollingUpdateDeployment.max_unavailable",
     "RollingUpdateDaemonSet.max_surge",
     "RollingUpdateDaemonSet.max_unavailable",
+    "PodDisruptionBudgetSpec.min_available",
+    "PodDisruptionBudgetSpec.max_unavailable",
 ];
 
 /// Maps of quantities, where Kubernetes accepts `cpu: 1` as well as `cpu: "1"`.

@@ -49,6 +49,10 @@ pub enum ApiError {
     /// Something the request needs (a node's agent) cannot be reached now.
     #[error("{0}")]
     Unavailable(String),
+    /// Refused for now by the cluster's own rules (Kubernetes' 429 without Retry-After): an
+    /// eviction a PodDisruptionBudget forbids.
+    #[error("{0}")]
+    TooManyRequests(String),
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -81,6 +85,7 @@ impl ApiError {
             ApiError::Expired(_) => Code::OutOfRange,
             ApiError::Internal(_) => Code::Internal,
             ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::TooManyRequests(_) => Code::ResourceExhausted,
             ApiError::Store(e) => match e {
                 StoreError::Mvcc(MvccError::Compacted { .. }) => Code::OutOfRange,
                 StoreError::Mvcc(MvccError::FutureRevision { .. }) => Code::OutOfRange,

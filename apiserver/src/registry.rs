@@ -809,6 +809,102 @@ impl Api {
         .await
     }
 
+    /// Evicts a pod (Kubernetes' eviction subresource): deletes it unless the one
+    /// PodDisruptionBudget that selects it allows no disruption now. A pod that is not
+    /// running (pending, finished, already going) needs no budget; nor does a pod that is
+    /// not ready under a budget whose `unhealthyPodEvictionPolicy` is `AlwaysAllow`. An
+    /// allowed eviction first takes one disruption from the budget's status (written only
+    /// if the budget is as read), then deletes the pod.
+    pub async fn evict(&self, eviction: Eviction) -> ApiResult<Pod> {
+        let meta = eviction.metadata.clone().unwrap_or_default();
+        let ns = effective_namespace::<Pod>(&meta.namespace);
+        if meta.name.is_empty() {
+            return Err(ApiError::invalid(
+                "metadata.name",
+                "required: the pod to evict",
+            ));
+        }
+        let options = eviction.delete_options.clone().unwrap_or_default();
+        let delete = DeleteRequest {
+            namespace: ns.clone(),
+            name: meta.name.clone(),
+            grace_period_seconds: options.grace_period_seconds,
+            preconditions: options.preconditions.clone(),
+            ..Default::default()
+        };
+        for attempt in 0..MAX_ATTEMPTS {
+            let pod = self.must_read::<Pod>(&ns, &meta.name).await?.object;
+            let phase = pod.status.as_ref().map(|s| s.phase.as_str()).unwrap_or("");
+            let going = pod
+                .metadata
+                .as_ref()
+                .is_some_and(|m| !m.deletion_timestamp.is_empty());
+            if going || matches!(phase, "" | "Pending" | "Succeeded" | "Failed") {
+                return self.delete::<Pod>(delete).await;
+            }
+            let labels = pod
+                .metadata
+                .as_ref()
+                .map(|m| m.labels.clone())
+                .unwrap_or_default();
+            let (budgets, _) = self
+                .list::<PodDisruptionBudget>(&ListRequest {
+                    namespace: ns.clone(),
+                    ..Default::default()
+                })
+                .await?;
+            let mut matching: Vec<PodDisruptionBudget> = budgets
+                .into_iter()
+                .filter(|b| budget_selects(b, &labels))
+                .collect();
+            let budget = match matching.len() {
+                0 => return self.delete::<Pod>(delete).await,
+                1 => matching.remove(0),
+                _ => {
+                    return Err(ApiError::Internal(
+                        "This pod has more than one PodDisruptionBudget, which the eviction \
+                         subresource does not support."
+                            .into(),
+                    ));
+                }
+            };
+            let ready = pod.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.r#type == "Ready" && c.status == "True")
+            });
+            let spec = budget.spec.clone().unwrap_or_default();
+            if !ready && spec.unhealthy_pod_eviction_policy == "AlwaysAllow" {
+                return self.delete::<Pod>(delete).await;
+            }
+            let mut status = budget.status.clone().unwrap_or_default();
+            let generation = budget.metadata.as_ref().map(|m| m.generation).unwrap_or(0);
+            if status.observed_generation < generation || status.disruptions_allowed <= 0 {
+                return Err(ApiError::TooManyRequests(format!(
+                    "Cannot evict pod as it would violate the pod's disruption budget. The \
+                     disruption budget {} needs {} healthy pods and has {} currently",
+                    budget.name(),
+                    status.desired_healthy,
+                    status.current_healthy
+                )));
+            }
+            status.disruptions_allowed -= 1;
+            status.disrupted_pods.insert(meta.name.clone(), time::now());
+            let mut taken = budget.clone();
+            taken.status = Some(status);
+            match self.update_status(taken).await {
+                Ok(_) => return self.delete::<Pod>(delete).await,
+                // The budget changed since it was read: judge again on the new one.
+                Err(ApiError::Conflict { .. } | ApiError::Race { .. })
+                    if attempt + 1 < MAX_ATTEMPTS => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ApiError::TooManyRequests(
+            "the disruption budget kept changing; try the eviction again".into(),
+        ))
+    }
+
     // -------------------------------------------------------------------- list
 
     pub async fn list<K: Kind>(&self, req: &ListRequest) -> ApiResult<(Vec<K>, ListMeta)> {
@@ -1123,6 +1219,23 @@ impl<K: Resource> ClearClusterIp for K {
             }
         }
     }
+}
+
+/// Whether a PodDisruptionBudget selects pods with `labels` (an empty selector selects
+/// every pod of its namespace; none, no pod).
+fn budget_selects(
+    budget: &PodDisruptionBudget,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    let Some(s) = budget.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
+        return false;
+    };
+    let expressions: Vec<(String, String, Vec<String>)> = s
+        .match_expressions
+        .iter()
+        .map(|e| (e.key.clone(), e.operator.clone(), e.values.clone()))
+        .collect();
+    LabelSelector::from_parts(&s.match_labels, &expressions).is_ok_and(|sel| sel.matches(labels))
 }
 
 #[cfg(test)]

@@ -173,6 +173,14 @@ macro_rules! service_of {
                 let attrs = Attributes::new::<Pod>("create", &ns, &meta.name).subresource("binding");
                 self.serve(ctx, attrs, Api::bind(self, b)).await
             }
+            async fn evict(&self, r: Request<Eviction>) -> Reply<Pod> {
+                let ctx = Ctx::of(&r)?;
+                let e = r.into_inner();
+                let meta = e.metadata.clone().unwrap_or_default();
+                let ns = effective_namespace::<Pod>(&meta.namespace);
+                let attrs = Attributes::new::<Pod>("create", &ns, &meta.name).subresource("eviction");
+                self.serve(ctx, attrs, Api::evict(self, e)).await
+            }
             type LogsStream = crate::logs::LogStream;
             async fn logs(&self, r: Request<PodLogsRequest>) -> Reply<Self::LogsStream> {
                 let ctx = Ctx::of(&r)?;

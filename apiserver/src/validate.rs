@@ -1034,19 +1034,26 @@ impl Kind for DaemonSet {
                 "spec.updateStrategy.type",
                 errs,
             );
+            // Kubernetes keeps (and ignores) rollingUpdate under OnDelete.
             if let Some(ru) = &strategy.rolling_update {
                 let at = "spec.updateStrategy.rollingUpdate";
-                if strategy.r#type == "OnDelete" {
-                    errs.add(at, "may not be specified when strategy type is OnDelete");
-                }
+                let value = |v: &str| v.strip_suffix('%').unwrap_or(v).parse::<u32>().ok();
                 validate_int_or_percent(&ru.max_unavailable, &format!("{at}.maxUnavailable"), errs);
-                if ru.max_unavailable == "0" || ru.max_unavailable == "0%" {
+                if value(&ru.max_unavailable) == Some(0) {
                     errs.add(
                         format!("{at}.maxUnavailable"),
                         "may not be 0 when maxSurge is 0",
                     );
                 }
-                if !ru.max_surge.is_empty() && ru.max_surge != "0" && ru.max_surge != "0%" {
+                if ru.max_unavailable.ends_with('%')
+                    && value(&ru.max_unavailable).is_some_and(|p| p > 100)
+                {
+                    errs.add(
+                        format!("{at}.maxUnavailable"),
+                        "must not be greater than 100%",
+                    );
+                }
+                if !ru.max_surge.is_empty() && value(&ru.max_surge) != Some(0) {
                     errs.add(
                         format!("{at}.maxSurge"),
                         format!("unsupported value {:?}: only 0 is served (a node's old pod goes before its new one starts)", ru.max_surge),
@@ -1068,6 +1075,59 @@ impl Kind for DaemonSet {
         let sel = |o: &Self| o.spec.as_ref().and_then(|s| s.selector.clone());
         if sel(self) != sel(old) {
             errs.add("spec.selector", "field is immutable");
+        }
+    }
+}
+
+impl Kind for PodDisruptionBudget {
+    fn validate(&self, errs: &mut FieldErrors) {
+        if let Some(status) = &self.status {
+            validate_conditions(
+                status
+                    .conditions
+                    .iter()
+                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
+                "status.conditions",
+                errs,
+            );
+        }
+        let Some(spec) = &self.spec else {
+            return;
+        };
+        if !spec.min_available.is_empty() && !spec.max_unavailable.is_empty() {
+            errs.add("spec", "minAvailable and maxUnavailable cannot be both set");
+        }
+        for (v, at) in [
+            (&spec.min_available, "spec.minAvailable"),
+            (&spec.max_unavailable, "spec.maxUnavailable"),
+        ] {
+            if v.is_empty() {
+                continue;
+            }
+            validate_int_or_percent(v, at, errs);
+            if let Some(p) = v.strip_suffix('%')
+                && p.parse::<u32>().is_ok_and(|p| p > 100)
+            {
+                errs.add(at, "must not be greater than 100%");
+            }
+        }
+        if let Some(s) = &spec.selector {
+            let exprs: Vec<(String, String, Vec<String>)> = s
+                .match_expressions
+                .iter()
+                .map(|e| (e.key.clone(), e.operator.clone(), e.values.clone()))
+                .collect();
+            if let Err(e) = Selector::from_parts(&s.match_labels, &exprs) {
+                errs.add("spec.selector", e.to_string());
+            }
+        }
+        if !spec.unhealthy_pod_eviction_policy.is_empty() {
+            one_of(
+                &spec.unhealthy_pod_eviction_policy,
+                &["IfHealthyBudget", "AlwaysAllow"],
+                "spec.unhealthyPodEvictionPolicy",
+                errs,
+            );
         }
     }
 }
@@ -1150,13 +1210,8 @@ impl Kind for Job {
                 non_negative(v.into(), at, errs);
             }
         }
-        if let Some(d) = spec.active_deadline_seconds
-            && d <= 0
-        {
-            errs.add(
-                "spec.activeDeadlineSeconds",
-                format!("must be greater than 0, got {d}"),
-            );
+        if let Some(d) = spec.active_deadline_seconds {
+            non_negative(d, "spec.activeDeadlineSeconds", errs);
         }
         one_of(
             &spec.completion_mode,

@@ -1107,8 +1107,8 @@ async fn jobs_are_defaulted_and_checked_as_kubernetes_does() {
         ),
         (
             "deadline",
-            json!({"activeDeadlineSeconds": 0}),
-            "spec.activeDeadlineSeconds: must be greater than 0",
+            json!({"activeDeadlineSeconds": -1}),
+            "spec.activeDeadlineSeconds: must be >= 0",
         ),
         (
             "mode",
@@ -1357,9 +1357,14 @@ async fn daemonsets_are_defaulted_and_checked_as_kubernetes_does() {
             "spec.updateStrategy.rollingUpdate.maxUnavailable: may not be 0",
         ),
         (
-            "ondelete",
-            json!({"updateStrategy": {"type": "OnDelete", "rollingUpdate": {"maxUnavailable": 2}}}),
-            "spec.updateStrategy.rollingUpdate: may not be specified when strategy type is OnDelete",
+            "double-zero",
+            json!({"updateStrategy": {"rollingUpdate": {"maxUnavailable": "00"}}}),
+            "spec.updateStrategy.rollingUpdate.maxUnavailable: may not be 0",
+        ),
+        (
+            "over",
+            json!({"updateStrategy": {"rollingUpdate": {"maxUnavailable": "150%"}}}),
+            "spec.updateStrategy.rollingUpdate.maxUnavailable: must not be greater than 100%",
         ),
         (
             "strategy",
@@ -1391,4 +1396,135 @@ async fn daemonsets_are_defaulted_and_checked_as_kubernetes_does() {
             .contains("spec.selector: field is immutable"),
         "{e}"
     );
+    // Switching to OnDelete keeps the defaulted rollingUpdate, as Kubernetes does.
+    let switched = c
+        .patch::<DaemonSet>(
+            "default",
+            "logs",
+            &json!({"spec": {"updateStrategy": {"type": "OnDelete"}}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        switched.spec.unwrap().update_strategy.unwrap().r#type,
+        "OnDelete"
+    );
+}
+
+/// A running, ready pod labelled app=web (bound, so its deletion is graceful).
+async fn running_pod(c: &Client, name: &str) -> Pod {
+    c.create(&pod(name, json!({"app": "web"}))).await.unwrap();
+    let mut p = c.bind("default", name, "n1").await.unwrap();
+    let status = p.status.get_or_insert_default();
+    status.phase = "Running".into();
+    status.conditions.push(PodCondition {
+        r#type: "Ready".into(),
+        status: "True".into(),
+        ..Default::default()
+    });
+    c.update_status(&p).await.unwrap()
+}
+
+#[tokio::test]
+async fn evictions_obey_the_pods_disruption_budget() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let budget: PodDisruptionBudget = from_value(json!({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "web"},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}},
+    }))
+    .unwrap();
+    let mut budget = c.create(&budget).await.unwrap();
+    running_pod(&c, "a").await;
+    // The disruption controller (not running here) would say: no disruption allowed.
+    let set_allowed = |mut b: PodDisruptionBudget, n: i32| {
+        let s = b.status.get_or_insert_default();
+        s.observed_generation = 1;
+        s.disruptions_allowed = n;
+        s.desired_healthy = 1;
+        s.current_healthy = 1;
+        b
+    };
+    budget = c.update_status(&set_allowed(budget, 0)).await.unwrap();
+    let e = c.evict("default", "a", None).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(
+        e.status.message().starts_with(
+            "Cannot evict pod as it would violate the pod's disruption budget. The disruption \
+             budget web needs 1 healthy pods and has 1 currently"
+        ),
+        "{e}"
+    );
+    let still = c.get::<Pod>("default", "a").await.unwrap();
+    assert!(still.metadata.unwrap().deletion_timestamp.is_empty());
+
+    // Allowed once: the eviction takes the disruption, then deletes the pod.
+    c.update_status(&set_allowed(budget, 1)).await.unwrap();
+    let evicted = c.evict("default", "a", None).await.unwrap();
+    assert!(!evicted.metadata.unwrap().deletion_timestamp.is_empty());
+    let after = c
+        .get::<PodDisruptionBudget>("default", "web")
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(after.disruptions_allowed, 0);
+    assert!(after.disrupted_pods.contains_key("a"), "{after:?}");
+    running_pod(&c, "b").await;
+    assert_eq!(
+        c.evict("default", "b", None).await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+
+    // A pod that is not running yet needs no budget.
+    c.create(&pod("pending", json!({"app": "web"})))
+        .await
+        .unwrap();
+    c.evict("default", "pending", None).await.unwrap();
+    assert_eq!(
+        c.get::<Pod>("default", "pending").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // A pod no budget selects goes at once; a missing one is NOT_FOUND.
+    running_pod(&c, "free").await;
+    c.patch::<Pod>(
+        "default",
+        "free",
+        &json!({"metadata": {"labels": {"app": "other"}}}),
+    )
+    .await
+    .unwrap();
+    c.evict("default", "free", None).await.unwrap();
+    assert_eq!(
+        c.evict("default", "ghost", None).await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    // Budgets are checked as Kubernetes checks them.
+    for (name, spec, want) in [
+        (
+            "both",
+            json!({"minAvailable": 1, "maxUnavailable": 1}),
+            "spec: minAvailable and maxUnavailable cannot be both set",
+        ),
+        (
+            "pct",
+            json!({"maxUnavailable": "150%"}),
+            "spec.maxUnavailable: must not be greater than 100%",
+        ),
+        (
+            "policy",
+            json!({"minAvailable": 1, "unhealthyPodEvictionPolicy": "Never"}),
+            "spec.unhealthyPodEvictionPolicy: unsupported value \"Never\"",
+        ),
+    ] {
+        let b: PodDisruptionBudget = from_value(json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": {"name": name}, "spec": spec,
+        }))
+        .unwrap();
+        let e = c.create(&b).await.unwrap_err();
+        assert!(e.status.message().contains(want), "{name}: {want} in {e}");
+    }
 }

@@ -5,6 +5,7 @@ mod agent;
 mod auth;
 mod certs;
 mod cluster;
+mod drain;
 mod leader;
 mod metrics;
 mod rollout;
@@ -70,6 +71,12 @@ enum Command {
     Delete(Verb<verbs::DeleteArgs>),
     /// Set the replicas of a deployment or replicaset.
     Scale(Verb<verbs::ScaleArgs>),
+    /// Mark a node unschedulable: no new pod is placed on it.
+    Cordon(Verb<drain::NodeArgs>),
+    /// Mark a node schedulable again.
+    Uncordon(Verb<drain::NodeArgs>),
+    /// Cordon a node and evict its pods, honouring PodDisruptionBudgets.
+    Drain(Verb<drain::DrainArgs>),
     /// Print a container's output (`-f` to follow it).
     Logs(Verb<verbs::LogsArgs>),
     /// Follow, undo, list, pause and resume deployment rollouts.
@@ -134,6 +141,9 @@ fn main() -> std::process::ExitCode {
             Command::Describe(v) => verbs::describe(&v.server, v.args).await,
             Command::Delete(v) => verbs::delete(&v.server, v.args).await,
             Command::Scale(v) => verbs::scale(&v.server, v.args).await,
+            Command::Cordon(v) => drain::cordon(&v.server, v.args).await,
+            Command::Uncordon(v) => drain::uncordon(&v.server, v.args).await,
+            Command::Drain(v) => drain::drain(&v.server, v.args).await,
             Command::Rollout(v) => rollout::run(&v.server, v.args).await,
             Command::Logs(v) => verbs::logs(&v.server, v.args).await,
             Command::Auth(v) => auth::run(&v.server, v.args).await,

@@ -229,6 +229,36 @@ impl Columns for DaemonSet {
     }
 }
 
+impl Columns for PodDisruptionBudget {
+    fn headers(_wide: bool) -> Vec<&'static str> {
+        vec![
+            "NAME",
+            "MIN AVAILABLE",
+            "MAX UNAVAILABLE",
+            "ALLOWED DISRUPTIONS",
+            "AGE",
+        ]
+    }
+    fn row(&self, _wide: bool, now: SystemTime) -> Vec<String> {
+        let spec = self.spec.clone().unwrap_or_default();
+        let status = self.status.clone().unwrap_or_default();
+        let or_na = |v: &str| {
+            if v.is_empty() {
+                "N/A".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        vec![
+            self.name().to_string(),
+            or_na(&spec.min_available),
+            or_na(&spec.max_unavailable),
+            status.disruptions_allowed.to_string(),
+            created(self.metadata.as_ref(), now),
+        ]
+    }
+}
+
 impl Columns for Job {
     fn headers(wide: bool) -> Vec<&'static str> {
         let mut h = vec!["NAME", "STATUS", "COMPLETIONS", "DURATION", "AGE"];

@@ -1396,3 +1396,121 @@ spec:
         .await;
     });
 }
+
+/// Node maintenance through the command line: a drain evicts a Deployment's two pods
+/// from a node, the second only once the PodDisruptionBudget allows it again, that is once
+/// the first one's replacement is ready on another node.
+#[test]
+fn a_drain_waits_for_the_disruption_budget() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _a = FakeAgent::start(&cluster, dir.path(), "a", 0);
+    let manifest = dir.path().join("web.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: main
+        image: web:1
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: web
+spec:
+  minAvailable: 1
+  selector:
+    matchLabels: {app: web}
+",
+    )
+    .unwrap();
+    let out = flotilla(&cluster, &["apply", "-f", &manifest.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    runtime().block_on(async {
+        let c = client(&cluster);
+        until("one disruption allowed", || async {
+            let b = c.get::<PodDisruptionBudget>("default", "web").await.ok()?;
+            let s = b.status?;
+            (s.current_healthy == 2 && s.disruptions_allowed == 1).then_some(())
+        })
+        .await;
+    });
+    let out = flotilla(&cluster, &["get", "pdb"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("web"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row.get(..4), Some(&["web", "1", "N/A", "1"][..]), "{table}");
+
+    let _b = FakeAgent::start(&cluster, dir.path(), "b", 0);
+    runtime().block_on(async {
+        let c = client(&cluster);
+        until("node b registered", || async {
+            c.get::<Node>("", "b").await.ok().map(|_| ())
+        })
+        .await;
+    });
+    let out = flotilla(&cluster, &["drain", "a", "--timeout", "60s"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.starts_with("node/a cordoned\n"), "{stdout}");
+    assert!(stdout.ends_with("node/a drained\n"), "{stdout}");
+    assert_eq!(
+        stdout.matches("evicting pod default/web-").count(),
+        2,
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches(" evicted\n").count(), 2, "{stdout}");
+    assert!(
+        stderr.contains("(will retry after 5s): Cannot evict pod as it would violate the pod's disruption budget."),
+        "the second eviction waited for the budget: {stderr}"
+    );
+    runtime().block_on(async {
+        let c = client(&cluster);
+        let (pods, _) = c
+            .list::<Pod>(&ListRequest {
+                namespace: "default".into(),
+                label_selector: "app=web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let nodes: Vec<String> = pods
+            .iter()
+            .map(|p| p.spec.clone().unwrap_or_default().node_name)
+            .collect();
+        assert_eq!(nodes, ["b", "b"], "{pods:?}");
+        let a = c.get::<Node>("", "a").await.unwrap();
+        assert!(a.spec.unwrap().unschedulable);
+    });
+    let out = flotilla(&cluster, &["uncordon", "a"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "node/a uncordoned\n");
+    let out = flotilla(&cluster, &["cordon", "b"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "node/b cordoned\n");
+    let out = flotilla(&cluster, &["cordon", "b"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "node/b already cordoned\n"
+    );
+}

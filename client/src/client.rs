@@ -447,6 +447,26 @@ impl Client {
         self.unary("/flotilla.api.v1.Pods/Bind", binding).await
     }
 
+    /// Evicts a pod: deleted unless a PodDisruptionBudget forbids it now, which is
+    /// `RESOURCE_EXHAUSTED` (Kubernetes' 429; try again later). `grace` overrides the pod's
+    /// termination grace period.
+    pub async fn evict(&self, namespace: &str, pod: &str, grace: Option<i64>) -> Result<Pod> {
+        let eviction = Eviction {
+            api_version: "policy/v1".into(),
+            kind: "Eviction".into(),
+            metadata: Some(ObjectMeta {
+                name: pod.into(),
+                namespace: namespace.into(),
+                ..Default::default()
+            }),
+            delete_options: Some(EvictionOptions {
+                grace_period_seconds: grace,
+                ..Default::default()
+            }),
+        };
+        self.unary("/flotilla.api.v1.Pods/Evict", eviction).await
+    }
+
     /// One watch stream, as the server sends it (see [`crate::watch`] for one that resumes).
     pub async fn watch_once<K: Resource>(
         &self,

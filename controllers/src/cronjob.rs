@@ -58,7 +58,7 @@ fn reference(job: &Job) -> ObjectReference {
         name: meta.name,
         uid: meta.uid,
         api_version: Job::API_VERSION.into(),
-        resource_version: meta.resource_version,
+        // Not the Job's resourceVersion: it changes with every status write of the Job.
         ..Default::default()
     }
 }

@@ -246,6 +246,10 @@ async fn owner_gone(
         ns: &str,
         r: &flotilla_proto::api::OwnerReference,
     ) -> Result<bool, ClientError> {
+        // A kind of the same name in another group is not one we follow.
+        if !r.api_version.is_empty() && r.api_version != K::API_VERSION {
+            return Ok(false);
+        }
         if let Some(o) = K::informer(ctx.informers()).get(ns, &r.name)
             && uid_of(&o) == r.uid
         {

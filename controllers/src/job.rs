@@ -7,8 +7,9 @@
 //! - **Indexed**: each pod carries an index `0..completions` (annotation and label
 //!   `batch.kubernetes.io/job-completion-index`, env `JOB_COMPLETION_INDEX`); the Job is
 //!   complete when every index has a succeeded pod. `status.completedIndexes` lists them.
-//! - **Failures**: more failed pods than `backoffLimit` (with `restartPolicy: OnFailure`,
-//!   container restarts count too) fail the Job (`BackoffLimitExceeded`); so does running
+//! - **Failures**: more failed pods than `backoffLimit`, or with `restartPolicy: OnFailure`
+//!   as many container restarts in running pods as the limit, fail the Job
+//!   (`BackoffLimitExceeded`); so does running
 //!   longer than `activeDeadlineSeconds` (`DeadlineExceeded`). A failed Job's running pods
 //!   are deleted. A replacement for a failed pod waits 10 s, doubling per failure up to
 //!   6 min (Kubernetes' pod failure back-off).
@@ -53,6 +54,8 @@ const EXPECTATION_TIMEOUT: Duration = Duration::from_secs(300);
 /// that the cache does not show yet.
 #[derive(Debug)]
 struct Pending {
+    /// The Job it is about: a namesake made since starts afresh.
+    uid: String,
     created: HashMap<String, Option<i32>>,
     deleted: BTreeSet<String>,
     since: SystemTime,
@@ -81,7 +84,7 @@ impl Controller for JobController {
             controller_of(p.metadata.as_ref()).is_some_and(|r| r.uid == uid)
         });
         let now = api.now();
-        let pending = self.observe(key, &pods, now);
+        let pending = self.observe(key, &uid, &pods, now);
         let mut state = State::new(&job, pods, &pending);
         let outcome = self.sync(api, key, &job, &mut state, now).await;
         // The status is written whatever the pass did, so counts stay true even when a
@@ -103,8 +106,8 @@ struct State {
     phantom: Vec<Option<i32>>,
     succeeded: i32,
     failed: i32,
-    /// Failed pods, plus container restarts under `restartPolicy: OnFailure`.
-    failures: i32,
+    /// Container restarts of running and pending pods under `restartPolicy: OnFailure`.
+    restarts: i32,
     /// When the last pod failed.
     last_failure: Option<SystemTime>,
     completed: BTreeSet<i32>,
@@ -159,18 +162,26 @@ impl State {
             phantom: pending.created.values().copied().collect(),
             succeeded: 0,
             failed: 0,
-            failures: 0,
+            restarts: 0,
             last_failure: None,
             completed: BTreeSet::new(),
         };
         for p in pods {
-            if on_failure {
-                let restarts: i32 = p
+            // Under OnFailure a failing container restarts in place: its restarts count, on
+            // pods still running or pending, init containers included (Kubernetes'
+            // pastBackoffLimitOnFailure).
+            if on_failure && matches!(phase(&p), "Running" | "Pending") {
+                let restarts = p
                     .status
                     .as_ref()
-                    .map(|st| st.container_statuses.iter().map(|c| c.restart_count).sum())
+                    .map(|st| {
+                        st.container_statuses
+                            .iter()
+                            .chain(&st.init_container_statuses)
+                            .fold(0i32, |n, c| n.saturating_add(c.restart_count.max(0)))
+                    })
                     .unwrap_or(0);
-                s.failures += restarts;
+                s.restarts = s.restarts.saturating_add(restarts);
             }
             match phase(&p) {
                 "Succeeded" => {
@@ -181,7 +192,6 @@ impl State {
                 }
                 "Failed" => {
                     s.failed += 1;
-                    s.failures += 1;
                     s.last_failure = s.last_failure.max(finished_at(&p));
                 }
                 _ if is_deleting(&p) || pending.deleted.contains(p.name()) => {}
@@ -228,14 +238,19 @@ impl JobController {
     }
 
     /// Drops from the Job's pending pods what the cache now shows; returns what is left.
-    fn observe(&self, key: &str, pods: &[Pod], now: SystemTime) -> Pending {
+    fn observe(&self, key: &str, uid: &str, pods: &[Pod], now: SystemTime) -> Pending {
+        let empty = || Pending {
+            uid: uid.to_string(),
+            created: HashMap::new(),
+            deleted: BTreeSet::new(),
+            since: now,
+        };
         self.with_pending(|all| {
+            if all.get(key).is_some_and(|p| p.uid != uid) {
+                all.remove(key);
+            }
             let Some(p) = all.get_mut(key) else {
-                return Pending {
-                    created: HashMap::new(),
-                    deleted: BTreeSet::new(),
-                    since: now,
-                };
+                return empty();
             };
             let names: BTreeSet<&str> = pods.iter().map(|p| p.name()).collect();
             p.created.retain(|n, _| !names.contains(n.as_str()));
@@ -243,13 +258,10 @@ impl JobController {
             let expired = now.duration_since(p.since).unwrap_or_default() > EXPECTATION_TIMEOUT;
             if expired || (p.created.is_empty() && p.deleted.is_empty()) {
                 all.remove(key);
-                return Pending {
-                    created: HashMap::new(),
-                    deleted: BTreeSet::new(),
-                    since: now,
-                };
+                return empty();
             }
             Pending {
+                uid: p.uid.clone(),
                 created: p.created.clone(),
                 deleted: p.deleted.clone(),
                 since: p.since,
@@ -257,9 +269,10 @@ impl JobController {
         })
     }
 
-    fn expect(&self, key: &str, now: SystemTime, change: impl FnOnce(&mut Pending)) {
+    fn expect(&self, key: &str, uid: &str, now: SystemTime, change: impl FnOnce(&mut Pending)) {
         self.with_pending(|all| {
             let p = all.entry(key.to_string()).or_insert_with(|| Pending {
+                uid: uid.to_string(),
                 created: HashMap::new(),
                 deleted: BTreeSet::new(),
                 since: now,
@@ -315,7 +328,15 @@ impl JobController {
             .spec
             .active_deadline_seconds
             .map(|d| Duration::from_secs(d.max(0) as u64));
-        let failure = if s.failures > s.spec.backoff_limit.unwrap_or(6) {
+        // More failed pods than the limit, or (OnFailure) as many restarts as the limit (any
+        // with a limit of 0), as Kubernetes counts them.
+        let limit = s.spec.backoff_limit.unwrap_or(6);
+        let too_many_restarts = if limit == 0 {
+            s.restarts > 0
+        } else {
+            s.restarts >= limit
+        };
+        let failure = if s.failed > limit || too_many_restarts {
             Some((
                 "BackoffLimitExceeded",
                 "Job has reached the specified backoff limit",
@@ -403,7 +424,7 @@ impl JobController {
                 let pod = pod_for(job, &s.spec, index);
                 let created = api.create(&pod).await?;
                 let name = created.name().to_string();
-                self.expect(key, now, |p| {
+                self.expect(key, uid_of(job), now, |p| {
                     p.created.insert(name.clone(), index);
                 });
                 api.record(
@@ -483,7 +504,7 @@ impl JobController {
                 Err(e) => return Err(e),
             }
             let name = p.name().to_string();
-            self.expect(key, now, |pending| {
+            self.expect(key, uid_of(job), now, |pending| {
                 pending.deleted.insert(name.clone());
             });
             api.record(
@@ -568,7 +589,11 @@ async fn write_status<A: Api>(api: &A, job: &Job, s: &State) -> Result<(), Clien
     }
     let mut updated = job.clone();
     updated.status = Some(status);
-    api.update_status(&updated).await.map(|_| ())
+    match api.update_status(&updated).await {
+        // Deleted in this pass (ttlSecondsAfterFinished: 0): nothing left to write.
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other.map(|_| ()),
+    }
 }
 
 #[cfg(test)]

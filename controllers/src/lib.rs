@@ -20,7 +20,8 @@
 //! - [`cronjob`]: a CronJob's Jobs start on its schedule, within its concurrency policy
 //!   and starting deadline; finished ones past the history limits are deleted;
 //! - [`daemonset`]: one pod per eligible node, following nodes that join and leave, with
-//!   rolling updates.
+//!   rolling updates;
+//! - [`disruption`]: PodDisruptionBudgets' status, which evictions (and so drains) obey.
 //!
 //! [`runtime`] is the shape new controllers take (a [`runtime::Controller`] registered in
 //! [`controllers`] with the kinds it owns, reading and writing through [`runtime::Api`], unit
@@ -29,6 +30,7 @@
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod disruption;
 pub mod endpoints;
 pub mod fake;
 pub mod gc;
@@ -48,8 +50,8 @@ use std::time::Duration;
 use flotilla_client::Client;
 use flotilla_client::informer::{Change, Filter, Informer};
 use flotilla_proto::api::{
-    CronJob, DaemonSet, Deployment, Endpoints, Job, Lease, Namespace, Node, Pod, ReplicaSet,
-    Resource, ResourceQuota, Service,
+    CronJob, DaemonSet, Deployment, Endpoints, Job, Lease, Namespace, Node, Pod,
+    PodDisruptionBudget, ReplicaSet, Resource, ResourceQuota, Service,
 };
 use tokio::sync::watch;
 
@@ -68,6 +70,9 @@ pub fn controllers(subs: &mut Subscribers) -> Vec<Box<dyn Running>> {
         For::new(daemonset::DaemonSetController::default())
             .owns::<Pod>()
             .watches_all::<Node>(daemonset::node_changed)
+            .register(subs),
+        For::new(disruption::DisruptionController)
+            .watches_all::<Pod>(disruption::pod_changed)
             .register(subs),
     ]
 }
@@ -146,6 +151,7 @@ informers! {
     jobs: Job,
     cron_jobs: CronJob,
     daemon_sets: DaemonSet,
+    disruption_budgets: PodDisruptionBudget,
 }
 
 /// What the controllers share: the client, the informers, their queues.
@@ -273,6 +279,12 @@ pub async fn run(client: Client, config: Config, stats: Arc<Stats>, stop: watch:
             gc::on_owner(ctx, c);
             quota::on_counted(ctx, c);
         }),
+        disruption_budgets: start(
+            &ctx,
+            client.clone(),
+            all(),
+            |ctx, c: &Change<PodDisruptionBudget>| quota::on_counted(ctx, c),
+        ),
     };
     for r in &ctx.registered {
         for kind in r.kinds() {

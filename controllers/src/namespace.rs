@@ -1,18 +1,19 @@
-//! The namespace controller: a namespace being deleted (Terminating) has everything in it
-//! deleted; once it is empty, deleting it again removes it.
+//! The namespace controller: a namespace being deleted (Terminating) has the objects of
+//! every namespaced kind in the registry deleted; once it is empty, deleting it again
+//! removes it.
 
 use std::time::Duration;
 
 use flotilla_client::informer::Change;
-use flotilla_client::{Client, ClientError};
-use flotilla_proto::api::{
-    DeleteRequest, Deployment, Endpoints, Event, Lease, ListRequest, Namespace, Pod, ReplicaSet,
-    Resource, ResourceQuota, Role, RoleBinding, Service,
-};
+use flotilla_client::{Client, ClientError, with_kind};
+use flotilla_proto::api::{DeleteRequest, KINDS, KindInfo, ListRequest, Namespace, Resource};
 
 use crate::Ctx;
 use crate::queue::Requeue;
 use crate::util::{is_deleting, key_of};
+
+/// Kinds whose objects own others: deleted first.
+const OWNERS_FIRST: &[&str] = &["Deployment", "CronJob", "DaemonSet", "Job", "ReplicaSet"];
 
 pub fn on_namespace(ctx: &Ctx, change: &Change<Namespace>) {
     if let Change::Added(n) | Change::Updated { new: n, .. } = change
@@ -52,17 +53,14 @@ pub async fn reconcile(ctx: &Ctx, key: &str) -> Result<Requeue, ClientError> {
         return Ok(None);
     }
     let c = &ctx.client;
-    // Owners first, so the garbage collector has less to chase.
-    let left = empty::<Deployment>(c, key).await?
-        + empty::<ReplicaSet>(c, key).await?
-        + empty::<Service>(c, key).await?
-        + empty::<Pod>(c, key).await?
-        + empty::<Endpoints>(c, key).await?
-        + empty::<Lease>(c, key).await?
-        + empty::<ResourceQuota>(c, key).await?
-        + empty::<RoleBinding>(c, key).await?
-        + empty::<Role>(c, key).await?
-        + empty::<Event>(c, key).await?;
+    // Every namespaced kind of the registry, owners first, so the garbage collector has
+    // less to chase.
+    let mut kinds: Vec<&KindInfo> = KINDS.iter().filter(|k| k.namespaced).collect();
+    kinds.sort_by_key(|k| !OWNERS_FIRST.contains(&k.kind));
+    let mut left = 0;
+    for kind in kinds {
+        left += with_kind!(kind.kind, K => empty::<K>(c, key).await?);
+    }
     if left > 0 {
         tracing::debug!(namespace = key, left, "namespace still has objects");
         return Ok(Some(Duration::from_secs(1)));

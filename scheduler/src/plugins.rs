@@ -57,10 +57,15 @@ pub fn filter(pod: &PodInfo, node: &NodeInfo, reasons: &mut Vec<Reason>) -> bool
     reasons.is_empty()
 }
 
-/// Whether a DaemonSet's pod belongs on `node` (Kubernetes' `NodeShouldRunDaemonPod`): its
-/// nodeSelector and required node affinity match, and it tolerates the node's NoSchedule
-/// and NoExecute taints. Readiness, cordoning and free resources do not count.
-pub fn node_should_run(pod: &flotilla_proto::api::Pod, node: &flotilla_proto::api::Node) -> bool {
+/// Where a DaemonSet's pod belongs (Kubernetes' `NodeShouldRunDaemonPod`): whether a new
+/// one should start on `node` (its nodeSelector and required node affinity match, and it
+/// tolerates the node's NoSchedule and NoExecute taints), and whether one already there
+/// may stay (the same, but NoSchedule taints do not count). Readiness, cordoning and free
+/// resources do not count.
+pub fn daemon_placement(
+    pod: &flotilla_proto::api::Pod,
+    node: &flotilla_proto::api::Node,
+) -> (bool, bool) {
     let info = PodInfo::new(pod);
     let labels = node
         .metadata
@@ -72,7 +77,18 @@ pub fn node_should_run(pod: &flotilla_proto::api::Pod, node: &flotilla_proto::ap
         .as_ref()
         .map(|s| s.taints.as_slice())
         .unwrap_or_default();
-    matches_node_selector(&info, &labels) && tolerates_taints(&info.tolerations, taints)
+    if !matches_node_selector(&info, &labels) {
+        return (false, false);
+    }
+    let no_execute: Vec<Taint> = taints
+        .iter()
+        .filter(|t| t.effect == "NoExecute")
+        .cloned()
+        .collect();
+    (
+        tolerates_taints(&info.tolerations, taints),
+        tolerates_taints(&info.tolerations, &no_execute),
+    )
 }
 
 /// Kubernetes lets a pod that tolerates the `unschedulable` taint onto a cordoned node.

@@ -82,6 +82,11 @@ fn view() -> Vec<PolicyRule> {
             &["jobs", "jobs/status", "cronjobs", "cronjobs/status"],
             READ,
         ),
+        rule(
+            &["policy"],
+            &["poddisruptionbudgets", "poddisruptionbudgets/status"],
+            READ,
+        ),
     ]
 }
 
@@ -106,6 +111,8 @@ fn edit() -> Vec<PolicyRule> {
         WRITE,
     ));
     rules.push(rule(&["batch"], &["jobs", "cronjobs"], WRITE));
+    rules.push(rule(&["policy"], &["poddisruptionbudgets"], WRITE));
+    rules.push(rule(&[""], &["pods/eviction"], &["create"]));
     rules
 }
 

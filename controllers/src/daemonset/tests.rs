@@ -339,10 +339,20 @@ async fn failed_pods_and_second_pods_are_deleted() {
         p.status.get_or_insert_default().phase = "Failed".into();
     });
     sync(&c, &api).await;
+    // Made again after a back-off of 1 s (doubling with each failure there).
+    assert_eq!(sync(&c, &api).await, Some(Duration::from_secs(1)));
+    assert!(api.all::<Pod>().is_empty());
+    api.advance(Duration::from_secs(1));
     sync(&c, &api).await;
     let pods = api.all::<Pod>();
     assert_eq!(pods.len(), 1);
     assert_ne!(pods[0].name(), first.name(), "made again");
+    let second = pods[0].name().to_string();
+    api.modify::<Pod>("kube", &second, |p| {
+        p.status.get_or_insert_default().phase = "Failed".into();
+    });
+    sync(&c, &api).await;
+    assert_eq!(sync(&c, &api).await, Some(Duration::from_secs(2)));
 }
 
 #[tokio::test]
@@ -361,7 +371,56 @@ async fn a_lagging_cache_never_gives_a_node_two_pods() {
         "the pods asked for count"
     );
     assert_eq!(status(&api).current_number_scheduled, 2);
+    // Seen at last: still one each.
     for p in hidden {
         api.put(p);
     }
+    sync(&c, &api).await;
+    assert_eq!(
+        placement(&api).values().map(Vec::len).collect::<Vec<_>>(),
+        [1, 1]
+    );
+}
+
+#[tokio::test]
+async fn a_no_schedule_taint_added_later_leaves_the_pod_but_a_no_execute_one_does_not() {
+    let (c, api) = setup(&["n1"], json!({}));
+    sync(&c, &api).await;
+    let taint = |effect: &str| {
+        let effect = effect.to_string();
+        move |n: &mut Node| {
+            n.spec.get_or_insert_default().taints = vec![Taint {
+                key: "dedicated".into(),
+                value: "x".into(),
+                effect,
+                ..Default::default()
+            }];
+        }
+    };
+    api.modify::<Node>("", "n1", taint("NoSchedule"));
+    api.take_actions();
+    sync(&c, &api).await;
+    assert_eq!(nodes_with_pods(&api), ["n1"], "it may stay");
+    assert_eq!(status(&api).number_misscheduled, 1);
+    assert_eq!(deletes(&api.take_actions()), 0);
+    api.modify::<Node>("", "n1", taint("NoExecute"));
+    sync(&c, &api).await;
+    assert!(nodes_with_pods(&api).is_empty(), "it may not");
+}
+
+#[tokio::test]
+async fn a_node_gets_its_new_pod_only_once_the_old_one_is_gone() {
+    let (c, api) = setup(&["n1"], json!({}));
+    sync(&c, &api).await;
+    let old = api.all::<Pod>()[0].name().to_string();
+    // Someone deletes it; it takes its grace period to stop.
+    api.modify::<Pod>("kube", &old, |p| {
+        p.metadata_mut().deletion_timestamp = "2026-01-01T00:00:00Z".into();
+    });
+    api.take_actions();
+    sync(&c, &api).await;
+    assert!(api.take_actions().iter().all(|a| !a.starts_with("create")));
+    api.hide::<Pod>("kube", &old);
+    sync(&c, &api).await;
+    assert_eq!(nodes_with_pods(&api), ["n1"]);
 }

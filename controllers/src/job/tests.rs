@@ -210,25 +210,36 @@ async fn the_back_off_doubles_per_failure_up_to_six_minutes() {
 
 #[tokio::test]
 async fn container_restarts_count_against_the_limit_under_on_failure() {
-    let (c, api) = setup(json!({"completions": 1, "backoffLimit": 2}));
+    let (c, api) = setup(json!({"completions": 2, "parallelism": 2, "backoffLimit": 3}));
     api.modify::<Job>("shop", "pi", |j| {
         if let Some(t) = j.spec.as_mut().and_then(|s| s.template.as_mut()) {
             t.spec.get_or_insert_default().restart_policy = "OnFailure".into();
         }
     });
     sync(&c, &api).await;
-    let name = pods(&api)[0].name().to_string();
-    api.modify::<Pod>("shop", &name, |p| {
-        p.status = Some(PodStatus {
-            phase: "Running".into(),
-            container_statuses: vec![ContainerStatus {
-                name: "pi".into(),
-                restart_count: 3,
+    let [done, name] = [0, 1].map(|i| pods(&api)[i].name().to_string());
+    let restarted = |phase: &str, restarts: i32| {
+        let phase = phase.to_string();
+        move |p: &mut Pod| {
+            p.status = Some(PodStatus {
+                phase,
+                container_statuses: vec![ContainerStatus {
+                    name: "pi".into(),
+                    restart_count: restarts,
+                    ..Default::default()
+                }],
                 ..Default::default()
-            }],
-            ..Default::default()
-        });
-    });
+            });
+        }
+    };
+    // A pod that restarted a lot and then succeeded does not count; a running pod's two
+    // restarts are below the limit of three.
+    api.modify::<Pod>("shop", &done, restarted("Succeeded", 9));
+    api.modify::<Pod>("shop", &name, restarted("Running", 2));
+    sync(&c, &api).await;
+    assert!(condition(&api, "Failed").is_none());
+    // The third restart reaches it.
+    api.modify::<Pod>("shop", &name, restarted("Running", 3));
     sync(&c, &api).await;
     assert_eq!(
         condition(&api, "Failed").map(|c| c.reason),
@@ -428,9 +439,22 @@ async fn lowering_parallelism_deletes_the_surplus() {
 }
 
 #[tokio::test]
-async fn a_deleted_job_is_forgotten() {
-    let (c, api) = setup(json!({"completions": 1}));
+async fn a_deleted_job_is_forgotten_and_a_namesake_starts_afresh() {
+    let (c, api) = setup(json!({"completions": 2, "parallelism": 2}));
+    sync(&c, &api).await;
+    // Its two pods are not in the cache yet when the Job is deleted...
+    for p in pods(&api) {
+        api.hide::<Pod>("shop", p.name());
+    }
     api.hide::<Job>("shop", "pi");
     assert_eq!(sync(&c, &api).await, None);
-    assert!(api.take_actions().is_empty());
+    assert!(
+        c.with_pending(|p| p.is_empty()),
+        "nothing is remembered of it"
+    );
+    // ...and a new Job of the same name gets its own pods, not the old one's memory.
+    api.put(job(json!({"completions": 2, "parallelism": 2})));
+    api.take_actions();
+    sync(&c, &api).await;
+    assert_eq!(creates(&api.take_actions()), 2);
 }

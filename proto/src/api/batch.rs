@@ -267,6 +267,7 @@ mod tests {
             ("0 0 L * *", None, "unsupported character 'L'"),
             ("0 0 * * 5#2", None, "unsupported character '#'"),
             ("@every 5m", None, "unknown descriptor"),
+            // croner's own words for a value out of range: only the refusal is checked.
             ("61 * * * *", None, ""),
             (
                 "* * * * *",
@@ -275,7 +276,7 @@ mod tests {
             ),
         ] {
             let e = Schedule::parse(schedule, zone).expect_err(schedule);
-            assert!(e.contains(want), "{schedule}: {e}");
+            assert!(want.is_empty() || e.contains(want), "{schedule}: {e}");
         }
         // Names of months and days are fine, JUL and WED included.
         Schedule::parse("0 0 * JUL WED", None).unwrap();
