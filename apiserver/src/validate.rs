@@ -349,6 +349,7 @@ pub fn validate_pod_spec(spec: Option<&PodSpec>, at: &str, errs: &mut FieldError
             }
         }
     }
+    validate_volumes(spec, at, errs);
     // Empty only in a Job's template (pods are defaulted), which says so itself.
     if !spec.restart_policy.is_empty() {
         one_of(
@@ -461,6 +462,207 @@ pub const ENV_FIELD_PATHS: &[&str] = &[
     "status.hostIP",
     "status.hostIPs",
 ];
+
+/// A path inside a volume (`items[].path`, `subPath`): relative, no `..` element.
+fn validate_relative_path(path: &str, at: &str, errs: &mut FieldErrors) {
+    if path.starts_with('/') {
+        errs.add(
+            at,
+            format!("invalid value {path:?}: must be a relative path"),
+        );
+    } else if path.split('/').any(|e| e == "..") {
+        errs.add(at, format!("invalid value {path:?}: must not contain '..'"));
+    }
+}
+
+/// File mode bits: 0 to 0777 (JSON gives them in decimal: 0644 is 420).
+fn validate_mode(mode: Option<i32>, at: &str, errs: &mut FieldErrors) {
+    if let Some(m) = mode
+        && !(0..=0o777).contains(&m)
+    {
+        errs.add(
+            at,
+            format!("must be a number between 0 and 0777 (octal), both inclusive, got {m}"),
+        );
+    }
+}
+
+fn validate_items(items: &[KeyToPath], at: &str, errs: &mut FieldErrors) {
+    for (i, item) in items.iter().enumerate() {
+        let iat = format!("{at}.items[{i}]");
+        if item.key.is_empty() {
+            errs.add(format!("{iat}.key"), "Required value");
+        }
+        if item.path.is_empty() {
+            errs.add(format!("{iat}.path"), "Required value");
+        } else {
+            validate_relative_path(&item.path, &format!("{iat}.path"), errs);
+        }
+        validate_mode(item.mode, &format!("{iat}.mode"), errs);
+    }
+}
+
+/// Volumes (a DNS-label name, unique; exactly one source) and every container's mounts
+/// (a volume of the pod; an absolute mountPath, unique in the container).
+fn validate_volumes(spec: &PodSpec, at: &str, errs: &mut FieldErrors) {
+    let mut names = BTreeSet::new();
+    for (i, v) in spec.volumes.iter().enumerate() {
+        let vat = format!("{at}.volumes[{i}]");
+        if v.name.is_empty() {
+            errs.add(format!("{vat}.name"), "Required value");
+        } else if let Err(e) = validate_dns1123_label(&v.name) {
+            errs.add(
+                format!("{vat}.name"),
+                format!("invalid value {:?}: {e}", v.name),
+            );
+        } else if !names.insert(v.name.as_str()) {
+            errs.add(
+                format!("{vat}.name"),
+                format!("Duplicate value: {:?}", v.name),
+            );
+        }
+        let sources = [
+            v.empty_dir.is_some(),
+            v.host_path.is_some(),
+            v.config_map.is_some(),
+            v.secret.is_some(),
+            v.downward_api.is_some(),
+        ];
+        match sources.iter().filter(|s| **s).count() {
+            0 => errs.add(
+                &vat,
+                "must specify one volume source (emptyDir, hostPath, configMap, secret, downwardAPI)",
+            ),
+            1 => {}
+            _ => errs.add(&vat, "may not specify more than 1 volume type"),
+        }
+        if let Some(e) = &v.empty_dir {
+            if !e.medium.is_empty() {
+                one_of(
+                    &e.medium,
+                    &["Memory"],
+                    &format!("{vat}.emptyDir.medium"),
+                    errs,
+                );
+            }
+            if !e.size_limit.is_empty() && Quantity::parse(&e.size_limit).is_err() {
+                errs.add(
+                    format!("{vat}.emptyDir.sizeLimit"),
+                    format!("invalid quantity {:?}", e.size_limit),
+                );
+            }
+        }
+        if let Some(h) = &v.host_path {
+            if !h.path.starts_with('/') {
+                errs.add(
+                    format!("{vat}.hostPath.path"),
+                    format!("invalid value {:?}: must be an absolute path", h.path),
+                );
+            }
+            if !h.r#type.is_empty() {
+                one_of(
+                    &h.r#type,
+                    &["DirectoryOrCreate", "Directory", "FileOrCreate", "File"],
+                    &format!("{vat}.hostPath.type"),
+                    errs,
+                );
+            }
+        }
+        if let Some(c) = &v.config_map {
+            object_ref_name(&c.name, &format!("{vat}.configMap.name"), errs);
+            validate_items(&c.items, &format!("{vat}.configMap"), errs);
+            validate_mode(
+                c.default_mode,
+                &format!("{vat}.configMap.defaultMode"),
+                errs,
+            );
+        }
+        if let Some(c) = &v.secret {
+            object_ref_name(&c.secret_name, &format!("{vat}.secret.secretName"), errs);
+            validate_items(&c.items, &format!("{vat}.secret"), errs);
+            validate_mode(c.default_mode, &format!("{vat}.secret.defaultMode"), errs);
+        }
+        if let Some(d) = &v.downward_api {
+            validate_mode(
+                d.default_mode,
+                &format!("{vat}.downwardAPI.defaultMode"),
+                errs,
+            );
+            for (j, f) in d.items.iter().enumerate() {
+                let fat = format!("{vat}.downwardAPI.items[{j}]");
+                if f.path.is_empty() {
+                    errs.add(format!("{fat}.path"), "Required value");
+                } else {
+                    validate_relative_path(&f.path, &format!("{fat}.path"), errs);
+                }
+                validate_mode(f.mode, &format!("{fat}.mode"), errs);
+                match (&f.field_ref, &f.resource_field_ref) {
+                    (Some(r), None) => {
+                        let path = r.field_path.as_str();
+                        let keyed = ["metadata.labels['", "metadata.annotations['"]
+                            .iter()
+                            .any(|p| path.starts_with(p) && path.ends_with("']"));
+                        let allowed = [
+                            "metadata.name",
+                            "metadata.namespace",
+                            "metadata.uid",
+                            "metadata.labels",
+                            "metadata.annotations",
+                        ];
+                        if !keyed && !allowed.contains(&path) {
+                            errs.add(
+                                format!("{fat}.fieldRef.fieldPath"),
+                                format!(
+                                    "Unsupported value: {path:?}: supported values: {}",
+                                    allowed.map(|a| format!("{a:?}")).join(", ")
+                                ),
+                            );
+                        }
+                    }
+                    (None, Some(r)) => {
+                        if !ENV_RESOURCES.contains(&r.resource.as_str()) {
+                            errs.add(
+                                format!("{fat}.resourceFieldRef.resource"),
+                                format!("Unsupported value: {:?}", r.resource),
+                            );
+                        }
+                    }
+                    _ => errs.add(&fat, "must specify one of fieldRef or resourceFieldRef"),
+                }
+            }
+        }
+    }
+    for (list, field) in [
+        (&spec.init_containers, "initContainers"),
+        (&spec.containers, "containers"),
+    ] {
+        for (i, c) in list.iter().enumerate() {
+            let mut paths = BTreeSet::new();
+            for (j, m) in c.volume_mounts.iter().enumerate() {
+                let mat = format!("{at}.{field}[{i}].volumeMounts[{j}]");
+                if m.name.is_empty() {
+                    errs.add(format!("{mat}.name"), "Required value");
+                } else if !names.contains(m.name.as_str()) {
+                    errs.add(format!("{mat}.name"), format!("Not found: {:?}", m.name));
+                }
+                if !m.mount_path.starts_with('/') {
+                    errs.add(
+                        format!("{mat}.mountPath"),
+                        format!("invalid value {:?}: must be an absolute path", m.mount_path),
+                    );
+                } else if !paths.insert(m.mount_path.trim_end_matches('/')) {
+                    errs.add(
+                        format!("{mat}.mountPath"),
+                        format!("invalid value {:?}: must be unique", m.mount_path),
+                    );
+                }
+                if !m.sub_path.is_empty() {
+                    validate_relative_path(&m.sub_path, &format!("{mat}.subPath"), errs);
+                }
+            }
+        }
+    }
+}
 
 /// The resources `resourceFieldRef` may name.
 pub const ENV_RESOURCES: &[&str] = &[

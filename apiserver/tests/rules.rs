@@ -1528,3 +1528,106 @@ async fn evictions_obey_the_pods_disruption_budget() {
         assert!(e.status.message().contains(want), "{name}: {want} in {e}");
     }
 }
+
+#[tokio::test]
+async fn volumes_and_mounts_are_checked_by_field() {
+    let cp = ControlPlane::start(1).await;
+    let c = cp.client();
+    let with = |name: &str, volumes: serde_json::Value, mounts: serde_json::Value| -> Pod {
+        from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "volumes": volumes,
+                "containers": [{"name": "main", "command": ["sleep", "1"], "volumeMounts": mounts}],
+            },
+        }))
+        .unwrap()
+    };
+    let ok = with(
+        "fine",
+        json!([
+            {"name": "cfg", "configMap": {"name": "app", "items": [{"key": "k", "path": "dir/k", "mode": 384}]}},
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+            {"name": "host", "hostPath": {"path": "/var/log", "type": "Directory"}},
+            {"name": "info", "downwardAPI": {"items": [{"path": "l", "fieldRef": {"fieldPath": "metadata.labels['app']"}}]}},
+        ]),
+        json!([
+            {"name": "cfg", "mountPath": "/etc/app"},
+            {"name": "tmp", "mountPath": "/tmp/x", "subPath": "a/b"},
+        ]),
+    );
+    c.create(&ok).await.unwrap();
+    for (name, volumes, mounts, want) in [
+        (
+            "dup",
+            json!([{"name": "a", "emptyDir": {}}, {"name": "a", "emptyDir": {}}]),
+            json!([]),
+            "spec.volumes[1].name: Duplicate value: \"a\"",
+        ),
+        (
+            "none",
+            json!([{"name": "a"}]),
+            json!([]),
+            "spec.volumes[0]: must specify one volume source",
+        ),
+        (
+            "two",
+            json!([{"name": "a", "emptyDir": {}, "hostPath": {"path": "/x"}}]),
+            json!([]),
+            "spec.volumes[0]: may not specify more than 1 volume type",
+        ),
+        (
+            "unknown",
+            json!([]),
+            json!([{"name": "nope", "mountPath": "/x"}]),
+            "spec.containers[0].volumeMounts[0].name: Not found: \"nope\"",
+        ),
+        (
+            "relative",
+            json!([{"name": "a", "emptyDir": {}}]),
+            json!([{"name": "a", "mountPath": "x"}]),
+            "spec.containers[0].volumeMounts[0].mountPath: invalid value \"x\": must be an absolute path",
+        ),
+        (
+            "twice",
+            json!([{"name": "a", "emptyDir": {}}]),
+            json!([{"name": "a", "mountPath": "/x"}, {"name": "a", "mountPath": "/x/"}]),
+            "spec.containers[0].volumeMounts[1].mountPath: invalid value \"/x/\": must be unique",
+        ),
+        (
+            "escape",
+            json!([{"name": "a", "emptyDir": {}}]),
+            json!([{"name": "a", "mountPath": "/x", "subPath": "../etc"}]),
+            "spec.containers[0].volumeMounts[0].subPath: invalid value \"../etc\": must not contain '..'",
+        ),
+        (
+            "mode",
+            json!([{"name": "a", "secret": {"secretName": "s", "defaultMode": 4096}}]),
+            json!([]),
+            "spec.volumes[0].secret.defaultMode: must be a number between 0 and 0777",
+        ),
+        (
+            "hostrel",
+            json!([{"name": "a", "hostPath": {"path": "var/log"}}]),
+            json!([]),
+            "spec.volumes[0].hostPath.path: invalid value \"var/log\": must be an absolute path",
+        ),
+        (
+            "medium",
+            json!([{"name": "a", "emptyDir": {"medium": "Disk"}}]),
+            json!([]),
+            "spec.volumes[0].emptyDir.medium: unsupported value \"Disk\"",
+        ),
+        (
+            "field",
+            json!([{"name": "a", "downwardAPI": {"items": [{"path": "p", "fieldRef": {"fieldPath": "spec.nodeName"}}]}}]),
+            json!([]),
+            "spec.volumes[0].downwardAPI.items[0].fieldRef.fieldPath: Unsupported value: \"spec.nodeName\"",
+        ),
+    ] {
+        let e = c.create(&with(name, volumes, mounts)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}: {e}");
+        assert!(e.status.message().contains(want), "{name}: {want} in {e}");
+    }
+}

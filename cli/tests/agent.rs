@@ -1514,3 +1514,109 @@ spec:
         "node/b already cordoned\n"
     );
 }
+
+#[test]
+fn volumes_project_configmaps_secrets_and_the_downward_api_process() {
+    volumes_project_configmaps_secrets_and_the_downward_api(Rt::Process);
+}
+
+#[test]
+fn volumes_project_configmaps_secrets_and_the_downward_api_docker() {
+    volumes_project_configmaps_secrets_and_the_downward_api(Rt::Docker);
+}
+
+/// A ConfigMap seen as files and as a variable, its update reaching the files; a Secret's
+/// files with their mode; the pod's labels through the downward API; a scratch emptyDir;
+/// projected volumes read-only.
+fn volumes_project_configmaps_secrets_and_the_downward_api(rt: Rt) {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = Agent::start(&cluster, &dir.path().join("a1"), rt);
+    // The process runtime mounts in a mount namespace of the container's own, on the node's
+    // paths: keep them inside the test's directory.
+    let at = match rt {
+        Rt::Process => dir.path().join("mnt").to_string_lossy().to_string(),
+        Rt::Docker => "/etc/flotilla-test".to_string(),
+    };
+    runtime().block_on(async {
+        let c = client(&cluster);
+        let cm: ConfigMap = from_value(json!({
+            "metadata": {"name": "app", "namespace": "default"},
+            "data": {"greeting": "hello", "color": "blue"},
+        }))
+        .unwrap();
+        c.create(&cm).await.unwrap();
+        let secret: Secret = from_value(json!({
+            "metadata": {"name": "creds", "namespace": "default"},
+            "stringData": {"token": "s3cr3t"},
+        }))
+        .unwrap();
+        c.create(&secret).await.unwrap();
+        let script = format!(
+            "echo env=$GREETING; cat {at}/creds/token; echo; stat -c mode=%a {at}/creds/..data/token; \
+             cat {at}/info/labels; echo; echo x > {at}/scratch/f && echo scratch=$(cat {at}/scratch/f); \
+             (echo y > {at}/app/new) 2>/dev/null && echo app=rw || echo app=ro; \
+             while true; do echo file=$(cat {at}/app/greeting); sleep 0.2; done"
+        );
+        let p = pod(
+            "vols",
+            &script,
+            json!({
+                "env": [{"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "app", "key": "greeting"}}}],
+                "volumeMounts": [
+                    {"name": "app", "mountPath": format!("{at}/app")},
+                    {"name": "creds", "mountPath": format!("{at}/creds")},
+                    {"name": "info", "mountPath": format!("{at}/info")},
+                    {"name": "scratch", "mountPath": format!("{at}/scratch")},
+                ],
+            }),
+            json!({
+                "volumes": [
+                    {"name": "app", "configMap": {"name": "app"}},
+                    {"name": "creds", "secret": {"secretName": "creds", "defaultMode": 256}},
+                    {"name": "info", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+                    {"name": "scratch", "emptyDir": {}},
+                ],
+            }),
+        );
+        let mut p = p;
+        p.metadata_mut().labels.insert("tier".into(), "web".into());
+        c.create(&p).await.unwrap();
+        running(&c, "vols").await;
+        let logs = || {
+            let out = flotilla(&cluster, &["logs", "vols"]);
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        until("the first file reads", || async {
+            logs().contains("file=hello").then_some(())
+        })
+        .await;
+        let text = logs();
+        for want in [
+            "env=hello\n",
+            "s3cr3t\n",
+            "mode=400\n",
+            "tier=\"web\"\n",
+            "scratch=x\n",
+            "app=ro\n",
+        ] {
+            assert!(text.contains(want), "{want:?} in {text}");
+        }
+        if rt == Rt::Process {
+            // The mounts are the container's own: the node sees an empty mount point.
+            let host = std::path::Path::new(&at).join("app");
+            assert!(host.is_dir() && std::fs::read_dir(&host).unwrap().next().is_none());
+        }
+
+        // An update of the ConfigMap reaches the file (the variable keeps its start value).
+        c.patch::<ConfigMap>("default", "app", &json!({"data": {"greeting": "bonjour"}}))
+            .await
+            .unwrap();
+        until("the update in the file", || async {
+            logs().contains("file=bonjour").then_some(())
+        })
+        .await;
+        c.delete_named::<Pod>("default", "vols").await.unwrap();
+        gone(&c, "vols").await;
+    });
+}

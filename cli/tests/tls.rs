@@ -989,6 +989,25 @@ fn pods_take_their_environment_from_configmaps_and_secrets_their_node_may_read()
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
 
+    // A Secret a pod mounts as a volume is referenced too.
+    let e = rt
+        .block_on(w1.get::<Secret>("default", "other"))
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let mounter: Pod = from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "mounter", "namespace": "default"},
+        "spec": {"nodeName": "w1",
+            "volumes": [{"name": "s", "secret": {"secretName": "other"}}],
+            "containers": [{"name": "main", "command": ["sleep", "3600"],
+                "volumeMounts": [{"name": "s", "mountPath": "/run/flotilla-test-s"}]}]},
+    }))
+    .unwrap();
+    rt.block_on(admin.create(&mounter)).unwrap();
+    eventually("the node may read the mounted Secret", || {
+        rt.block_on(w1.get::<Secret>("default", "other")).is_ok()
+    });
+
     // A Secret that does not exist keeps the container from starting, saying which; once
     // it exists, the container starts.
     rt.block_on(admin.create(&pod("late", "late-secret")))

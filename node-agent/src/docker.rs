@@ -504,6 +504,16 @@ impl Runtime for DockerRuntime {
                 memory: (spec.memory_limit > 0).then_some(spec.memory_limit),
                 memory_swap: (spec.memory_limit > 0).then_some(spec.memory_limit),
                 nano_cpus: (spec.cpu_limit_milli > 0).then_some(spec.cpu_limit_milli * 1_000_000),
+                // volumeMounts: the node's volume directories, bound where the pod says.
+                binds: (!spec.mounts.is_empty()).then(|| {
+                    spec.mounts
+                        .iter()
+                        .map(|m| {
+                            let mode = if m.read_only { "ro" } else { "rw" };
+                            format!("{}:{}:{mode}", m.host_path.display(), m.container_path)
+                        })
+                        .collect()
+                }),
                 ..Default::default()
             }),
             ..Default::default()

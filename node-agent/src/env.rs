@@ -50,7 +50,7 @@ struct Fetched {
 }
 
 /// Reads `name` of kind `K` in the pod's namespace; `None` when it does not exist.
-async fn fetch<K: Resource>(cx: &Context<'_>, name: &str) -> Result<Option<K>, String> {
+pub(crate) async fn fetch<K: Resource>(cx: &Context<'_>, name: &str) -> Result<Option<K>, String> {
     match cx.client.get::<K>(cx.pod.namespace(), name).await {
         Ok(o) => Ok(Some(o)),
         Err(e) if e.is_not_found() => Ok(None),
@@ -228,7 +228,7 @@ fn expand(value: &str, vars: &Vars) -> String {
 }
 
 /// A field of the pod (`fieldRef.fieldPath`).
-fn field(cx: &Context<'_>, path: &str) -> Result<String, String> {
+pub(crate) fn field(cx: &Context<'_>, path: &str) -> Result<String, String> {
     let meta = cx.pod.metadata.clone().unwrap_or_default();
     let keyed = |prefix: &str| {
         path.strip_prefix(prefix)
@@ -254,7 +254,7 @@ fn field(cx: &Context<'_>, path: &str) -> Result<String, String> {
 
 /// A container's resource (`resourceFieldRef`) in units of its divisor, rounded up; a limit
 /// left unset is the node's allocatable amount, as the kubelet has it.
-async fn resource(
+pub(crate) async fn resource(
     cx: &Context<'_>,
     c: &Container,
     r: &flotilla_proto::api::ResourceFieldSelector,

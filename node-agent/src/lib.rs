@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod probe;
 pub mod process;
 pub mod runtime;
+pub mod volumes;
 pub mod worker;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -401,6 +402,7 @@ pub async fn run<R: Runtime>(
     records.retain(|u, _| live.contains(u));
 
     let ip = config.node_ip.clone();
+    let pods_dir = config.data_dir.join("pods");
     let mut workers: HashMap<String, mpsc::Sender<Msg>> = HashMap::new();
     loop {
         metrics::STATS
@@ -432,6 +434,7 @@ pub async fn run<R: Runtime>(
                         .map(|s| s.node_name.clone())
                         .unwrap_or_default(),
                     ip: ip.clone(),
+                    pods_dir: pods_dir.clone(),
                 };
                 let (wtx, wrx) = mpsc::channel(16);
                 let worker = Worker::new(

@@ -343,6 +343,15 @@ impl Runtime for ProcessRuntime {
         for cg in self.container_cgroups(&id, spec) {
             cmd.arg("--cgroup").arg(cg);
         }
+        for m in &spec.mounts {
+            cmd.arg(if m.read_only {
+                "--mount-ro"
+            } else {
+                "--mount-rw"
+            })
+            .arg(&m.host_path)
+            .arg(&m.container_path);
+        }
         cmd.arg("--")
             .args(&argv)
             .current_dir(&workdir)
@@ -502,12 +511,20 @@ impl Runtime for ProcessRuntime {
 pub fn shim_main(args: &[String]) -> i32 {
     let mut dir = None;
     let mut cgroups = Vec::new();
+    let mut mounts: Vec<(PathBuf, PathBuf, bool)> = Vec::new();
     let mut it = args.iter();
     let mut argv = Vec::new();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--dir" => dir = it.next().map(PathBuf::from),
             "--cgroup" => cgroups.extend(it.next().map(PathBuf::from)),
+            "--mount-ro" | "--mount-rw" => {
+                let (Some(from), Some(to)) = (it.next(), it.next()) else {
+                    eprintln!("agent-shim: {a} needs a source and a target");
+                    return 2;
+                };
+                mounts.push((PathBuf::from(from), PathBuf::from(to), a == "--mount-ro"));
+            }
             "--" => {
                 argv = it.by_ref().cloned().collect();
                 break;
@@ -538,7 +555,13 @@ pub fn shim_main(args: &[String]) -> i32 {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
-    let (code, signal) = match run_logged(&dir, program, rest) {
+    let ran = if mounts.is_empty() {
+        Ok(())
+    } else {
+        private_mounts(&mounts)
+    };
+    let ran = ran.and_then(|_| run_logged(&dir, program, rest));
+    let (code, signal) = match ran {
         Ok(status) => {
             use std::os::unix::process::ExitStatusExt;
             (status.code().unwrap_or(0), status.signal().unwrap_or(0))
@@ -557,6 +580,82 @@ pub fn shim_main(args: &[String]) -> i32 {
         let _ = fs::rename(&tmp, dir.join("exit"));
     }
     0
+}
+
+/// Gives the shim (and so the container) a mount namespace of its own, with each volume
+/// bound at its path: `mountPath` means what it says, and nobody else sees the mounts. A
+/// missing mount point is made on the node (an empty directory or file is left there).
+/// Needs root (CAP_SYS_ADMIN).
+fn private_mounts(mounts: &[(PathBuf, PathBuf, bool)]) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::io::{Error, ErrorKind};
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|e| Error::new(ErrorKind::InvalidInput, e))
+    };
+    let fail = |what: String| {
+        let e = Error::last_os_error();
+        Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    // SAFETY: unshare and mount take valid NUL-terminated strings (or null where allowed)
+    // that outlive the calls; they touch no memory of this process.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(fail(
+                "volumes need a mount namespace of their own (run the agent as root)".into(),
+            ));
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(fail("making the mount namespace private".into()));
+        }
+    }
+    for (from, to, read_only) in mounts {
+        if from.is_dir() {
+            fs::create_dir_all(to)?;
+        } else if !to.exists() {
+            if let Some(parent) = to.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::write(to, b"")?;
+        }
+        let (src, dst) = (c(from)?, c(to)?);
+        // SAFETY: as above.
+        unsafe {
+            if libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(fail(format!(
+                    "mounting {} at {}",
+                    from.display(),
+                    to.display()
+                )));
+            }
+            if *read_only
+                && libc::mount(
+                    std::ptr::null(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return Err(fail(format!("making {} read-only", to.display())));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn append(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -23,6 +23,8 @@ pub struct ContainerSpec {
     pub cpu_limit_milli: i64,
     /// memory limit in bytes (0: none).
     pub memory_limit: i64,
+    /// The node's directories and files mounted into the container (its volumeMounts).
+    pub mounts: Vec<crate::volumes::Mount>,
 }
 
 /// A container as the runtime knows it.

@@ -51,6 +51,8 @@ pub enum Msg {
 pub struct NodeInfo {
     pub name: String,
     pub ip: String,
+    /// Where pods' volumes live: `<dir>/<uid>/volumes/<name>`.
+    pub pods_dir: std::path::PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -133,7 +135,14 @@ pub struct Worker<R: Runtime> {
     written: Option<PodStatus>,
     /// The pod's own address from the runtime (`None`: the node's).
     pod_ip: Option<String>,
+    volumes: crate::volumes::PodVolumes,
+    /// Whether every volume has been made; projected ones are refreshed from then on.
+    volumes_ready: bool,
+    next_volume_refresh: Instant,
 }
+
+/// How often the files of configMap, secret and downwardAPI volumes are brought up to date.
+const VOLUME_REFRESH: Duration = Duration::from_secs(2);
 
 fn policy(pod: &Pod) -> &str {
     match pod.spec.as_ref().map(|s| s.restart_policy.as_str()) {
@@ -256,6 +265,8 @@ impl<R: Runtime> Worker<R> {
                 }
             }
         }
+        let volumes =
+            crate::volumes::PodVolumes::new(node.pods_dir.join(uid(&pod)).join("volumes"));
         Self {
             rt,
             client,
@@ -265,6 +276,9 @@ impl<R: Runtime> Worker<R> {
             start_time,
             written: None,
             pod_ip: None,
+            volumes,
+            volumes_ready: false,
+            next_volume_refresh: Instant::now(),
         }
     }
 
@@ -321,6 +335,7 @@ impl<R: Runtime> Worker<R> {
                 .get("memory")
                 .and_then(|q| parse_bytes(q).ok())
                 .unwrap_or(0),
+            mounts: Vec::new(),
         }
     }
 
@@ -354,8 +369,38 @@ impl<R: Runtime> Worker<R> {
                 self.terminate(gone).await;
                 return;
             }
+            self.refresh_volumes().await;
             self.step().await;
             self.report().await;
+        }
+    }
+
+    /// Makes the pod's volumes; `Err` is the kubelet's `MountVolume.SetUp failed` message.
+    async fn prepare_volumes(&mut self) -> Result<(), String> {
+        let cx = crate::env::Context {
+            client: &self.client,
+            pod: &self.pod,
+            pod_ip: self.pod_ip.as_deref().unwrap_or(&self.node.ip),
+            node_name: &self.node.name,
+            host_ip: &self.node.ip,
+        };
+        self.volumes.prepare(&cx).await?;
+        self.volumes_ready = true;
+        self.next_volume_refresh = Instant::now() + VOLUME_REFRESH;
+        Ok(())
+    }
+
+    /// Brings projected volumes up to date with their sources, every [`VOLUME_REFRESH`].
+    async fn refresh_volumes(&mut self) {
+        if !self.volumes_ready
+            || Instant::now() < self.next_volume_refresh
+            || !crate::volumes::PodVolumes::has_projected(&self.pod)
+        {
+            return;
+        }
+        if let Err(e) = self.prepare_volumes().await {
+            tracing::warn!(pod = self.pod.name(), "{e}");
+            self.next_volume_refresh = Instant::now() + VOLUME_REFRESH;
         }
     }
 
@@ -366,6 +411,17 @@ impl<R: Runtime> Worker<R> {
             spec.restart_count += 1;
         }
         let now = Instant::now();
+        if !self.volumes_ready
+            && let Err(message) = self.prepare_volumes().await
+        {
+            tracing::warn!(pod = self.pod.name(), container = spec.name, "{message}");
+            let s = &mut self.slots[i];
+            s.waiting = Some(("ContainerCreating".into(), message));
+            let wait = next_backoff(&mut s.backoff);
+            s.next_start = Some(now + wait);
+            return;
+        }
+        spec.mounts = self.volumes.mounts(&self.pod, &self.slots[i].c);
         let cx = crate::env::Context {
             client: &self.client,
             pod: &self.pod,
@@ -666,6 +722,7 @@ impl<R: Runtime> Worker<R> {
                 self.rt.remove(id).await;
             }
         }
+        self.volumes.remove();
         if gone {
             return;
         }

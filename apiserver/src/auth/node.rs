@@ -66,32 +66,39 @@ pub fn authorize(node: &str, attrs: &Attributes) -> Verdict {
 }
 
 /// Whether `pod` refers to `resource` (`configmaps`, `secrets`) `name`: in a container's
-/// `env` (`configMapKeyRef`, `secretKeyRef`) or `envFrom`.
+/// `env` (`configMapKeyRef`, `secretKeyRef`), `envFrom`, or a volume.
 pub fn pod_refers(pod: &flotilla_proto::api::Pod, resource: &str, name: &str) -> bool {
     let Some(spec) = &pod.spec else {
         return false;
     };
-    spec.containers
-        .iter()
-        .chain(&spec.init_containers)
-        .any(|c| {
-            let env = c
-                .env
-                .iter()
-                .filter_map(|e| e.value_from.as_ref())
-                .any(|f| match resource {
-                    "configmaps" => f
-                        .config_map_key_ref
-                        .as_ref()
-                        .is_some_and(|r| r.name == name),
-                    "secrets" => f.secret_key_ref.as_ref().is_some_and(|r| r.name == name),
+    let volume = spec.volumes.iter().any(|v| match resource {
+        "configmaps" => v.config_map.as_ref().is_some_and(|c| c.name == name),
+        "secrets" => v.secret.as_ref().is_some_and(|c| c.secret_name == name),
+        _ => false,
+    });
+    volume
+        || spec
+            .containers
+            .iter()
+            .chain(&spec.init_containers)
+            .any(|c| {
+                let env =
+                    c.env
+                        .iter()
+                        .filter_map(|e| e.value_from.as_ref())
+                        .any(|f| match resource {
+                            "configmaps" => f
+                                .config_map_key_ref
+                                .as_ref()
+                                .is_some_and(|r| r.name == name),
+                            "secrets" => f.secret_key_ref.as_ref().is_some_and(|r| r.name == name),
+                            _ => false,
+                        });
+                let from = c.env_from.iter().any(|f| match resource {
+                    "configmaps" => f.config_map_ref.as_ref().is_some_and(|r| r.name == name),
+                    "secrets" => f.secret_ref.as_ref().is_some_and(|r| r.name == name),
                     _ => false,
                 });
-            let from = c.env_from.iter().any(|f| match resource {
-                "configmaps" => f.config_map_ref.as_ref().is_some_and(|r| r.name == name),
-                "secrets" => f.secret_ref.as_ref().is_some_and(|r| r.name == name),
-                _ => false,
-            });
-            env || from
-        })
+                env || from
+            })
 }

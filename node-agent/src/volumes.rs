@@ -1,0 +1,488 @@
+//! A pod's volumes, as the kubelet makes them, under `<data-dir>/pods/<uid>/volumes/<name>`.
+//!
+//! - `emptyDir`: a directory that lives and dies with the pod; `medium: Memory` is a tmpfs
+//!   (of `sizeLimit`, else half the node's memory), which needs the agent to run as root.
+//! - `hostPath`: the node's own path; `DirectoryOrCreate` and `FileOrCreate` make it,
+//!   `Directory` and `File` check it.
+//! - `configMap`, `secret`, `downwardAPI`: files projected from the source, written as the
+//!   kubelet's atomic writer does: into a fresh hidden directory, then one `rename` of the
+//!   `..data` symlink to it, so a reader sees either the old files or the new ones, never
+//!   a mix; each top-level name is a symlink through `..data`. They are written again when
+//!   their source changes ([`PodVolumes::refresh`]).
+//!
+//! A container's `volumeMounts` become [`Mount`]s for its runtime: the host path (joined
+//! with `subPath`) and the path in the container.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use flotilla_proto::api::{ConfigMap, Container, KeyToPath, Pod, Resource, Secret, Volume};
+
+use crate::env::Context;
+
+/// One directory or file of the node mounted into a container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    pub host_path: PathBuf,
+    pub container_path: String,
+    pub read_only: bool,
+}
+
+/// Files of a projected volume: relative path → (bytes, mode).
+type Files = BTreeMap<String, (Vec<u8>, u32)>;
+
+const DEFAULT_MODE: u32 = 0o644;
+const DATA: &str = "..data";
+
+/// The volumes of one pod on this node.
+pub struct PodVolumes {
+    root: PathBuf,
+    /// Per projected volume, the files last written (written again only when they change).
+    written: BTreeMap<String, Files>,
+    /// tmpfs mounted for `emptyDir.medium: Memory`, unmounted when the pod goes.
+    tmpfs: Vec<PathBuf>,
+}
+
+fn volume_error(name: &str, message: impl std::fmt::Display) -> String {
+    format!("MountVolume.SetUp failed for volume {name:?}: {message}")
+}
+
+impl PodVolumes {
+    /// The volumes of a pod, kept under `root` (`<pods dir>/<uid>/volumes`).
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            written: BTreeMap::new(),
+            tmpfs: Vec::new(),
+        }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Makes every volume of the pod (those already made are left, projected ones are
+    /// brought up to date). `Err` is the kubelet's `MountVolume.SetUp failed` message.
+    pub async fn prepare(&mut self, cx: &Context<'_>) -> Result<(), String> {
+        let volumes = cx
+            .pod
+            .spec
+            .as_ref()
+            .map(|s| s.volumes.clone())
+            .unwrap_or_default();
+        for v in &volumes {
+            if let Some(e) = &v.empty_dir {
+                let dir = self.dir(&v.name);
+                if !dir.exists() {
+                    fs::create_dir_all(&dir).map_err(|e| volume_error(&v.name, e))?;
+                    if e.medium == "Memory" {
+                        mount_tmpfs(&dir, &e.size_limit).map_err(|e| volume_error(&v.name, e))?;
+                        self.tmpfs.push(dir);
+                    }
+                }
+            } else if let Some(h) = &v.host_path {
+                host_path(&h.path, &h.r#type).map_err(|e| volume_error(&v.name, e))?;
+            }
+        }
+        self.refresh(cx, &volumes).await
+    }
+
+    /// Writes the projected volumes whose source changed since they were last written.
+    pub async fn refresh(&mut self, cx: &Context<'_>, volumes: &[Volume]) -> Result<(), String> {
+        for v in volumes {
+            let Some(files) = projected(cx, v).await? else {
+                continue;
+            };
+            if self.written.get(&v.name) == Some(&files) {
+                continue;
+            }
+            write_atomically(&self.dir(&v.name), &files).map_err(|e| volume_error(&v.name, e))?;
+            self.written.insert(v.name.clone(), files);
+        }
+        Ok(())
+    }
+
+    /// Whether the pod has volumes whose files follow a source.
+    pub fn has_projected(pod: &Pod) -> bool {
+        pod.spec.as_ref().is_some_and(|s| {
+            s.volumes
+                .iter()
+                .any(|v| v.config_map.is_some() || v.secret.is_some() || v.downward_api.is_some())
+        })
+    }
+
+    /// The mounts of container `c`.
+    pub fn mounts(&self, pod: &Pod, c: &Container) -> Vec<Mount> {
+        let volumes = pod
+            .spec
+            .as_ref()
+            .map(|s| s.volumes.as_slice())
+            .unwrap_or_default();
+        c.volume_mounts
+            .iter()
+            .filter_map(|m| {
+                let v = volumes.iter().find(|v| v.name == m.name)?;
+                let base = match &v.host_path {
+                    Some(h) => PathBuf::from(&h.path),
+                    None => self.dir(&v.name),
+                };
+                let host_path = if m.sub_path.is_empty() {
+                    base
+                } else {
+                    let p = base.join(&m.sub_path);
+                    // The kubelet makes a missing subPath as a directory.
+                    if !p.exists() && v.empty_dir.is_some() {
+                        let _ = fs::create_dir_all(&p);
+                    }
+                    p
+                };
+                Some(Mount {
+                    host_path,
+                    container_path: m.mount_path.clone(),
+                    // Projected volumes are read-only, as the kubelet mounts them.
+                    read_only: m.read_only
+                        || v.config_map.is_some()
+                        || v.secret.is_some()
+                        || v.downward_api.is_some(),
+                })
+            })
+            .collect()
+    }
+
+    /// Removes the pod's volumes (after its containers are gone). hostPath volumes are the
+    /// node's and stay.
+    pub fn remove(&mut self) {
+        for dir in self.tmpfs.drain(..) {
+            unmount(&dir);
+        }
+        let _ = fs::remove_dir_all(&self.root);
+        self.written.clear();
+    }
+}
+
+/// The files a projected volume should hold now, or `None` for other volumes.
+async fn projected(cx: &Context<'_>, v: &Volume) -> Result<Option<Files>, String> {
+    let ns = cx.pod.namespace();
+    if let Some(c) = &v.config_map {
+        let optional = c.optional == Some(true);
+        let mode = c.default_mode.map(|m| m as u32).unwrap_or(DEFAULT_MODE);
+        return match crate::env::fetch::<ConfigMap>(cx, &c.name).await? {
+            None if optional => Ok(Some(Files::new())),
+            None => Err(volume_error(
+                &v.name,
+                format!("configmap {:?} not found", c.name),
+            )),
+            Some(cm) => {
+                let mut all: BTreeMap<String, Vec<u8>> = cm
+                    .data
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()))
+                    .collect();
+                all.extend(cm.binary_data);
+                pick(&v.name, &all, &c.items, mode, optional, || {
+                    format!("ConfigMap {ns}/{}", c.name)
+                })
+                .map(Some)
+            }
+        };
+    }
+    if let Some(s) = &v.secret {
+        let optional = s.optional == Some(true);
+        let mode = s.default_mode.map(|m| m as u32).unwrap_or(DEFAULT_MODE);
+        return match crate::env::fetch::<Secret>(cx, &s.secret_name).await? {
+            None if optional => Ok(Some(Files::new())),
+            None => Err(volume_error(
+                &v.name,
+                format!("secret {:?} not found", s.secret_name),
+            )),
+            Some(secret) => pick(&v.name, &secret.data, &s.items, mode, optional, || {
+                format!("Secret {ns}/{}", s.secret_name)
+            })
+            .map(Some),
+        };
+    }
+    if let Some(d) = &v.downward_api {
+        let mode = d.default_mode.map(|m| m as u32).unwrap_or(DEFAULT_MODE);
+        let first = cx
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first().cloned())
+            .unwrap_or_default();
+        let mut files = Files::new();
+        for item in &d.items {
+            let value = if let Some(f) = &item.field_ref {
+                downward_field(cx, &f.field_path).map_err(|e| volume_error(&v.name, e))?
+            } else if let Some(r) = &item.resource_field_ref {
+                crate::env::resource(cx, &first, r)
+                    .await
+                    .map_err(|e| volume_error(&v.name, e))?
+            } else {
+                continue;
+            };
+            let mode = item.mode.map(|m| m as u32).unwrap_or(mode);
+            files.insert(item.path.clone(), (value.into_bytes(), mode));
+        }
+        return Ok(Some(files));
+    }
+    Ok(None)
+}
+
+/// A downward API file's content: a field of the pod; all labels or annotations are
+/// `key="value"` lines, sorted, as the kubelet writes them.
+fn downward_field(cx: &Context<'_>, path: &str) -> Result<String, String> {
+    let meta = cx.pod.metadata.clone().unwrap_or_default();
+    let lines = |map: &BTreeMap<String, String>| {
+        map.iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    match path {
+        "metadata.labels" => Ok(lines(&meta.labels)),
+        "metadata.annotations" => Ok(lines(&meta.annotations)),
+        other => crate::env::field(cx, other),
+    }
+}
+
+/// The keys `items` asks for (every key at its own name when empty).
+fn pick(
+    volume: &str,
+    all: &BTreeMap<String, Vec<u8>>,
+    items: &[KeyToPath],
+    mode: u32,
+    optional: bool,
+    source: impl Fn() -> String,
+) -> Result<Files, String> {
+    if items.is_empty() {
+        return Ok(all
+            .iter()
+            .map(|(k, v)| (k.clone(), (v.clone(), mode)))
+            .collect());
+    }
+    let mut files = Files::new();
+    for item in items {
+        match all.get(&item.key) {
+            Some(bytes) => {
+                let mode = item.mode.map(|m| m as u32).unwrap_or(mode);
+                files.insert(item.path.clone(), (bytes.clone(), mode));
+            }
+            None if optional => {}
+            None => {
+                return Err(volume_error(
+                    volume,
+                    format!("couldn't find key {} in {}", item.key, source()),
+                ));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Writes `files` into `dir` as the kubelet's atomic writer does: a fresh hidden
+/// directory, the `..data` symlink swapped to it with one rename, a symlink through
+/// `..data` per top-level name, then the old directory and stale names removed.
+pub fn write_atomically(dir: &Path, files: &Files) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let stamp = format!(
+        "..{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    );
+    let fresh = dir.join(&stamp);
+    fs::create_dir(&fresh)?;
+    for (path, (bytes, mode)) in files {
+        let target = fresh.join(path);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::write(&target, bytes)?;
+        fs::set_permissions(&target, fs::Permissions::from_mode(*mode))?;
+    }
+    let old = fs::read_link(dir.join(DATA)).ok();
+    let tmp = dir.join("..data_tmp");
+    let _ = fs::remove_file(&tmp);
+    symlink(&stamp, &tmp)?;
+    fs::rename(&tmp, dir.join(DATA))?;
+    let top: std::collections::BTreeSet<String> = files
+        .keys()
+        .filter_map(|p| p.split('/').next().map(str::to_string))
+        .collect();
+    for name in &top {
+        let link = dir.join(name);
+        if fs::symlink_metadata(&link).is_err() {
+            symlink(Path::new(DATA).join(name), &link)?;
+        }
+    }
+    for entry in fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !name.starts_with("..") && !top.contains(&name) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    if let Some(old) = old
+        && old != Path::new(&stamp)
+    {
+        let _ = fs::remove_dir_all(dir.join(old));
+    }
+    Ok(())
+}
+
+/// Makes or checks a hostPath volume's path as its type says.
+fn host_path(path: &str, kind: &str) -> io::Result<()> {
+    let p = Path::new(path);
+    let missing = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("hostPath type check failed: {path} is not a {what}"),
+        )
+    };
+    match kind {
+        "DirectoryOrCreate" => fs::create_dir_all(p),
+        "Directory" if p.is_dir() => Ok(()),
+        "Directory" => Err(missing("directory")),
+        "FileOrCreate" if p.exists() => Ok(()),
+        "FileOrCreate" => fs::write(p, b"").map(|_| ()),
+        "File" if p.is_file() => Ok(()),
+        "File" => Err(missing("file")),
+        _ => Ok(()),
+    }
+}
+
+fn mount_tmpfs(dir: &Path, size_limit: &str) -> io::Result<()> {
+    use std::ffi::CString;
+    let bytes = flotilla_proto::api::quantity::parse_bytes(size_limit)
+        .ok()
+        .filter(|b| *b > 0);
+    let options = match bytes {
+        Some(b) => format!("size={b}"),
+        None => "size=50%".to_string(),
+    };
+    let target = CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let data = CString::new(options).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!(
+                "mounting a tmpfs (emptyDir medium Memory) needs the agent to run as root: {e}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn unmount(dir: &Path) {
+    if let Ok(target) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
+        // SAFETY: a valid NUL-terminated path; failure leaves the mount (reported nowhere).
+        unsafe {
+            libc::umount2(target.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(pairs: &[(&str, &str)]) -> Files {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), (v.as_bytes().to_vec(), 0o644)))
+            .collect()
+    }
+
+    #[test]
+    fn projected_files_are_swapped_in_at_once_and_stale_names_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("config");
+        write_atomically(&dir, &files(&[("a.conf", "one"), ("sub/b", "two")])).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("a.conf")).unwrap(), "one");
+        assert_eq!(fs::read_to_string(dir.join("sub/b")).unwrap(), "two");
+        assert!(
+            fs::symlink_metadata(dir.join("a.conf"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let first = fs::read_link(dir.join(DATA)).unwrap();
+
+        write_atomically(&dir, &files(&[("a.conf", "uno"), ("c", "tres")])).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("a.conf")).unwrap(), "uno");
+        assert_eq!(fs::read_to_string(dir.join("c")).unwrap(), "tres");
+        assert!(
+            !dir.join("sub").exists(),
+            "a name no longer in the source goes"
+        );
+        assert!(!dir.join(&first).exists(), "the old generation is removed");
+        let names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| !n.starts_with(".."))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(names, ["a.conf", "c"]);
+        let mode = fs::metadata(dir.join("c")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+    }
+
+    #[test]
+    fn items_pick_keys_and_a_missing_key_is_an_error_unless_optional() {
+        let all: BTreeMap<String, Vec<u8>> = [
+            ("k".to_string(), b"v".to_vec()),
+            ("x".to_string(), b"y".to_vec()),
+        ]
+        .into();
+        let item = |key: &str, path: &str| KeyToPath {
+            key: key.into(),
+            path: path.into(),
+            mode: Some(0o600),
+        };
+        let picked = pick("cfg", &all, &[item("k", "dir/k.txt")], 0o644, false, || {
+            "ConfigMap d/c".into()
+        })
+        .unwrap();
+        assert_eq!(
+            picked,
+            [("dir/k.txt".to_string(), (b"v".to_vec(), 0o600))].into()
+        );
+        let e = pick("cfg", &all, &[item("nope", "n")], 0o644, false, || {
+            "ConfigMap d/c".into()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "MountVolume.SetUp failed for volume \"cfg\": couldn't find key nope in ConfigMap d/c"
+        );
+        assert!(
+            pick("cfg", &all, &[item("nope", "n")], 0o644, true, || {
+                String::new()
+            })
+            .unwrap()
+            .is_empty()
+        );
+        assert_eq!(
+            pick("cfg", &all, &[], 0o640, false, String::new)
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+}
