@@ -502,6 +502,52 @@ fn validate_items(items: &[KeyToPath], at: &str, errs: &mut FieldErrors) {
     }
 }
 
+/// Items of a downwardAPI volume or projection: a relative path, a mode, one field.
+fn validate_downward_items(items: &[DownwardApiVolumeFile], at: &str, errs: &mut FieldErrors) {
+    for (j, f) in items.iter().enumerate() {
+        let fat = format!("{at}.items[{j}]");
+        if f.path.is_empty() {
+            errs.add(format!("{fat}.path"), "Required value");
+        } else {
+            validate_relative_path(&f.path, &format!("{fat}.path"), errs);
+        }
+        validate_mode(f.mode, &format!("{fat}.mode"), errs);
+        match (&f.field_ref, &f.resource_field_ref) {
+            (Some(r), None) => {
+                let path = r.field_path.as_str();
+                let keyed = ["metadata.labels['", "metadata.annotations['"]
+                    .iter()
+                    .any(|p| path.starts_with(p) && path.ends_with("']"));
+                let allowed = [
+                    "metadata.name",
+                    "metadata.namespace",
+                    "metadata.uid",
+                    "metadata.labels",
+                    "metadata.annotations",
+                ];
+                if !keyed && !allowed.contains(&path) {
+                    errs.add(
+                        format!("{fat}.fieldRef.fieldPath"),
+                        format!(
+                            "Unsupported value: {path:?}: supported values: {}",
+                            allowed.map(|a| format!("{a:?}")).join(", ")
+                        ),
+                    );
+                }
+            }
+            (None, Some(r)) => {
+                if !ENV_RESOURCES.contains(&r.resource.as_str()) {
+                    errs.add(
+                        format!("{fat}.resourceFieldRef.resource"),
+                        format!("Unsupported value: {:?}", r.resource),
+                    );
+                }
+            }
+            _ => errs.add(&fat, "must specify one of fieldRef or resourceFieldRef"),
+        }
+    }
+}
+
 /// Volumes (a DNS-label name, unique; exactly one source) and every container's mounts
 /// (a volume of the pod; an absolute mountPath, unique in the container).
 fn validate_volumes(spec: &PodSpec, at: &str, errs: &mut FieldErrors) {
@@ -527,11 +573,12 @@ fn validate_volumes(spec: &PodSpec, at: &str, errs: &mut FieldErrors) {
             v.config_map.is_some(),
             v.secret.is_some(),
             v.downward_api.is_some(),
+            v.projected.is_some(),
         ];
         match sources.iter().filter(|s| **s).count() {
             0 => errs.add(
                 &vat,
-                "must specify one volume source (emptyDir, hostPath, configMap, secret, downwardAPI)",
+                "must specify one volume source (emptyDir, hostPath, configMap, secret, downwardAPI, projected)",
             ),
             1 => {}
             _ => errs.add(&vat, "may not specify more than 1 volume type"),
@@ -588,46 +635,37 @@ fn validate_volumes(spec: &PodSpec, at: &str, errs: &mut FieldErrors) {
                 &format!("{vat}.downwardAPI.defaultMode"),
                 errs,
             );
-            for (j, f) in d.items.iter().enumerate() {
-                let fat = format!("{vat}.downwardAPI.items[{j}]");
-                if f.path.is_empty() {
-                    errs.add(format!("{fat}.path"), "Required value");
-                } else {
-                    validate_relative_path(&f.path, &format!("{fat}.path"), errs);
+            validate_downward_items(&d.items, &format!("{vat}.downwardAPI"), errs);
+        }
+        if let Some(p) = &v.projected {
+            let pat = format!("{vat}.projected");
+            validate_mode(p.default_mode, &format!("{pat}.defaultMode"), errs);
+            for (j, src) in p.sources.iter().enumerate() {
+                let sat = format!("{pat}.sources[{j}]");
+                let n = [
+                    src.config_map.is_some(),
+                    src.secret.is_some(),
+                    src.downward_api.is_some(),
+                ]
+                .iter()
+                .filter(|x| **x)
+                .count();
+                if n != 1 {
+                    errs.add(
+                        &sat,
+                        "must specify exactly one source (configMap, secret, downwardAPI)",
+                    );
                 }
-                validate_mode(f.mode, &format!("{fat}.mode"), errs);
-                match (&f.field_ref, &f.resource_field_ref) {
-                    (Some(r), None) => {
-                        let path = r.field_path.as_str();
-                        let keyed = ["metadata.labels['", "metadata.annotations['"]
-                            .iter()
-                            .any(|p| path.starts_with(p) && path.ends_with("']"));
-                        let allowed = [
-                            "metadata.name",
-                            "metadata.namespace",
-                            "metadata.uid",
-                            "metadata.labels",
-                            "metadata.annotations",
-                        ];
-                        if !keyed && !allowed.contains(&path) {
-                            errs.add(
-                                format!("{fat}.fieldRef.fieldPath"),
-                                format!(
-                                    "Unsupported value: {path:?}: supported values: {}",
-                                    allowed.map(|a| format!("{a:?}")).join(", ")
-                                ),
-                            );
-                        }
-                    }
-                    (None, Some(r)) => {
-                        if !ENV_RESOURCES.contains(&r.resource.as_str()) {
-                            errs.add(
-                                format!("{fat}.resourceFieldRef.resource"),
-                                format!("Unsupported value: {:?}", r.resource),
-                            );
-                        }
-                    }
-                    _ => errs.add(&fat, "must specify one of fieldRef or resourceFieldRef"),
+                if let Some(c) = &src.config_map {
+                    object_ref_name(&c.name, &format!("{sat}.configMap.name"), errs);
+                    validate_items(&c.items, &format!("{sat}.configMap"), errs);
+                }
+                if let Some(c) = &src.secret {
+                    object_ref_name(&c.name, &format!("{sat}.secret.name"), errs);
+                    validate_items(&c.items, &format!("{sat}.secret"), errs);
+                }
+                if let Some(d) = &src.downward_api {
+                    validate_downward_items(&d.items, &format!("{sat}.downwardAPI"), errs);
                 }
             }
         }
@@ -1719,6 +1757,17 @@ impl Kind for Endpoints {
 // ---------------------------------------------------------------- nodes
 
 impl Kind for Node {
+    /// A NoExecute taint gets `timeAdded` when it comes without one, as in Kubernetes: the
+    /// taint manager counts `tolerationSeconds` from it.
+    fn apply_defaults(&mut self) {
+        if let Some(spec) = self.spec.as_mut() {
+            for t in spec.taints.iter_mut() {
+                if t.effect == "NoExecute" && t.time_added.is_empty() {
+                    t.time_added = flotilla_proto::api::time::now();
+                }
+            }
+        }
+    }
     fn validate(&self, errs: &mut FieldErrors) {
         if let Some(spec) = &self.spec {
             for (i, t) in spec.taints.iter().enumerate() {

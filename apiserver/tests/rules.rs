@@ -1625,6 +1625,18 @@ async fn volumes_and_mounts_are_checked_by_field() {
             json!([]),
             "spec.volumes[0].downwardAPI.items[0].fieldRef.fieldPath: Unsupported value: \"spec.nodeName\"",
         ),
+        (
+            "proj",
+            json!([{"name": "a", "projected": {"sources": [{"configMap": {"name": "c"}, "secret": {"name": "s"}}]}}]),
+            json!([]),
+            "spec.volumes[0].projected.sources[0]: must specify exactly one source",
+        ),
+        (
+            "projpath",
+            json!([{"name": "a", "projected": {"sources": [{"secret": {"name": "s", "items": [{"key": "k", "path": "/abs"}]}}]}}]),
+            json!([]),
+            "spec.volumes[0].projected.sources[0].secret.items[0].path: invalid value \"/abs\": must be a relative path",
+        ),
     ] {
         let e = c.create(&with(name, volumes, mounts)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{name}: {e}");

@@ -1556,6 +1556,7 @@ fn volumes_project_configmaps_secrets_and_the_downward_api(rt: Rt) {
             "echo env=$GREETING; cat {at}/creds/token; echo; stat -c mode=%a {at}/creds/..data/token; \
              cat {at}/info/labels; echo; echo x > {at}/scratch/f && echo scratch=$(cat {at}/scratch/f); \
              (echo y > {at}/app/new) 2>/dev/null && echo app=rw || echo app=ro; \
+             echo all=$(cat {at}/all/color)-$(cat {at}/all/tok)-$(cat {at}/all/name); \
              while true; do echo file=$(cat {at}/app/greeting); sleep 0.2; done"
         );
         let p = pod(
@@ -1568,6 +1569,7 @@ fn volumes_project_configmaps_secrets_and_the_downward_api(rt: Rt) {
                     {"name": "creds", "mountPath": format!("{at}/creds")},
                     {"name": "info", "mountPath": format!("{at}/info")},
                     {"name": "scratch", "mountPath": format!("{at}/scratch")},
+                    {"name": "all", "mountPath": format!("{at}/all")},
                 ],
             }),
             json!({
@@ -1576,6 +1578,11 @@ fn volumes_project_configmaps_secrets_and_the_downward_api(rt: Rt) {
                     {"name": "creds", "secret": {"secretName": "creds", "defaultMode": 256}},
                     {"name": "info", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
                     {"name": "scratch", "emptyDir": {}},
+                    {"name": "all", "projected": {"sources": [
+                        {"configMap": {"name": "app", "items": [{"key": "color", "path": "color"}]}},
+                        {"secret": {"name": "creds", "items": [{"key": "token", "path": "tok"}]}},
+                        {"downwardAPI": {"items": [{"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}},
+                    ]}},
                 ],
             }),
         );
@@ -1599,6 +1606,7 @@ fn volumes_project_configmaps_secrets_and_the_downward_api(rt: Rt) {
             "tier=\"web\"\n",
             "scratch=x\n",
             "app=ro\n",
+            "all=blue-s3cr3t-vols\n",
         ] {
             assert!(text.contains(want), "{want:?} in {text}");
         }

@@ -1019,3 +1019,74 @@ fn a_runaway_deployment_is_held_to_its_namespace_quota() {
         .await;
     });
 }
+
+/// The taint manager acts on every NoExecute taint, not only its own: a pod that does not
+/// tolerate it goes at once, one that tolerates it for two seconds goes after them, one that
+/// tolerates it without a limit stays.
+#[test]
+fn every_no_execute_taint_evicts_the_pods_that_do_not_tolerate_it() {
+    let cluster = Cluster::start();
+    runtime().block_on(async {
+        let c = client(&cluster);
+        c.create(&node("n1")).await.unwrap();
+        let _kubelet = fake_kubelet(c.clone(), Duration::ZERO);
+        let toleration = |seconds: Option<i64>| {
+            let mut t = json!({"key": "dedicated", "operator": "Exists", "effect": "NoExecute"});
+            if let Some(s) = seconds {
+                t["tolerationSeconds"] = json!(s);
+            }
+            t
+        };
+        for (name, tolerations) in [
+            ("plain", json!([])),
+            ("brief", json!([toleration(Some(2))])),
+            ("forever", json!([toleration(None)])),
+        ] {
+            c.create(&obj::<Pod>(json!({
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"nodeName": "n1", "tolerations": tolerations,
+                         "containers": [{"name": "main", "image": "x"}]},
+            })))
+            .await
+            .unwrap();
+        }
+        until("the pods ready", || async {
+            let ready = pods(&c).await.iter().filter(|p| is_ready(p)).count();
+            (ready == 3).then_some(())
+        })
+        .await;
+        let tainted = Instant::now();
+        let n = c
+            .patch::<Node>(
+                "",
+                "n1",
+                &json!({"spec": {"taints": [{"key": "dedicated", "value": "x", "effect": "NoExecute"}]}}),
+            )
+            .await
+            .unwrap();
+        // The API server stamps the taint; tolerationSeconds count from it.
+        assert!(!n.spec.unwrap().taints[0].time_added.is_empty());
+        let going = |name: &'static str| {
+            let c = c.clone();
+            async move {
+                match c.get::<Pod>("default", name).await {
+                    Ok(p) => is_deleting(&p),
+                    Err(e) => e.is_not_found(),
+                }
+            }
+        };
+        until("the pod without a toleration evicted", || async {
+            going("plain").await.then_some(())
+        })
+        .await;
+        assert!(!going("brief").await || tainted.elapsed() >= Duration::from_secs(1));
+        until("the briefly tolerating pod evicted", || async {
+            going("brief").await.then_some(())
+        })
+        .await;
+        // timeAdded has whole seconds: at most a second early.
+        assert!(tainted.elapsed() >= Duration::from_secs(1), "{:?}", tainted.elapsed());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!going("forever").await, "a pod tolerating the taint for ever stays");
+    });
+}

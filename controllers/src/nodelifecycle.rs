@@ -5,6 +5,11 @@
 //! default (5 s) when they don't, never when they tolerate it without a limit. When the
 //! Lease is renewed again the taint goes and the node is Ready again.
 //!
+//! The taint manager acts on every NoExecute taint, as Kubernetes': a pod that does not
+//! tolerate one is evicted at once, one that tolerates it for `tolerationSeconds` that long
+//! after the taint's `timeAdded` (the API server stamps it), one that tolerates it without
+//! a limit never. (Only this controller's own unreachable taint has the 5 s default.)
+//!
 //! Renewals are timed by when this controller *sees* them change (its own clock, not the
 //! agent's), and a new leader gives every node a full grace period from its start, as
 //! Kubernetes does. Nodes that never had a Lease (registered by hand, without an agent)
@@ -102,10 +107,17 @@ pub fn on_pod(ctx: &Ctx, change: &Change<Pod>) {
     if let Some(i) = ctx.try_informers()
         && i.nodes
             .get("", node)
-            .is_some_and(|n| unreachable_taint(&n).is_some())
+            .is_some_and(|n| no_execute_taints(&n).next().is_some())
     {
         ctx.nodelifecycle.queue.add(node);
     }
+}
+
+fn no_execute_taints(n: &Node) -> impl Iterator<Item = &Taint> {
+    n.spec
+        .iter()
+        .flat_map(|s| &s.taints)
+        .filter(|t| t.effect == "NoExecute")
 }
 
 fn unreachable_taint(n: &Node) -> Option<&Taint> {
@@ -131,7 +143,10 @@ pub async fn monitor(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
         ctx.informers().nodes.with_cache(|nodes| {
             for (name, n) in nodes {
                 let silent = c.silent_for(name).is_some_and(|d| d > grace);
-                if silent != unreachable_taint(n).is_some() || silent {
+                if silent != unreachable_taint(n).is_some()
+                    || silent
+                    || no_execute_taints(n).next().is_some()
+                {
                     c.queue.add(name.clone());
                 }
             }
@@ -150,10 +165,14 @@ pub async fn reconcile(ctx: &Ctx, name: &str) -> Result<Requeue, ClientError> {
         let node = mark_unreachable(ctx, node).await?;
         return evict(ctx, &node).await;
     }
-    if unreachable_taint(&node).is_some() || ready_status(&node).1 == STATUS_UNKNOWN_REASON {
-        mark_reachable(ctx, node).await?;
-    }
-    Ok(None)
+    let node =
+        if unreachable_taint(&node).is_some() || ready_status(&node).1 == STATUS_UNKNOWN_REASON {
+            mark_reachable(ctx, node).await?
+        } else {
+            node
+        };
+    // Other NoExecute taints (someone else's) evict too.
+    evict(ctx, &node).await
 }
 
 /// (status, reason) of the Ready condition.
@@ -218,7 +237,7 @@ async fn mark_unreachable(ctx: &Ctx, mut node: Node) -> Result<Node, ClientError
     Ok(node)
 }
 
-async fn mark_reachable(ctx: &Ctx, mut node: Node) -> Result<(), ClientError> {
+async fn mark_reachable(ctx: &Ctx, mut node: Node) -> Result<Node, ClientError> {
     if unreachable_taint(&node).is_some() {
         if let Some(spec) = node.spec.as_mut() {
             spec.taints.retain(|t| t.key != UNREACHABLE_TAINT);
@@ -242,7 +261,7 @@ async fn mark_reachable(ctx: &Ctx, mut node: Node) -> Result<(), ClientError> {
             format!("Node {} status is now: NodeReady", node.name()),
         );
     }
-    Ok(())
+    Ok(node)
 }
 
 /// How long a pod may stay on a node with this taint: `None` for ever.
@@ -265,13 +284,17 @@ fn toleration_time(
 }
 
 async fn evict(ctx: &Ctx, node: &Node) -> Result<Requeue, ClientError> {
-    let Some(taint) = unreachable_taint(node).cloned() else {
+    let taints: Vec<Taint> = no_execute_taints(node).cloned().collect();
+    if taints.is_empty() {
         return Ok(None);
+    }
+    let now = SystemTime::now();
+    // How long each taint has been on the node (`timeAdded`, stamped by the API server).
+    let since = |t: &Taint| {
+        time::parse(&t.time_added)
+            .and_then(|at| now.duration_since(at).ok())
+            .unwrap_or_default()
     };
-    let tainted_at = time::parse(&taint.time_added).unwrap_or_else(SystemTime::now);
-    let since = SystemTime::now()
-        .duration_since(tainted_at)
-        .unwrap_or_default();
     let pods: Vec<Pod> = ctx.informers().pods.with_cache(|pods| {
         pods.values()
             .filter(|p| is_active(p) && p.spec.as_ref().is_some_and(|s| s.node_name == node.name()))
@@ -286,13 +309,26 @@ async fn evict(ctx: &Ctx, node: &Node) -> Result<Requeue, ClientError> {
             .as_ref()
             .map(|s| s.tolerations.as_slice())
             .unwrap_or(&[]);
-        let Some(allowed) = toleration_time(tolerations, &taint, ctx.config.default_toleration)
-        else {
-            continue;
-        };
-        if since < allowed {
-            let wait = allowed - since;
-            next = Some(next.map_or(wait, |n| n.min(wait)));
+        // The soonest any taint's toleration runs out; none: the pod stays.
+        let mut due = false;
+        for taint in &taints {
+            let default = if taint.key == UNREACHABLE_TAINT {
+                ctx.config.default_toleration
+            } else {
+                Duration::ZERO
+            };
+            let Some(allowed) = toleration_time(tolerations, taint, default) else {
+                continue;
+            };
+            let on = since(taint);
+            if on >= allowed {
+                due = true;
+            } else {
+                let wait = allowed - on;
+                next = Some(next.map_or(wait, |n| n.min(wait)));
+            }
+        }
+        if !due {
             continue;
         }
         let req = DeleteRequest {

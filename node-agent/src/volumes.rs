@@ -4,7 +4,8 @@
 //!   (of `sizeLimit`, else half the node's memory), which needs the agent to run as root.
 //! - `hostPath`: the node's own path; `DirectoryOrCreate` and `FileOrCreate` make it,
 //!   `Directory` and `File` check it.
-//! - `configMap`, `secret`, `downwardAPI`: files projected from the source, written as the
+//! - `configMap`, `secret`, `downwardAPI`, `projected` (several of those in one
+//!   directory): files projected from the source, written as the
 //!   kubelet's atomic writer does: into a fresh hidden directory, then one `rename` of the
 //!   `..data` symlink to it, so a reader sees either the old files or the new ones, never
 //!   a mix; each top-level name is a symlink through `..data`. They are written again when
@@ -108,9 +109,12 @@ impl PodVolumes {
     /// Whether the pod has volumes whose files follow a source.
     pub fn has_projected(pod: &Pod) -> bool {
         pod.spec.as_ref().is_some_and(|s| {
-            s.volumes
-                .iter()
-                .any(|v| v.config_map.is_some() || v.secret.is_some() || v.downward_api.is_some())
+            s.volumes.iter().any(|v| {
+                v.config_map.is_some()
+                    || v.secret.is_some()
+                    || v.downward_api.is_some()
+                    || v.projected.is_some()
+            })
         })
     }
 
@@ -146,7 +150,8 @@ impl PodVolumes {
                     read_only: m.read_only
                         || v.config_map.is_some()
                         || v.secret.is_some()
-                        || v.downward_api.is_some(),
+                        || v.downward_api.is_some()
+                        || v.projected.is_some(),
                 })
             })
             .collect()
@@ -165,70 +170,122 @@ impl PodVolumes {
 
 /// The files a projected volume should hold now, or `None` for other volumes.
 async fn projected(cx: &Context<'_>, v: &Volume) -> Result<Option<Files>, String> {
-    let ns = cx.pod.namespace();
+    let mode_or = |m: Option<i32>| m.map(|m| m as u32).unwrap_or(DEFAULT_MODE);
     if let Some(c) = &v.config_map {
+        let mode = mode_or(c.default_mode);
         let optional = c.optional == Some(true);
-        let mode = c.default_mode.map(|m| m as u32).unwrap_or(DEFAULT_MODE);
-        return match crate::env::fetch::<ConfigMap>(cx, &c.name).await? {
-            None if optional => Ok(Some(Files::new())),
-            None => Err(volume_error(
-                &v.name,
-                format!("configmap {:?} not found", c.name),
-            )),
-            Some(cm) => {
-                let mut all: BTreeMap<String, Vec<u8>> = cm
-                    .data
-                    .into_iter()
-                    .map(|(k, v)| (k, v.into_bytes()))
-                    .collect();
-                all.extend(cm.binary_data);
-                pick(&v.name, &all, &c.items, mode, optional, || {
-                    format!("ConfigMap {ns}/{}", c.name)
-                })
-                .map(Some)
-            }
-        };
+        return config_map_files(cx, &v.name, &c.name, &c.items, mode, optional)
+            .await
+            .map(Some);
     }
     if let Some(s) = &v.secret {
+        let mode = mode_or(s.default_mode);
         let optional = s.optional == Some(true);
-        let mode = s.default_mode.map(|m| m as u32).unwrap_or(DEFAULT_MODE);
-        return match crate::env::fetch::<Secret>(cx, &s.secret_name).await? {
-            None if optional => Ok(Some(Files::new())),
-            None => Err(volume_error(
-                &v.name,
-                format!("secret {:?} not found", s.secret_name),
-            )),
-            Some(secret) => pick(&v.name, &secret.data, &s.items, mode, optional, || {
-                format!("Secret {ns}/{}", s.secret_name)
-            })
-            .map(Some),
-        };
+        return secret_files(cx, &v.name, &s.secret_name, &s.items, mode, optional)
+            .await
+            .map(Some);
     }
     if let Some(d) = &v.downward_api {
-        let mode = d.default_mode.map(|m| m as u32).unwrap_or(DEFAULT_MODE);
-        let first = cx
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.containers.first().cloned())
-            .unwrap_or_default();
+        return downward_files(cx, &v.name, &d.items, mode_or(d.default_mode))
+            .await
+            .map(Some);
+    }
+    if let Some(p) = &v.projected {
+        let mode = mode_or(p.default_mode);
         let mut files = Files::new();
-        for item in &d.items {
-            let value = if let Some(f) = &item.field_ref {
-                downward_field(cx, &f.field_path).map_err(|e| volume_error(&v.name, e))?
-            } else if let Some(r) = &item.resource_field_ref {
-                crate::env::resource(cx, &first, r)
-                    .await
-                    .map_err(|e| volume_error(&v.name, e))?
+        for src in &p.sources {
+            let more = if let Some(c) = &src.config_map {
+                let optional = c.optional == Some(true);
+                config_map_files(cx, &v.name, &c.name, &c.items, mode, optional).await?
+            } else if let Some(s) = &src.secret {
+                let optional = s.optional == Some(true);
+                secret_files(cx, &v.name, &s.name, &s.items, mode, optional).await?
+            } else if let Some(d) = &src.downward_api {
+                downward_files(cx, &v.name, &d.items, mode).await?
             } else {
                 continue;
             };
-            let mode = item.mode.map(|m| m as u32).unwrap_or(mode);
-            files.insert(item.path.clone(), (value.into_bytes(), mode));
+            files.extend(more);
         }
         return Ok(Some(files));
     }
     Ok(None)
+}
+
+async fn config_map_files(
+    cx: &Context<'_>,
+    volume: &str,
+    name: &str,
+    items: &[KeyToPath],
+    mode: u32,
+    optional: bool,
+) -> Result<Files, String> {
+    let ns = cx.pod.namespace();
+    match crate::env::fetch::<ConfigMap>(cx, name).await? {
+        None if optional => Ok(Files::new()),
+        None => Err(volume_error(
+            volume,
+            format!("configmap {name:?} not found"),
+        )),
+        Some(cm) => {
+            let mut all: BTreeMap<String, Vec<u8>> = cm
+                .data
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
+            all.extend(cm.binary_data);
+            pick(volume, &all, items, mode, optional, || {
+                format!("ConfigMap {ns}/{name}")
+            })
+        }
+    }
+}
+
+async fn secret_files(
+    cx: &Context<'_>,
+    volume: &str,
+    name: &str,
+    items: &[KeyToPath],
+    mode: u32,
+    optional: bool,
+) -> Result<Files, String> {
+    let ns = cx.pod.namespace();
+    match crate::env::fetch::<Secret>(cx, name).await? {
+        None if optional => Ok(Files::new()),
+        None => Err(volume_error(volume, format!("secret {name:?} not found"))),
+        Some(secret) => pick(volume, &secret.data, items, mode, optional, || {
+            format!("Secret {ns}/{name}")
+        }),
+    }
+}
+
+async fn downward_files(
+    cx: &Context<'_>,
+    volume: &str,
+    items: &[flotilla_proto::api::DownwardApiVolumeFile],
+    mode: u32,
+) -> Result<Files, String> {
+    let first = cx
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first().cloned())
+        .unwrap_or_default();
+    let mut files = Files::new();
+    for item in items {
+        let value = if let Some(f) = &item.field_ref {
+            downward_field(cx, &f.field_path).map_err(|e| volume_error(volume, e))?
+        } else if let Some(r) = &item.resource_field_ref {
+            crate::env::resource(cx, &first, r)
+                .await
+                .map_err(|e| volume_error(volume, e))?
+        } else {
+            continue;
+        };
+        let mode = item.mode.map(|m| m as u32).unwrap_or(mode);
+        files.insert(item.path.clone(), (value.into_bytes(), mode));
+    }
+    Ok(files)
 }
 
 /// A downward API file's content: a field of the pod; all labels or annotations are

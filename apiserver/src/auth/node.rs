@@ -71,10 +71,23 @@ pub fn pod_refers(pod: &flotilla_proto::api::Pod, resource: &str, name: &str) ->
     let Some(spec) = &pod.spec else {
         return false;
     };
-    let volume = spec.volumes.iter().any(|v| match resource {
-        "configmaps" => v.config_map.as_ref().is_some_and(|c| c.name == name),
-        "secrets" => v.secret.as_ref().is_some_and(|c| c.secret_name == name),
-        _ => false,
+    let volume = spec.volumes.iter().any(|v| {
+        let sources = v.projected.iter().flat_map(|p| &p.sources);
+        match resource {
+            "configmaps" => {
+                v.config_map.as_ref().is_some_and(|c| c.name == name)
+                    || sources
+                        .filter_map(|s| s.config_map.as_ref())
+                        .any(|c| c.name == name)
+            }
+            "secrets" => {
+                v.secret.as_ref().is_some_and(|c| c.secret_name == name)
+                    || sources
+                        .filter_map(|s| s.secret.as_ref())
+                        .any(|c| c.name == name)
+            }
+            _ => false,
+        }
     });
     volume
         || spec
