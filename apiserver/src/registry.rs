@@ -44,6 +44,32 @@ pub struct Api {
     audit: Option<crate::auth::audit::AuditLog>,
     /// How objects are encrypted at rest (`--encryption-provider-config`).
     encryption: Arc<Encryption>,
+    /// The store lease Events are written with (`--event-ttl`).
+    events: Arc<EventLeases>,
+}
+
+/// Events expire as kube-apiserver's do: each is written with a store lease of the TTL, one
+/// lease shared by the Events written within 5% of the TTL (granted for the TTL plus that
+/// window, so that none expires early), so there are few leases however many Events.
+pub struct EventLeases {
+    ttl: Duration,
+    current: tokio::sync::Mutex<Option<(i64, std::time::Instant)>>,
+}
+
+/// kube-apiserver's `--event-ttl` default.
+pub const DEFAULT_EVENT_TTL: Duration = Duration::from_secs(3600);
+
+impl EventLeases {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            current: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn window(&self) -> Duration {
+        self.ttl / 20
+    }
 }
 
 /// An object as read from the store, with the revision that wrote it.
@@ -144,6 +170,28 @@ fn unchanged(key: &[u8], mod_revision: i64) -> Compare {
     )
 }
 
+/// A put attached to a store lease (0: none).
+fn put_leased(key: Vec<u8>, value: Vec<u8>, lease: i64) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestPut(PutRequest {
+            key,
+            value,
+            lease,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Whether a write failed because its lease is gone (expired or revoked).
+fn is_lease_gone(e: &ApiError) -> bool {
+    matches!(
+        e,
+        ApiError::Store(flotilla_store::errors::StoreError::Mvcc(
+            flotilla_store::errors::MvccError::LeaseNotFound(_)
+        ))
+    )
+}
+
 fn put(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
     RequestOp {
         request: Some(Request::RequestPut(PutRequest {
@@ -217,7 +265,38 @@ impl Api {
             agents: flotilla_transport::Dialer::plain(),
             audit: None,
             encryption: Default::default(),
+            events: Arc::new(EventLeases::new(DEFAULT_EVENT_TTL)),
         }
+    }
+
+    /// Events expire `ttl` after they are written (0: never).
+    pub fn with_event_ttl(mut self, ttl: Duration) -> Self {
+        self.events = Arc::new(EventLeases::new(ttl));
+        self
+    }
+
+    /// The lease an object of kind `K` is written with: Events get the shared one of the
+    /// moment (0: no lease).
+    async fn lease_for<K: Resource>(&self) -> ApiResult<i64> {
+        let leases = &self.events;
+        if K::KIND != Event::KIND || leases.ttl.is_zero() {
+            return Ok(0);
+        }
+        let mut current = leases.current.lock().await;
+        if let Some((id, granted)) = *current
+            && granted.elapsed() < leases.window()
+        {
+            return Ok(id);
+        }
+        let ttl = (leases.ttl + leases.window()).as_secs_f64().ceil() as i64;
+        let (id, _) = self.node.lease_grant(0, ttl).await?;
+        *current = Some((id, std::time::Instant::now()));
+        Ok(id)
+    }
+
+    /// Forgets the shared Event lease (it expired or was revoked: a new one is granted).
+    async fn forget_lease(&self) {
+        *self.events.current.lock().await = None;
     }
 
     /// Encrypts objects at rest as `encryption` says.
@@ -427,18 +506,26 @@ impl Api {
             compare.extend(charges.iter().map(|c| unchanged(&c.key, c.mod_revision)));
             let reserved = reserved_keys(&object);
             compare.extend(reserved.iter().map(|k| absent(k)));
-            let mut success = vec![put(key.clone(), self.encode(&key, &object)?)];
+            let lease = self.lease_for::<K>().await?;
+            let mut success = vec![put_leased(key.clone(), self.encode(&key, &object)?, lease)];
             success.extend(charges.into_iter().map(|c| put(c.key, c.value)));
             success.extend(reserved.iter().map(|k| put(k.clone(), key.clone())));
             let mut failure = vec![get(key.clone())];
             failure.extend(reserved.iter().map(|k| get(k.clone())));
-            let resp = self
+            let resp = match self
                 .txn(TxnRequest {
                     compare,
                     success,
                     failure,
                 })
-                .await?;
+                .await
+            {
+                Err(e) if lease != 0 && is_lease_gone(&e) => {
+                    self.forget_lease().await;
+                    continue;
+                }
+                other => other?,
+            };
             if resp.succeeded {
                 let rev = resp.header.map(|h| h.revision).unwrap_or_default();
                 object.metadata_mut().resource_version = rev.to_string();
@@ -490,13 +577,26 @@ impl Api {
             return Ok(current.object.clone());
         }
         let key = key_of::<K>(current.object.namespace(), current.object.name());
-        let resp = self
+        // An Event's TTL starts again with each write, as in kube-apiserver.
+        let lease = self.lease_for::<K>().await?;
+        let resp = match self
             .txn(TxnRequest {
                 compare: vec![unchanged(&key, current.mod_revision)],
-                success: vec![put(key.clone(), self.encode(&key, &new)?)],
+                success: vec![put_leased(key.clone(), self.encode(&key, &new)?, lease)],
                 failure: vec![],
             })
-            .await?;
+            .await
+        {
+            Err(e) if lease != 0 && is_lease_gone(&e) => {
+                // Judged again with a fresh lease.
+                self.forget_lease().await;
+                return Err(ApiError::Race {
+                    plural: K::PLURAL,
+                    name: new.name().to_string(),
+                });
+            }
+            other => other?,
+        };
         if !resp.succeeded {
             return Err(ApiError::Race {
                 plural: K::PLURAL,

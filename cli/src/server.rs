@@ -111,6 +111,9 @@ pub struct ServerArgs {
     /// to measure the API alone).
     #[arg(long)]
     pub disable_scheduler: bool,
+    /// How long Events are kept after their last write (kube-apiserver's flag); 0s: for ever.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub event_ttl: Duration,
     /// A node whose agent has not renewed its Lease for this long is marked unreachable
     /// (Ready=Unknown, NoExecute taint).
     #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
@@ -371,13 +374,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let (client_server_tls, own_dialer) = client_tls.unzip();
     let node = StoreNode::start(config, peer).await?;
     let leader_stats = std::sync::Arc::new(crate::leader::LeaderStats::default());
+    let api = flotilla_apiserver::Api::new(node.clone())
+        .with_agent_dialer(own_dialer.clone().unwrap_or_default())
+        .with_encryption(encryption)
+        .with_event_ttl(args.event_ttl);
     let serving = tokio::spawn(serve_clients(
         node.clone(),
         client,
         client_server_tls,
-        own_dialer.clone().unwrap_or_default(),
         authn,
-        encryption,
+        api,
         leader_stats.clone(),
     ));
     let leader_config = crate::leader::LeaderConfig {
@@ -433,9 +439,8 @@ pub async fn serve_clients(
     node: StoreNode,
     listener: tokio::net::TcpListener,
     tls: Option<flotilla_transport::ServerTls>,
-    agents: flotilla_transport::Dialer,
     authn: std::sync::Arc<flotilla_apiserver::auth::layer::Authn>,
-    encryption: flotilla_apiserver::encryption::Encryption,
+    api: flotilla_apiserver::Api,
     leader_stats: std::sync::Arc<crate::leader::LeaderStats>,
 ) -> anyhow::Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -448,9 +453,7 @@ pub async fn serve_clients(
         .context("building the reflection service")?;
     let routes = tonic::service::Routes::new(health).add_service(reflection);
     let routes = flotilla_store::etcd::add_routes(routes, &node);
-    let mut api = flotilla_apiserver::Api::new(node.clone())
-        .with_agent_dialer(agents)
-        .with_encryption(encryption);
+    let mut api = api;
     if let Some(log) = &authn.audit {
         api = api.with_audit(log.clone());
     }

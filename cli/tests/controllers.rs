@@ -1090,3 +1090,60 @@ fn every_no_execute_taint_evicts_the_pods_that_do_not_tolerate_it() {
         assert!(!going("forever").await, "a pod tolerating the taint for ever stays");
     });
 }
+
+/// Events expire after `--event-ttl` through store leases, and a repeated Event is counted
+/// on the first instead of written again.
+#[test]
+fn events_are_counted_when_repeated_and_expire_after_their_ttl() {
+    let cluster = Cluster::start_with(&["--event-ttl", "4s"]);
+    runtime().block_on(async {
+        let c = client(&cluster);
+        let event = |message: &str| -> Event {
+            obj(json!({
+                "metadata": {"generateName": "web.", "namespace": "default"},
+                "involvedObject": {"kind": "Pod", "namespace": "default", "name": "web", "uid": "u1"},
+                "reason": "BackOff", "message": message, "type": "Warning",
+                "source": {"component": "test"},
+                "firstTimestamp": time::now(), "lastTimestamp": time::now(), "count": 1,
+            }))
+        };
+        let events = || async {
+            c.list::<Event>(&ListRequest {
+                namespace: "default".into(),
+                field_selector: "involvedObject.name=web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .0
+        };
+        for _ in 0..3 {
+            flotilla_client::events::write(&c, event("Back-off restarting failed container"))
+                .await
+                .unwrap();
+        }
+        flotilla_client::events::write(&c, event("another message"))
+            .await
+            .unwrap();
+        let written = Instant::now();
+        let mut now = events().await;
+        now.sort_by_key(|e| e.message.clone());
+        let counts: Vec<(String, i32)> = now.iter().map(|e| (e.message.clone(), e.count)).collect();
+        assert_eq!(
+            counts,
+            [
+                ("Back-off restarting failed container".to_string(), 3),
+                ("another message".to_string(), 1)
+            ]
+        );
+        until("the events expired", || async {
+            events().await.is_empty().then_some(())
+        })
+        .await;
+        assert!(
+            written.elapsed() >= Duration::from_secs(3),
+            "gone after {:?}, before the TTL",
+            written.elapsed()
+        );
+    });
+}

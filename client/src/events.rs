@@ -5,10 +5,87 @@
 //! Each (component, object) pair has a token bucket of [`BURST`] Events that refills one
 //! every [`REFILL`], as client-go's defaults (25, one per five minutes). An Event the filter
 //! drops is logged at debug level and not written.
+//!
+//! [`write`] counts repeats, as client-go's event correlator does: an Event the same
+//! component recorded about the same object, with the same type, reason and message, within
+//! [`REPEAT_WINDOW`], raises the first one's `count` and `lastTimestamp` instead of adding
+//! another object.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use flotilla_proto::api::{Event, Resource, time};
+
+use crate::client::{Client, Result};
+
+/// How long an Event may be counted again instead of written anew (client-go's 10 min).
+pub const REPEAT_WINDOW: Duration = Duration::from_secs(600);
+
+/// The Events written lately: (component, object, type, reason, message) → (namespace,
+/// name, count, when last counted).
+type Seen = HashMap<(String, String, String, String, String), (String, String, i32, Instant)>;
+
+fn seen() -> &'static Mutex<Seen> {
+    static SEEN: std::sync::OnceLock<Mutex<Seen>> = std::sync::OnceLock::new();
+    SEEN.get_or_init(Mutex::default)
+}
+
+/// Writes `event`, or counts it on an identical one written within [`REPEAT_WINDOW`].
+pub async fn write(client: &Client, mut event: Event) -> Result<()> {
+    let object = event
+        .involved_object
+        .as_ref()
+        .map(|o| format!("{}/{}/{}/{}", o.kind, o.namespace, o.name, o.uid))
+        .unwrap_or_default();
+    let component = event
+        .source
+        .as_ref()
+        .map(|s| s.component.clone())
+        .unwrap_or_default();
+    let key = (
+        component,
+        object,
+        event.r#type.clone(),
+        event.reason.clone(),
+        event.message.clone(),
+    );
+    let now = Instant::now();
+    let earlier = {
+        let mut seen = seen().lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|_, (_, _, _, at)| now.duration_since(*at) < REPEAT_WINDOW);
+        if seen.len() > REMEMBERED {
+            seen.clear();
+        }
+        seen.get(&key).cloned()
+    };
+    if let Some((ns, name, count, _)) = earlier {
+        let patch = serde_json::json!({"count": count + 1, "lastTimestamp": time::now()});
+        match client.patch::<Event>(&ns, &name, &patch).await {
+            Ok(_) => {
+                let mut seen = seen().lock().unwrap_or_else(|p| p.into_inner());
+                seen.insert(key, (ns, name, count + 1, now));
+                return Ok(());
+            }
+            // Expired or deleted since: write it anew.
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    event.count = event.count.max(1);
+    let made = client.create(&event).await?;
+    let mut seen = seen().lock().unwrap_or_else(|p| p.into_inner());
+    seen.insert(
+        key,
+        (
+            made.namespace().to_string(),
+            made.name().to_string(),
+            made.count,
+            now,
+        ),
+    );
+    Ok(())
+}
 
 /// Events one object may get from one component at once.
 pub const BURST: f64 = 25.0;

@@ -160,7 +160,7 @@ pub fn record_event<K: Resource>(
     };
     let client = client.clone();
     tokio::spawn(async move {
-        if let Err(e) = client.create(&event).await {
+        if let Err(e) = flotilla_client::events::write(&client, event.clone()).await {
             tracing::debug!("recording event {}: {e}", event.reason);
         }
     });

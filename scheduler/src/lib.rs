@@ -476,7 +476,7 @@ async fn report_unschedulable(client: Client, pod: PodInfo, why: String) {
             reporting_component: DEFAULT_SCHEDULER_NAME.into(),
             ..Default::default()
         };
-        client.create(&event).await?;
+        flotilla_client::events::write(&client, event).await?;
         Ok(())
     }
     .await;
