@@ -216,6 +216,22 @@ fn non_negative(v: i64, at: &str, errs: &mut FieldErrors) {
     }
 }
 
+/// A status's `conditions` (see [`validate_conditions`]), each read as (type, status).
+fn status_conditions<C>(
+    conditions: &[C],
+    parts: impl for<'c> Fn(&'c C) -> (&'c String, &'c String),
+    errs: &mut FieldErrors,
+) {
+    validate_conditions(
+        conditions
+            .iter()
+            .map(parts)
+            .map(|(t, s)| (t.as_str(), s.as_str())),
+        "status.conditions",
+        errs,
+    );
+}
+
 /// The values of a condition's `status`, in every kind (Kubernetes' ConditionStatus).
 const CONDITION_STATUSES: &[&str] = &["True", "False", "Unknown"];
 
@@ -1091,14 +1107,7 @@ impl Kind for ReplicaSet {
     }
     fn validate(&self, errs: &mut FieldErrors) {
         if let Some(status) = &self.status {
-            validate_conditions(
-                status
-                    .conditions
-                    .iter()
-                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
-                "status.conditions",
-                errs,
-            );
+            status_conditions(&status.conditions, |c| (&c.r#type, &c.status), errs);
         }
         let Some(spec) = &self.spec else {
             errs.add("spec", "required");
@@ -1152,14 +1161,7 @@ impl Kind for Deployment {
     }
     fn validate(&self, errs: &mut FieldErrors) {
         if let Some(status) = &self.status {
-            validate_conditions(
-                status
-                    .conditions
-                    .iter()
-                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
-                "status.conditions",
-                errs,
-            );
+            status_conditions(&status.conditions, |c| (&c.r#type, &c.status), errs);
         }
         let Some(spec) = &self.spec else {
             errs.add("spec", "required");
@@ -1250,14 +1252,7 @@ impl Kind for DaemonSet {
     }
     fn validate(&self, errs: &mut FieldErrors) {
         if let Some(status) = &self.status {
-            validate_conditions(
-                status
-                    .conditions
-                    .iter()
-                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
-                "status.conditions",
-                errs,
-            );
+            status_conditions(&status.conditions, |c| (&c.r#type, &c.status), errs);
         }
         let Some(spec) = &self.spec else {
             errs.add("spec", "required");
@@ -1322,14 +1317,7 @@ impl Kind for DaemonSet {
 impl Kind for PodDisruptionBudget {
     fn validate(&self, errs: &mut FieldErrors) {
         if let Some(status) = &self.status {
-            validate_conditions(
-                status
-                    .conditions
-                    .iter()
-                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
-                "status.conditions",
-                errs,
-            );
+            status_conditions(&status.conditions, |c| (&c.r#type, &c.status), errs);
         }
         let Some(spec) = &self.spec else {
             return;
@@ -1417,14 +1405,7 @@ impl Kind for Job {
     fn validate(&self, errs: &mut FieldErrors) {
         use flotilla_proto::api::batch::MAX_INDEXED_COMPLETIONS;
         if let Some(status) = &self.status {
-            validate_conditions(
-                status
-                    .conditions
-                    .iter()
-                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
-                "status.conditions",
-                errs,
-            );
+            status_conditions(&status.conditions, |c| (&c.r#type, &c.status), errs);
             for (v, at) in [
                 (status.active, "status.active"),
                 (status.succeeded, "status.succeeded"),
@@ -1655,14 +1636,7 @@ impl Kind for Service {
     }
     fn validate(&self, errs: &mut FieldErrors) {
         if let Some(status) = &self.status {
-            validate_conditions(
-                status
-                    .conditions
-                    .iter()
-                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
-                "status.conditions",
-                errs,
-            );
+            status_conditions(&status.conditions, |c| (&c.r#type, &c.status), errs);
         }
         let Some(spec) = &self.spec else {
             errs.add("spec", "required");
@@ -1786,14 +1760,7 @@ impl Kind for Node {
         if let Some(status) = &self.status {
             validate_quantities(&status.capacity, "status.capacity", errs);
             validate_quantities(&status.allocatable, "status.allocatable", errs);
-            validate_conditions(
-                status
-                    .conditions
-                    .iter()
-                    .map(|c| (c.r#type.as_str(), c.status.as_str())),
-                "status.conditions",
-                errs,
-            );
+            status_conditions(&status.conditions, |c| (&c.r#type, &c.status), errs);
         }
     }
     fn keeps_status_on_create() -> bool {

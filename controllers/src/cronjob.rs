@@ -21,13 +21,12 @@ use std::time::{Duration, SystemTime};
 use flotilla_client::ClientError;
 use flotilla_proto::api::batch::{SCHEDULED_TIMESTAMP, Schedule};
 use flotilla_proto::api::{
-    CronJob, CronJobStatus, DeleteRequest, Job, ObjectMeta, ObjectReference, Preconditions,
-    Resource, time,
+    CronJob, CronJobStatus, Job, ObjectMeta, ObjectReference, Resource, time,
 };
 
 use crate::queue::Requeue;
 use crate::runtime::{Api, Controller};
-use crate::util::{controller_of, controller_ref, is_deleting, split_key, uid_of};
+use crate::util::{controller_of, controller_ref, delete_exactly, is_deleting, split_key, uid_of};
 
 const COMPONENT: &str = "cronjob-controller";
 /// Missed times counted before giving up counting (Kubernetes' 100).
@@ -263,17 +262,7 @@ impl CronJobController {
 
 /// Deletes a Job of the CronJob; the garbage collector takes its pods.
 async fn delete_job<A: Api>(api: &A, cj: &CronJob, job: &Job) -> Result<(), ClientError> {
-    let req = DeleteRequest {
-        namespace: job.namespace().into(),
-        name: job.name().into(),
-        propagation_policy: "Background".into(),
-        preconditions: Some(Preconditions {
-            uid: uid_of(job).into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    match api.delete::<Job>(&req).await {
+    match api.delete::<Job>(&delete_exactly(job, "Background")).await {
         Ok(_) => {
             api.record(
                 COMPONENT,

@@ -28,8 +28,7 @@ use std::time::{Duration, SystemTime};
 use flotilla_client::ClientError;
 use flotilla_client::informer::Change;
 use flotilla_proto::api::{
-    DaemonSet, DaemonSetStatus, DeleteRequest, Node, ObjectMeta, Pod, Preconditions, Resource,
-    Toleration,
+    DaemonSet, DaemonSetStatus, Node, ObjectMeta, Pod, Resource, Toleration,
 };
 
 use crate::deployment::{scaled_value, template_hash};
@@ -37,7 +36,8 @@ use crate::nodelifecycle::UNREACHABLE_TAINT;
 use crate::queue::Requeue;
 use crate::runtime::{Api, Controller};
 use crate::util::{
-    availability, controller_of, controller_ref, is_deleting, is_ready, split_key, uid_of,
+    availability, controller_of, controller_ref, delete_exactly, is_deleting, is_ready, split_key,
+    uid_of,
 };
 
 const COMPONENT: &str = "daemonset-controller";
@@ -417,16 +417,7 @@ fn oldest_first(mut pods: Vec<&Pod>) -> Vec<&Pod> {
 }
 
 async fn delete_pod<A: Api>(api: &A, ds: &DaemonSet, p: &Pod) -> Result<(), ClientError> {
-    let req = DeleteRequest {
-        namespace: p.namespace().into(),
-        name: p.name().into(),
-        preconditions: Some(Preconditions {
-            uid: uid_of(p).into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    match api.delete::<Pod>(&req).await {
+    match api.delete::<Pod>(&delete_exactly(p, "")).await {
         Ok(_) => {
             api.record(
                 COMPONENT,

@@ -32,13 +32,14 @@ use flotilla_proto::api::batch::{
     COMPLETION_INDEX, COMPLETION_INDEX_ENV, format_indexes, parse_indexes,
 };
 use flotilla_proto::api::{
-    DeleteRequest, EnvVar, Job, JobCondition, JobSpec, JobStatus, ObjectMeta, Pod, Preconditions,
-    Resource, time,
+    EnvVar, Job, JobCondition, JobSpec, JobStatus, ObjectMeta, Pod, Resource, time,
 };
 
 use crate::queue::Requeue;
 use crate::runtime::{Api, Controller};
-use crate::util::{controller_of, controller_ref, is_deleting, is_ready, split_key, uid_of};
+use crate::util::{
+    controller_of, controller_ref, delete_exactly, is_deleting, is_ready, split_key, uid_of,
+};
 
 const COMPONENT: &str = "job-controller";
 /// Most pods created in one pass (Kubernetes' burst of 500).
@@ -463,17 +464,7 @@ impl JobController {
         if now < due {
             return Ok(Some(due.duration_since(now).unwrap_or_default()));
         }
-        let req = DeleteRequest {
-            namespace: job.namespace().into(),
-            name: job.name().into(),
-            propagation_policy: "Background".into(),
-            preconditions: Some(Preconditions {
-                uid: uid_of(job).into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        match api.delete::<Job>(&req).await {
+        match api.delete::<Job>(&delete_exactly(job, "Background")).await {
             Ok(_) => Ok(None),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
@@ -489,16 +480,7 @@ impl JobController {
         now: SystemTime,
     ) -> Result<(), ClientError> {
         for p in pods {
-            let req = DeleteRequest {
-                namespace: p.namespace().into(),
-                name: p.name().into(),
-                preconditions: Some(Preconditions {
-                    uid: uid_of(&p).into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-            match api.delete::<Pod>(&req).await {
+            match api.delete::<Pod>(&delete_exactly(&p, "")).await {
                 Ok(_) => {}
                 Err(e) if e.is_not_found() => continue,
                 Err(e) => return Err(e),

@@ -31,6 +31,21 @@ pub fn controller_of(meta: Option<&ObjectMeta>) -> Option<&OwnerReference> {
         .find(|o| o.controller == Some(true))
 }
 
+/// A delete of exactly `o` (its uid as the precondition: never a namesake made since),
+/// with `propagation` (`""`: the kind's default).
+pub fn delete_exactly<K: Resource>(o: &K, propagation: &str) -> flotilla_proto::api::DeleteRequest {
+    flotilla_proto::api::DeleteRequest {
+        namespace: o.namespace().into(),
+        name: o.name().into(),
+        propagation_policy: propagation.into(),
+        preconditions: Some(flotilla_proto::api::Preconditions {
+            uid: uid_of(o).into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 pub fn uid_of<K: Resource>(o: &K) -> &str {
     o.metadata().map(|m| m.uid.as_str()).unwrap_or("")
 }
