@@ -56,6 +56,9 @@ pub struct EventLeases {
     current: tokio::sync::Mutex<Option<(i64, std::time::Instant)>>,
 }
 
+/// The longest `--event-ttl`: ten years (the store's leases allow far more).
+pub const MAX_EVENT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// kube-apiserver's `--event-ttl` default.
 pub const DEFAULT_EVENT_TTL: Duration = Duration::from_secs(3600);
 
@@ -269,8 +272,9 @@ impl Api {
         }
     }
 
-    /// Events expire `ttl` after they are written (0: never).
+    /// Events expire `ttl` after they are written (0: never; at most [`MAX_EVENT_TTL`]).
     pub fn with_event_ttl(mut self, ttl: Duration) -> Self {
+        let ttl = ttl.min(MAX_EVENT_TTL);
         self.events = Arc::new(EventLeases::new(ttl));
         self
     }
@@ -288,7 +292,10 @@ impl Api {
         {
             return Ok(id);
         }
-        let ttl = (leases.ttl + leases.window()).as_secs_f64().ceil() as i64;
+        let ttl = leases
+            .ttl
+            .checked_add(leases.window())
+            .map_or(i64::MAX, |t| t.as_secs_f64().ceil() as i64);
         let (id, _) = self.node.lease_grant(0, ttl).await?;
         *current = Some((id, std::time::Instant::now()));
         Ok(id)

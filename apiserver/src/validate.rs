@@ -503,7 +503,34 @@ fn validate_mode(mode: Option<i32>, at: &str, errs: &mut FieldErrors) {
     }
 }
 
-fn validate_items(items: &[KeyToPath], at: &str, errs: &mut FieldErrors) {
+/// A file path of a projected volume: relative, without `..`, not starting with `..` (the
+/// writer's own names: `..data` and its generations), and neither the same as nor inside
+/// another file of the volume (`paths` collects them), as Kubernetes checks.
+fn validate_file_path(path: &str, at: &str, paths: &mut Vec<String>, errs: &mut FieldErrors) {
+    validate_relative_path(path, at, errs);
+    if path.starts_with("..") {
+        errs.add(
+            at,
+            format!("invalid value {path:?}: must not start with '..'"),
+        );
+    }
+    let clash = paths.iter().find(|p| {
+        p.as_str() == path
+            || path
+                .strip_prefix(p.as_str())
+                .is_some_and(|r| r.starts_with('/'))
+            || p.strip_prefix(path).is_some_and(|r| r.starts_with('/'))
+    });
+    if let Some(other) = clash {
+        errs.add(
+            at,
+            format!("invalid value {path:?}: conflicting duplicate paths ({other:?})"),
+        );
+    }
+    paths.push(path.to_string());
+}
+
+fn validate_items(items: &[KeyToPath], at: &str, paths: &mut Vec<String>, errs: &mut FieldErrors) {
     for (i, item) in items.iter().enumerate() {
         let iat = format!("{at}.items[{i}]");
         if item.key.is_empty() {
@@ -512,20 +539,25 @@ fn validate_items(items: &[KeyToPath], at: &str, errs: &mut FieldErrors) {
         if item.path.is_empty() {
             errs.add(format!("{iat}.path"), "Required value");
         } else {
-            validate_relative_path(&item.path, &format!("{iat}.path"), errs);
+            validate_file_path(&item.path, &format!("{iat}.path"), paths, errs);
         }
         validate_mode(item.mode, &format!("{iat}.mode"), errs);
     }
 }
 
 /// Items of a downwardAPI volume or projection: a relative path, a mode, one field.
-fn validate_downward_items(items: &[DownwardApiVolumeFile], at: &str, errs: &mut FieldErrors) {
+fn validate_downward_items(
+    items: &[DownwardApiVolumeFile],
+    at: &str,
+    paths: &mut Vec<String>,
+    errs: &mut FieldErrors,
+) {
     for (j, f) in items.iter().enumerate() {
         let fat = format!("{at}.items[{j}]");
         if f.path.is_empty() {
             errs.add(format!("{fat}.path"), "Required value");
         } else {
-            validate_relative_path(&f.path, &format!("{fat}.path"), errs);
+            validate_file_path(&f.path, &format!("{fat}.path"), paths, errs);
         }
         validate_mode(f.mode, &format!("{fat}.mode"), errs);
         match (&f.field_ref, &f.resource_field_ref) {
@@ -633,7 +665,7 @@ fn validate_volumes(spec: &PodSpec, at: &str, errs: &mut FieldErrors) {
         }
         if let Some(c) = &v.config_map {
             object_ref_name(&c.name, &format!("{vat}.configMap.name"), errs);
-            validate_items(&c.items, &format!("{vat}.configMap"), errs);
+            validate_items(&c.items, &format!("{vat}.configMap"), &mut Vec::new(), errs);
             validate_mode(
                 c.default_mode,
                 &format!("{vat}.configMap.defaultMode"),
@@ -642,7 +674,7 @@ fn validate_volumes(spec: &PodSpec, at: &str, errs: &mut FieldErrors) {
         }
         if let Some(c) = &v.secret {
             object_ref_name(&c.secret_name, &format!("{vat}.secret.secretName"), errs);
-            validate_items(&c.items, &format!("{vat}.secret"), errs);
+            validate_items(&c.items, &format!("{vat}.secret"), &mut Vec::new(), errs);
             validate_mode(c.default_mode, &format!("{vat}.secret.defaultMode"), errs);
         }
         if let Some(d) = &v.downward_api {
@@ -651,10 +683,17 @@ fn validate_volumes(spec: &PodSpec, at: &str, errs: &mut FieldErrors) {
                 &format!("{vat}.downwardAPI.defaultMode"),
                 errs,
             );
-            validate_downward_items(&d.items, &format!("{vat}.downwardAPI"), errs);
+            validate_downward_items(
+                &d.items,
+                &format!("{vat}.downwardAPI"),
+                &mut Vec::new(),
+                errs,
+            );
         }
         if let Some(p) = &v.projected {
             let pat = format!("{vat}.projected");
+            // The files of every source share the directory.
+            let mut paths = Vec::new();
             validate_mode(p.default_mode, &format!("{pat}.defaultMode"), errs);
             for (j, src) in p.sources.iter().enumerate() {
                 let sat = format!("{pat}.sources[{j}]");
@@ -674,14 +713,19 @@ fn validate_volumes(spec: &PodSpec, at: &str, errs: &mut FieldErrors) {
                 }
                 if let Some(c) = &src.config_map {
                     object_ref_name(&c.name, &format!("{sat}.configMap.name"), errs);
-                    validate_items(&c.items, &format!("{sat}.configMap"), errs);
+                    validate_items(&c.items, &format!("{sat}.configMap"), &mut paths, errs);
                 }
                 if let Some(c) = &src.secret {
                     object_ref_name(&c.name, &format!("{sat}.secret.name"), errs);
-                    validate_items(&c.items, &format!("{sat}.secret"), errs);
+                    validate_items(&c.items, &format!("{sat}.secret"), &mut paths, errs);
                 }
                 if let Some(d) = &src.downward_api {
-                    validate_downward_items(&d.items, &format!("{sat}.downwardAPI"), errs);
+                    validate_downward_items(
+                        &d.items,
+                        &format!("{sat}.downwardAPI"),
+                        &mut paths,
+                        errs,
+                    );
                 }
             }
         }
@@ -1755,6 +1799,14 @@ impl Kind for Node {
                     &format!("{at}.effect"),
                     errs,
                 );
+                if !t.time_added.is_empty()
+                    && flotilla_proto::api::time::parse(&t.time_added).is_none()
+                {
+                    errs.add(
+                        format!("{at}.timeAdded"),
+                        format!("invalid value {:?}: must be an RFC 3339 time", t.time_added),
+                    );
+                }
             }
         }
         if let Some(status) = &self.status {

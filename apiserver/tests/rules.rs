@@ -1632,6 +1632,20 @@ async fn volumes_and_mounts_are_checked_by_field() {
             "spec.volumes[0].projected.sources[0]: must specify exactly one source",
         ),
         (
+            "reserved",
+            json!([{"name": "a", "configMap": {"name": "c", "items": [{"key": "k", "path": "..data"}]}}]),
+            json!([]),
+            "spec.volumes[0].configMap.items[0].path: invalid value \"..data\": must not start with '..'",
+        ),
+        (
+            "clash",
+            json!([{"name": "a", "projected": {"sources": [
+                {"configMap": {"name": "c", "items": [{"key": "k", "path": "conf"}]}},
+                {"secret": {"name": "s", "items": [{"key": "k", "path": "conf/key"}]}}]}}]),
+            json!([]),
+            "spec.volumes[0].projected.sources[1].secret.items[0].path: invalid value \"conf/key\": conflicting duplicate paths",
+        ),
+        (
             "projpath",
             json!([{"name": "a", "projected": {"sources": [{"secret": {"name": "s", "items": [{"key": "k", "path": "/abs"}]}}]}}]),
             json!([]),

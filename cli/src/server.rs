@@ -111,7 +111,8 @@ pub struct ServerArgs {
     /// to measure the API alone).
     #[arg(long)]
     pub disable_scheduler: bool,
-    /// How long Events are kept after their last write (kube-apiserver's flag); 0s: for ever.
+    /// How long Events are kept after their last write (kube-apiserver's flag); 0s: for
+    /// ever; at most ten years.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub event_ttl: Duration,
     /// A node whose agent has not renewed its Lease for this long is marked unreachable

@@ -50,6 +50,10 @@ pub async fn write(client: &Client, mut event: Event) -> Result<()> {
         event.reason.clone(),
         event.message.clone(),
     );
+    // One Event written at a time in this process: two repeats at once would otherwise
+    // both create, or both count from the same number.
+    static WRITING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = WRITING.lock().await;
     let now = Instant::now();
     let earlier = {
         let mut seen = seen().lock().unwrap_or_else(|p| p.into_inner());

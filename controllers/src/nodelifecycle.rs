@@ -270,17 +270,24 @@ fn toleration_time(
     taint: &Taint,
     default: Duration,
 ) -> Option<Duration> {
-    let matching = tolerations.iter().find(|t| {
-        (t.effect.is_empty() || t.effect == taint.effect)
-            && (t.key.is_empty() && t.operator == "Exists" || t.key == taint.key)
-            && (t.operator == "Exists" || t.value == taint.value)
-    });
-    match matching {
-        None => Some(default),
-        Some(t) => t
-            .toleration_seconds
-            .map(|s| Duration::from_secs(s.max(0) as u64)),
+    let matching: Vec<&Toleration> = tolerations
+        .iter()
+        .filter(|t| {
+            (t.effect.is_empty() || t.effect == taint.effect)
+                && (t.key.is_empty() && t.operator == "Exists" || t.key == taint.key)
+                && (t.operator == "Exists" || t.value == taint.value)
+        })
+        .collect();
+    if matching.is_empty() {
+        return Some(default);
     }
+    // The shortest limit of the matching tolerations, as Kubernetes takes it; for ever
+    // only if none has a limit.
+    matching
+        .iter()
+        .filter_map(|t| t.toleration_seconds)
+        .map(|s| Duration::from_secs(s.max(0) as u64))
+        .min()
 }
 
 async fn evict(ctx: &Ctx, node: &Node) -> Result<Requeue, ClientError> {
@@ -289,11 +296,17 @@ async fn evict(ctx: &Ctx, node: &Node) -> Result<Requeue, ClientError> {
         return Ok(None);
     }
     let now = SystemTime::now();
-    // How long each taint has been on the node (`timeAdded`, stamped by the API server).
-    let since = |t: &Taint| {
-        time::parse(&t.time_added)
-            .and_then(|at| now.duration_since(at).ok())
-            .unwrap_or_default()
+    // How long a pod has been under a taint: since the taint's `timeAdded` (stamped by the
+    // API server), or since the pod was made if that is later (a pod placed on a node that
+    // was already tainted gets its whole toleration, as in Kubernetes).
+    let since = |t: &Taint, p: &Pod| {
+        let added = time::parse(&t.time_added).unwrap_or(now);
+        let made = p
+            .metadata
+            .as_ref()
+            .and_then(|m| time::parse(&m.creation_timestamp))
+            .unwrap_or(added);
+        now.duration_since(added.max(made)).unwrap_or_default()
     };
     let pods: Vec<Pod> = ctx.informers().pods.with_cache(|pods| {
         pods.values()
@@ -301,7 +314,6 @@ async fn evict(ctx: &Ctx, node: &Node) -> Result<Requeue, ClientError> {
             .cloned()
             .collect()
     });
-    let mut next: Option<Duration> = None;
     let mut failure = None;
     for p in pods {
         let tolerations = p
@@ -320,12 +332,9 @@ async fn evict(ctx: &Ctx, node: &Node) -> Result<Requeue, ClientError> {
             let Some(allowed) = toleration_time(tolerations, taint, default) else {
                 continue;
             };
-            let on = since(taint);
+            let on = since(taint, &p);
             if on >= allowed {
                 due = true;
-            } else {
-                let wait = allowed - on;
-                next = Some(next.map_or(wait, |n| n.min(wait)));
             }
         }
         if !due {
@@ -351,9 +360,11 @@ async fn evict(ctx: &Ctx, node: &Node) -> Result<Requeue, ClientError> {
             }
         }
     }
+    // The monitor looks at every tainted node each second: no timer per pass (a long
+    // toleration would pile them up).
     match failure {
         Some(e) => Err(e),
-        None => Ok(next.map(|d| d + Duration::from_millis(10))),
+        None => Ok(None),
     }
 }
 
@@ -441,6 +452,20 @@ mod tests {
         assert_eq!(
             toleration_time(&[toleration("other", "Exists", None)], &taint(), d),
             Some(d)
+        );
+        // Of several that match, the shortest limit wins; one without a limit counts only
+        // when none has one.
+        assert_eq!(
+            toleration_time(
+                &[
+                    toleration(UNREACHABLE_TAINT, "Exists", Some(60)),
+                    toleration("", "Exists", None),
+                    toleration(UNREACHABLE_TAINT, "Exists", Some(10)),
+                ],
+                &taint(),
+                d
+            ),
+            Some(Duration::from_secs(10))
         );
     }
 }

@@ -400,6 +400,14 @@ pub async fn run<R: Runtime>(
         }
     }
     records.retain(|u, _| live.contains(u));
+    // Volumes of pods that went while the agent was down.
+    if let Ok(dirs) = std::fs::read_dir(config.data_dir.join("pods")) {
+        for d in dirs.flatten() {
+            if !live.contains(d.file_name().to_string_lossy().as_ref()) {
+                volumes::remove_pod_dir(&d.path());
+            }
+        }
+    }
 
     let ip = config.node_ip.clone();
     let pods_dir = config.data_dir.join("pods");

@@ -609,11 +609,15 @@ fn private_mounts(mounts: &[(PathBuf, PathBuf, bool)]) -> std::io::Result<()> {
             std::ptr::null(),
             c"/".as_ptr(),
             std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
+            // Slave, not private: the node's unmounts (a tmpfs volume of a pod that went)
+            // reach this namespace too, and nothing mounted here goes back.
+            libc::MS_REC | libc::MS_SLAVE,
             std::ptr::null(),
         ) != 0
         {
-            return Err(fail("making the mount namespace private".into()));
+            return Err(fail(
+                "making the mount namespace a slave of the node's".into(),
+            ));
         }
     }
     for (from, to, read_only) in mounts {

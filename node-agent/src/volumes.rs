@@ -74,15 +74,23 @@ impl PodVolumes {
             .as_ref()
             .map(|s| s.volumes.clone())
             .unwrap_or_default();
+        // Only root on the node reads what the pod's volumes hold (Secrets among them).
+        private_dir(&self.root).map_err(|e| format!("MountVolume.SetUp failed: {e}"))?;
         for v in &volumes {
             if let Some(e) = &v.empty_dir {
                 let dir = self.dir(&v.name);
                 if !dir.exists() {
-                    fs::create_dir_all(&dir).map_err(|e| volume_error(&v.name, e))?;
-                    if e.medium == "Memory" {
+                    fs::create_dir(&dir).map_err(|e| volume_error(&v.name, e))?;
+                    // Any user of the container may write it, as in Kubernetes.
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777))
+                        .map_err(|e| volume_error(&v.name, e))?;
+                }
+                // A tmpfs from before (an agent restart) is kept; a failed mount is tried again.
+                if e.medium == "Memory" && !self.tmpfs.contains(&dir) {
+                    if !is_tmpfs(&dir) {
                         mount_tmpfs(&dir, &e.size_limit).map_err(|e| volume_error(&v.name, e))?;
-                        self.tmpfs.push(dir);
                     }
+                    self.tmpfs.push(dir);
                 }
             } else if let Some(h) = &v.host_path {
                 host_path(&h.path, &h.r#type).map_err(|e| volume_error(&v.name, e))?;
@@ -91,19 +99,30 @@ impl PodVolumes {
         self.refresh(cx, &volumes).await
     }
 
-    /// Writes the projected volumes whose source changed since they were last written.
+    /// Writes the projected volumes whose source changed since they were last written;
+    /// one that fails does not hold the others back (the first failure is returned).
     pub async fn refresh(&mut self, cx: &Context<'_>, volumes: &[Volume]) -> Result<(), String> {
+        let mut first = Ok(());
         for v in volumes {
-            let Some(files) = projected(cx, v).await? else {
-                continue;
+            let files = match projected(cx, v).await {
+                Ok(Some(files)) => files,
+                Ok(None) => continue,
+                Err(e) => {
+                    first = first.and(Err(e));
+                    continue;
+                }
             };
             if self.written.get(&v.name) == Some(&files) {
                 continue;
             }
-            write_atomically(&self.dir(&v.name), &files).map_err(|e| volume_error(&v.name, e))?;
-            self.written.insert(v.name.clone(), files);
+            match write_atomically(&self.dir(&v.name), &files) {
+                Ok(()) => {
+                    self.written.insert(v.name.clone(), files);
+                }
+                Err(e) => first = first.and(Err(volume_error(&v.name, e))),
+            }
         }
-        Ok(())
+        first
     }
 
     /// Whether the pod has volumes whose files follow a source.
@@ -118,8 +137,8 @@ impl PodVolumes {
         })
     }
 
-    /// The mounts of container `c`.
-    pub fn mounts(&self, pod: &Pod, c: &Container) -> Vec<Mount> {
+    /// The mounts of container `c`; `Err` names a subPath that cannot be mounted.
+    pub fn mounts(&self, pod: &Pod, c: &Container) -> Result<Vec<Mount>, String> {
         let volumes = pod
             .spec
             .as_ref()
@@ -136,14 +155,19 @@ impl PodVolumes {
                 let host_path = if m.sub_path.is_empty() {
                     base
                 } else {
-                    let p = base.join(&m.sub_path);
-                    // The kubelet makes a missing subPath as a directory.
-                    if !p.exists() && v.empty_dir.is_some() {
-                        let _ = fs::create_dir_all(&p);
+                    // The kubelet makes a missing subPath of a writable volume.
+                    let create = v.empty_dir.is_some() || v.host_path.is_some();
+                    match resolve_sub_path(&base, &m.sub_path, create) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            return Some(Err(format!(
+                                "failed to prepare subPath {:?} of volume {:?}: {e}",
+                                m.sub_path, v.name
+                            )));
+                        }
                     }
-                    p
                 };
-                Some(Mount {
+                Some(Ok(Mount {
                     host_path,
                     container_path: m.mount_path.clone(),
                     // Projected volumes are read-only, as the kubelet mounts them.
@@ -152,7 +176,7 @@ impl PodVolumes {
                         || v.secret.is_some()
                         || v.downward_api.is_some()
                         || v.projected.is_some(),
-                })
+                }))
             })
             .collect()
     }
@@ -160,11 +184,11 @@ impl PodVolumes {
     /// Removes the pod's volumes (after its containers are gone). hostPath volumes are the
     /// node's and stay.
     pub fn remove(&mut self) {
-        for dir in self.tmpfs.drain(..) {
-            unmount(&dir);
-        }
-        let _ = fs::remove_dir_all(&self.root);
+        self.tmpfs.clear();
         self.written.clear();
+        if let Some(pod_dir) = self.root.parent() {
+            remove_pod_dir(pod_dir);
+        }
     }
 }
 
@@ -344,6 +368,19 @@ fn pick(
 /// `..data` per top-level name, then the old directory and stale names removed.
 pub fn write_atomically(dir: &Path, files: &Files) -> io::Result<()> {
     fs::create_dir_all(dir)?;
+    let result = write_generation(dir, files);
+    if let Err((fresh, e)) = result {
+        // A generation half written (Secret bytes among it) is not left behind.
+        let _ = fs::remove_dir_all(fresh);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// One generation: `Err` carries the directory to remove (a fresh one never swapped in).
+fn write_generation(dir: &Path, files: &Files) -> Result<(), (PathBuf, io::Error)> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
     let stamp = format!(
         "..{}",
         std::time::SystemTime::now()
@@ -352,20 +389,32 @@ pub fn write_atomically(dir: &Path, files: &Files) -> io::Result<()> {
             .as_nanos()
     );
     let fresh = dir.join(&stamp);
-    fs::create_dir(&fresh)?;
-    for (path, (bytes, mode)) in files {
-        let target = fresh.join(path);
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent)?;
+    let written = (|| -> io::Result<()> {
+        fs::create_dir(&fresh)?;
+        for (path, (bytes, mode)) in files {
+            let target = fresh.join(path);
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            // Created with its mode: never readable by others, even for an instant.
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(*mode)
+                .open(&target)?
+                .write_all(bytes)?;
+            fs::set_permissions(&target, fs::Permissions::from_mode(*mode))?;
         }
-        fs::write(&target, bytes)?;
-        fs::set_permissions(&target, fs::Permissions::from_mode(*mode))?;
+        let tmp = dir.join("..data_tmp");
+        let _ = fs::remove_file(&tmp);
+        symlink(&stamp, &tmp)
+    })();
+    if let Err(e) = written {
+        return Err((fresh, e));
     }
     let old = fs::read_link(dir.join(DATA)).ok();
-    let tmp = dir.join("..data_tmp");
-    let _ = fs::remove_file(&tmp);
-    symlink(&stamp, &tmp)?;
-    fs::rename(&tmp, dir.join(DATA))?;
+    let gone = |e| (PathBuf::new(), e);
+    fs::rename(dir.join("..data_tmp"), dir.join(DATA)).map_err(|e| (fresh.clone(), e))?;
     let top: std::collections::BTreeSet<String> = files
         .keys()
         .filter_map(|p| p.split('/').next().map(str::to_string))
@@ -373,10 +422,10 @@ pub fn write_atomically(dir: &Path, files: &Files) -> io::Result<()> {
     for name in &top {
         let link = dir.join(name);
         if fs::symlink_metadata(&link).is_err() {
-            symlink(Path::new(DATA).join(name), &link)?;
+            symlink(Path::new(DATA).join(name), &link).map_err(gone)?;
         }
     }
-    for entry in fs::read_dir(dir)?.flatten() {
+    for entry in fs::read_dir(dir).map_err(gone)?.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         if !name.starts_with("..") && !top.contains(&name) {
             let _ = fs::remove_file(entry.path());
@@ -388,6 +437,82 @@ pub fn write_atomically(dir: &Path, files: &Files) -> io::Result<()> {
         let _ = fs::remove_dir_all(dir.join(old));
     }
     Ok(())
+}
+
+/// Makes `dir` (and what leads to it) readable by root only.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // The pods' directory too, when it was made before with the default mode.
+    if let Some(pods) = dir.parent().and_then(Path::parent) {
+        fs::set_permissions(pods, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Whether `dir` is a tmpfs mount point.
+fn is_tmpfs(dir: &Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type as i64 == TMPFS_MAGIC
+    }
+}
+
+/// Removes a pod's directory (`<pods dir>/<uid>`), unmounting its tmpfs volumes first; for
+/// a pod gone while the agent was down too.
+pub fn remove_pod_dir(pod_dir: &Path) {
+    if let Ok(volumes) = fs::read_dir(pod_dir.join("volumes")) {
+        for v in volumes.flatten() {
+            if is_tmpfs(&v.path()) {
+                unmount(&v.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(pod_dir);
+}
+
+/// `base/sub` with every symlink resolved, refused if it leads out of `base` (a container
+/// that can write the volume could plant a symlink to reach the node's files), as the
+/// kubelet checks a subPath; with `create`, missing directories are made one by one, each
+/// only inside `base`. (The kubelet also holds the resolved path open until it is bound;
+/// here a container that swaps a checked directory for a symlink in the instant before the
+/// bind could still win: see docs/security.md.)
+pub fn resolve_sub_path(base: &Path, sub: &str, create: bool) -> io::Result<PathBuf> {
+    use std::path::Component;
+    let base = base.canonicalize()?;
+    let mut p = base.clone();
+    for part in Path::new(sub).components() {
+        let name = match part {
+            Component::Normal(name) => name,
+            Component::CurDir => continue,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a subPath is relative, without '..'",
+                ));
+            }
+        };
+        let next = p.join(name);
+        if create && fs::symlink_metadata(&next).is_err() {
+            fs::create_dir(&next)?;
+        }
+        p = next.canonicalize()?;
+        if !p.starts_with(&base) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("it leads out of the volume (to {})", p.display()),
+            ));
+        }
+    }
+    Ok(p)
 }
 
 /// Makes or checks a hostPath volume's path as its type says.
@@ -498,6 +623,36 @@ mod tests {
         assert_eq!(names, ["a.conf", "c"]);
         let mode = fs::metadata(dir.join("c")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o644);
+    }
+
+    #[test]
+    fn a_sub_path_never_leads_out_of_its_volume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vol = tmp.path().join("scratch");
+        fs::create_dir(&vol).unwrap();
+        let secret = tmp.path().join("node-secret");
+        fs::create_dir(&secret).unwrap();
+        // What a container that can write the volume could plant.
+        symlink(&secret, vol.join("out")).unwrap();
+        symlink("/", vol.join("root")).unwrap();
+        for sub in ["out", "root", "out/deeper", "root/etc"] {
+            let e = resolve_sub_path(&vol, sub, true).unwrap_err();
+            assert!(
+                e.to_string().contains("leads out of the volume"),
+                "{sub}: {e}"
+            );
+        }
+        assert!(
+            !secret.join("deeper").exists(),
+            "nothing made outside the volume"
+        );
+        // Inside: made as needed; a symlink that stays inside is fine (a ConfigMap's keys
+        // are symlinks through ..data).
+        let made = resolve_sub_path(&vol, "a/b", true).unwrap();
+        assert!(made.is_dir() && made.starts_with(vol.canonicalize().unwrap()));
+        symlink("a", vol.join("inside")).unwrap();
+        assert_eq!(resolve_sub_path(&vol, "inside/b", false).unwrap(), made);
+        assert!(resolve_sub_path(&vol, "missing", false).is_err());
     }
 
     #[test]

@@ -341,9 +341,13 @@ impl<R: Runtime> Worker<R> {
 
     /// Runs until the pod is gone.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        // Adopted containers: their pod already has its address.
+        // Adopted containers: their pod already has its address, and its volumes (made
+        // again where missing, refreshed from then on, found for their cleanup).
         if self.slots.iter().any(|s| s.id.is_some()) {
             self.pod_ip = self.rt.pod_ip(&uid(&self.pod)).await;
+            if let Err(e) = self.prepare_volumes().await {
+                tracing::warn!(pod = self.pod.name(), "{e}");
+            }
         }
         // Act at once on a new pod, then on every change or tick.
         if !is_deleting(&self.pod) {
@@ -421,7 +425,17 @@ impl<R: Runtime> Worker<R> {
             s.next_start = Some(now + wait);
             return;
         }
-        spec.mounts = self.volumes.mounts(&self.pod, &self.slots[i].c);
+        match self.volumes.mounts(&self.pod, &self.slots[i].c) {
+            Ok(mounts) => spec.mounts = mounts,
+            Err(message) => {
+                tracing::warn!(pod = self.pod.name(), container = spec.name, "{message}");
+                let s = &mut self.slots[i];
+                s.waiting = Some(("CreateContainerConfigError".into(), message));
+                let wait = next_backoff(&mut s.backoff);
+                s.next_start = Some(now + wait);
+                return;
+            }
+        }
         let cx = crate::env::Context {
             client: &self.client,
             pod: &self.pod,
