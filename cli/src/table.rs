@@ -97,6 +97,15 @@ impl Columns for Pod {
     }
 }
 
+/// The columns `-o wide` adds for a workload (Deployment, ReplicaSet, DaemonSet, Job,
+/// CronJob), as kubectl prints them.
+const WORKLOAD_WIDE: [&str; 3] = ["CONTAINERS", "IMAGES", "SELECTOR"];
+
+fn workload_wide(t: Option<&PodTemplateSpec>, s: Option<&LabelSelector>) -> [String; 3] {
+    let (c, i) = containers_and_images(t);
+    [c, i, selector(s)]
+}
+
 fn containers_and_images(t: Option<&PodTemplateSpec>) -> (String, String) {
     let containers = t
         .and_then(|t| t.spec.as_ref())
@@ -137,7 +146,7 @@ impl Columns for Deployment {
     fn headers(wide: bool) -> Vec<&'static str> {
         let mut h = vec!["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"];
         if wide {
-            h.extend(["CONTAINERS", "IMAGES", "SELECTOR"]);
+            h.extend(WORKLOAD_WIDE);
         }
         h
     }
@@ -152,8 +161,10 @@ impl Columns for Deployment {
             created(self.metadata.as_ref(), now),
         ];
         if wide {
-            let (c, i) = containers_and_images(spec.template.as_ref());
-            r.extend([c, i, selector(spec.selector.as_ref())]);
+            r.extend(workload_wide(
+                spec.template.as_ref(),
+                spec.selector.as_ref(),
+            ));
         }
         r
     }
@@ -163,7 +174,7 @@ impl Columns for ReplicaSet {
     fn headers(wide: bool) -> Vec<&'static str> {
         let mut h = vec!["NAME", "DESIRED", "CURRENT", "READY", "AGE"];
         if wide {
-            h.extend(["CONTAINERS", "IMAGES", "SELECTOR"]);
+            h.extend(WORKLOAD_WIDE);
         }
         h
     }
@@ -178,8 +189,10 @@ impl Columns for ReplicaSet {
             created(self.metadata.as_ref(), now),
         ];
         if wide {
-            let (c, i) = containers_and_images(spec.template.as_ref());
-            r.extend([c, i, selector(spec.selector.as_ref())]);
+            r.extend(workload_wide(
+                spec.template.as_ref(),
+                spec.selector.as_ref(),
+            ));
         }
         r
     }
@@ -198,7 +211,7 @@ impl Columns for DaemonSet {
             "AGE",
         ];
         if wide {
-            h.extend(["CONTAINERS", "IMAGES", "SELECTOR"]);
+            h.extend(WORKLOAD_WIDE);
         }
         h
     }
@@ -222,8 +235,10 @@ impl Columns for DaemonSet {
             created(self.metadata.as_ref(), now),
         ];
         if wide {
-            let (c, i) = containers_and_images(spec.template.as_ref());
-            r.extend([c, i, selector(spec.selector.as_ref())]);
+            r.extend(workload_wide(
+                spec.template.as_ref(),
+                spec.selector.as_ref(),
+            ));
         }
         r
     }
@@ -263,7 +278,7 @@ impl Columns for Job {
     fn headers(wide: bool) -> Vec<&'static str> {
         let mut h = vec!["NAME", "STATUS", "COMPLETIONS", "DURATION", "AGE"];
         if wide {
-            h.extend(["CONTAINERS", "IMAGES", "SELECTOR"]);
+            h.extend(WORKLOAD_WIDE);
         }
         h
     }
@@ -301,8 +316,10 @@ impl Columns for Job {
             created(self.metadata.as_ref(), now),
         ];
         if wide {
-            let (c, i) = containers_and_images(spec.template.as_ref());
-            r.extend([c, i, selector(spec.selector.as_ref())]);
+            r.extend(workload_wide(
+                spec.template.as_ref(),
+                spec.selector.as_ref(),
+            ));
         }
         r
     }
@@ -320,7 +337,7 @@ impl Columns for CronJob {
             "AGE",
         ];
         if wide {
-            h.extend(["CONTAINERS", "IMAGES", "SELECTOR"]);
+            h.extend(WORKLOAD_WIDE);
         }
         h
     }
@@ -348,8 +365,7 @@ impl Columns for CronJob {
         ];
         if wide {
             let job = spec.job_template.and_then(|t| t.spec).unwrap_or_default();
-            let (c, i) = containers_and_images(job.template.as_ref());
-            r.extend([c, i, selector(job.selector.as_ref())]);
+            r.extend(workload_wide(job.template.as_ref(), job.selector.as_ref()));
         }
         r
     }

@@ -989,9 +989,10 @@ fn a_job_runs_its_pods_to_completion_process() {
     let cluster = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
     let _agent = Agent::start(&cluster, &dir.path().join("a1"), Rt::Process);
-    let manifest = dir.path().join("jobs.yaml");
-    std::fs::write(
-        &manifest,
+    let applied = apply(
+        &cluster,
+        dir.path(),
+        "jobs.yaml",
         format!(
             "apiVersion: batch/v1
 kind: Job
@@ -1024,18 +1025,8 @@ spec:
         command: [sh, -c, 'exit 0']
 "
         ),
-    )
-    .unwrap();
-    let out = flotilla(&cluster, &["apply", "-f", &manifest.to_string_lossy()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "job.batch/pi created\njob.batch/short created\n"
-    );
+    assert_eq!(applied, "job.batch/pi created\njob.batch/short created\n");
     runtime().block_on(async {
         let c = client(&cluster);
         let job = until("the Job complete", || async {
@@ -1055,12 +1046,7 @@ spec:
         assert!(!st.completion_time.is_empty());
 
         // Each pod ran once with its own index, and said so in its log.
-        let (pods, _) = c
-            .list::<Pod>(&ListRequest {
-                namespace: "default".into(),
-                label_selector: "batch.kubernetes.io/job-name=pi".into(),
-                ..Default::default()
-            })
+        let pods = labelled::<Pod>(&c, "batch.kubernetes.io/job-name=pi")
             .await
             .unwrap();
         assert_eq!(pods.len(), 3, "one pod per index, none extra");
@@ -1097,14 +1083,7 @@ spec:
         })
         .await;
         until("its pod collected", || async {
-            let (left, _) = c
-                .list::<Pod>(&ListRequest {
-                    namespace: "default".into(),
-                    label_selector: "job-name=short".into(),
-                    ..Default::default()
-                })
-                .await
-                .ok()?;
+            let left = labelled::<Pod>(&c, "job-name=short").await?;
             left.is_empty().then_some(())
         })
         .await;
@@ -1119,9 +1098,10 @@ fn a_cronjob_starts_a_job_on_its_schedule_process() {
     let cluster = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
     let _agent = Agent::start(&cluster, &dir.path().join("a1"), Rt::Process);
-    let manifest = dir.path().join("cron.yaml");
-    std::fs::write(
-        &manifest,
+    let applied = apply(
+        &cluster,
+        dir.path(),
+        "cron.yaml",
         format!(
             "apiVersion: batch/v1
 kind: CronJob
@@ -1145,18 +1125,8 @@ spec:
             command: [sh, -c, 'echo ran']
 "
         ),
-    )
-    .unwrap();
-    let out = flotilla(&cluster, &["apply", "-f", &manifest.to_string_lossy()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "cronjob.batch/tick created\n"
-    );
+    assert_eq!(applied, "cronjob.batch/tick created\n");
     runtime().block_on(async {
         let c = client(&cluster);
         let start = std::time::SystemTime::now();
@@ -1190,14 +1160,7 @@ spec:
             st.last_schedule_time
         );
         assert!(scheduled + Duration::from_secs(60) > start);
-        let (jobs, _) = c
-            .list::<Job>(&ListRequest {
-                namespace: "default".into(),
-                label_selector: "app=tick".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let jobs = labelled::<Job>(&c, "app=tick").await.unwrap();
         let job = jobs
             .iter()
             .find(|j| j.name() == format!("tick-{}", secs / 60))
@@ -1237,17 +1200,35 @@ spec:
             String::from_utf8_lossy(&out.stderr)
         );
         until("its Jobs and pods collected", || async {
-            let req = ListRequest {
-                namespace: "default".into(),
-                label_selector: "app=tick".into(),
-                ..Default::default()
-            };
-            let (jobs, _) = c.list::<Job>(&req).await.ok()?;
-            let (pods, _) = c.list::<Pod>(&req).await.ok()?;
+            let jobs = labelled::<Job>(&c, "app=tick").await?;
+            let pods = labelled::<Pod>(&c, "app=tick").await?;
             (jobs.is_empty() && pods.is_empty()).then_some(())
         })
         .await;
     });
+}
+
+/// Writes `text` to `dir/name` and applies it with the command line; what it printed.
+fn apply(cluster: &Cluster, dir: &Path, name: &str, text: impl AsRef<[u8]>) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    let out = flotilla(cluster, &["apply", "-f", &path.to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The objects of kind `K` in `default` with the labels `selector` picks.
+async fn labelled<K: Resource>(c: &Client, selector: &str) -> Option<Vec<K>> {
+    let req = ListRequest {
+        namespace: "default".into(),
+        label_selector: selector.into(),
+        ..Default::default()
+    };
+    c.list::<K>(&req).await.ok().map(|(items, _)| items)
 }
 
 /// A fake-runtime agent keeping `nodes` nodes (`NAME-0000`, …; 0: one node, `NAME`);
@@ -1291,9 +1272,10 @@ fn a_daemonset_runs_on_every_node_including_one_that_joins_later() {
     let dir = tempfile::tempdir().unwrap();
     let _two = FakeAgent::start(&cluster, dir.path(), "sim", 2);
     let manifest = |image: &str| {
-        let path = dir.path().join("ds.yaml");
-        std::fs::write(
-            &path,
+        apply(
+            &cluster,
+            dir.path(),
+            "ds.yaml",
             format!(
                 "apiVersion: apps/v1
 kind: DaemonSet
@@ -1312,28 +1294,13 @@ spec:
 "
             ),
         )
-        .unwrap();
-        let out = flotilla(&cluster, &["apply", "-f", &path.to_string_lossy()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
     };
     assert_eq!(manifest("logger:1"), "daemonset.apps/logger created\n");
     runtime().block_on(async {
         let c = client(&cluster);
         // Node → image of its running pods.
         let placement = || async {
-            let (pods, _) = c
-                .list::<Pod>(&ListRequest {
-                    namespace: "default".into(),
-                    label_selector: "app=logger".into(),
-                    ..Default::default()
-                })
-                .await
-                .ok()?;
+            let pods = labelled::<Pod>(&c, "app=logger").await?;
             let mut out = std::collections::BTreeMap::<String, Vec<String>>::new();
             for p in pods {
                 let spec = p.spec.clone().unwrap_or_default();
@@ -1405,9 +1372,10 @@ fn a_drain_waits_for_the_disruption_budget() {
     let cluster = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
     let _a = FakeAgent::start(&cluster, dir.path(), "a", 0);
-    let manifest = dir.path().join("web.yaml");
-    std::fs::write(
-        &manifest,
+    apply(
+        &cluster,
+        dir.path(),
+        "web.yaml",
         "apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -1433,13 +1401,6 @@ spec:
   selector:
     matchLabels: {app: web}
 ",
-    )
-    .unwrap();
-    let out = flotilla(&cluster, &["apply", "-f", &manifest.to_string_lossy()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     runtime().block_on(async {
         let c = client(&cluster);
@@ -1488,14 +1449,7 @@ spec:
     );
     runtime().block_on(async {
         let c = client(&cluster);
-        let (pods, _) = c
-            .list::<Pod>(&ListRequest {
-                namespace: "default".into(),
-                label_selector: "app=web".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let pods = labelled::<Pod>(&c, "app=web").await.unwrap();
         let nodes: Vec<String> = pods
             .iter()
             .map(|p| p.spec.clone().unwrap_or_default().node_name)

@@ -36,8 +36,8 @@ use crate::nodelifecycle::UNREACHABLE_TAINT;
 use crate::queue::Requeue;
 use crate::runtime::{Api, Controller};
 use crate::util::{
-    availability, controller_of, controller_ref, delete_exactly, is_deleting, is_ready, split_key,
-    uid_of,
+    availability, controller_of, controller_ref, delete_exactly, is_deleting, is_ready, phase,
+    split_key, uid_of,
 };
 
 const COMPONENT: &str = "daemonset-controller";
@@ -112,10 +112,6 @@ fn hash_of(p: &Pod) -> Option<&str> {
         .labels
         .get(HASH_LABEL)
         .map(String::as_str)
-}
-
-fn phase(p: &Pod) -> &str {
-    p.status.as_ref().map(|s| s.phase.as_str()).unwrap_or("")
 }
 
 impl DaemonSetController {

@@ -26,7 +26,9 @@ use flotilla_proto::api::{
 use crate::deployment::scaled_value;
 use crate::queue::Requeue;
 use crate::runtime::{Api, Controller};
-use crate::util::{controller_of, is_deleting, is_ready, labels_of, selector, split_key};
+use crate::util::{
+    controller_of, is_deleting, is_ready, is_terminal, labels_of, selector, split_key,
+};
 
 /// How long an eviction's entry in `disruptedPods` holds if the pod is not seen going.
 pub const DISRUPTED_TTL: Duration = Duration::from_secs(120);
@@ -96,10 +98,7 @@ impl Controller for DisruptionController {
             .filter(|p| is_ready(p) && !is_deleting(*p) && !disrupted.contains_key(p.name()))
             .count() as i32;
 
-        let counted = |p: &Pod| {
-            let phase = p.status.as_ref().map(|s| s.phase.as_str()).unwrap_or("");
-            phase != "Succeeded" && phase != "Failed"
-        };
+        let counted = |p: &Pod| !is_terminal(p);
         let integer_min = !spec.min_available.is_empty() && !spec.min_available.ends_with('%');
         let expected = if integer_min {
             pods.iter().filter(|p| counted(p)).count() as i32

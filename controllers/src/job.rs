@@ -38,7 +38,7 @@ use flotilla_proto::api::{
 use crate::queue::Requeue;
 use crate::runtime::{Api, Controller};
 use crate::util::{
-    controller_of, controller_ref, delete_exactly, is_deleting, is_ready, split_key, uid_of,
+    controller_of, controller_ref, delete_exactly, is_deleting, is_ready, phase, split_key, uid_of,
 };
 
 const COMPONENT: &str = "job-controller";
@@ -112,10 +112,6 @@ struct State {
     /// When the last pod failed.
     last_failure: Option<SystemTime>,
     completed: BTreeSet<i32>,
-}
-
-fn phase(p: &Pod) -> &str {
-    p.status.as_ref().map(|s| s.phase.as_str()).unwrap_or("")
 }
 
 /// An Indexed Job's pod's index.

@@ -24,14 +24,16 @@
 //! - [`disruption`]: PodDisruptionBudgets' status, which evictions (and so drains) obey.
 //!
 //! [`runtime`] is the shape new controllers take (a [`runtime::Controller`] registered in
-//! [`controllers`] with the kinds it owns, reading and writing through [`runtime::Api`], unit
-//! tested on [`fake::FakeApi`]); the controllers above it in this list predate it.
+//! [`controllers`] with the kinds it owns, reading and writing through [`runtime::Api`],
+//! unit tested on `fake::FakeApi`, a test-only module); the replicaset, deployment, node
+//! lifecycle, gc, endpoints, namespace and quota controllers predate it.
 
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
+#[cfg(test)]
 pub mod fake;
 pub mod gc;
 pub mod job;

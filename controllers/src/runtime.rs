@@ -6,7 +6,7 @@
 //! The runner gives every registered controller its work queue, workers, resync and queue
 //! depth; the controller itself is only its reconcile function. In a cluster, [`Api`] reads
 //! from the shared informers' caches and writes through the client ([`Live`]); in unit
-//! tests it is the in-memory [`crate::fake::FakeApi`], so a reconciler's tests read like
+//! tests it is the in-memory `crate::fake::FakeApi`, so a reconciler's tests read like
 //! its spec.
 
 use std::any::{Any, TypeId};
@@ -87,12 +87,15 @@ pub struct Subscribers {
 
 impl Subscribers {
     fn add<K: Resource>(&mut self, handler: Handler<K>) {
-        self.by_kind
+        // Keyed by the kind's TypeId: the entry always holds that kind's handlers.
+        if let Some(handlers) = self
+            .by_kind
             .entry(TypeId::of::<K>())
             .or_insert_with(|| Box::new(Vec::<Handler<K>>::new()))
             .downcast_mut::<Vec<Handler<K>>>()
-            .expect("the entry of a kind holds that kind's handlers")
-            .push(handler);
+        {
+            handlers.push(handler);
+        }
     }
 
     pub fn notify<K: Resource>(&self, change: &Change<K>, informers: Option<&Informers>) {

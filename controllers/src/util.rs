@@ -82,10 +82,19 @@ pub fn selector(s: Option<&LabelSelector>) -> Option<Selector> {
     (!sel.is_empty()).then_some(sel)
 }
 
+/// The pod's phase (`""` before its node reported one).
+pub fn phase(p: &Pod) -> &str {
+    p.status.as_ref().map(|s| s.phase.as_str()).unwrap_or("")
+}
+
+/// Finished: Succeeded or Failed.
+pub fn is_terminal(p: &Pod) -> bool {
+    matches!(phase(p), "Succeeded" | "Failed")
+}
+
 /// Running or pending, not being deleted.
 pub fn is_active(p: &Pod) -> bool {
-    let phase = p.status.as_ref().map(|s| s.phase.as_str()).unwrap_or("");
-    phase != "Succeeded" && phase != "Failed" && !is_deleting(p)
+    !is_terminal(p) && !is_deleting(p)
 }
 
 /// Condition Ready=True, and since when.
